@@ -1,0 +1,3 @@
+from hlora.cli.main import main
+
+main()

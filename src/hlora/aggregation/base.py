@@ -1,0 +1,75 @@
+"""The one interface every aggregation method implements.
+
+A method decides three things: what global adapter a run starts from, what each client is sent for a
+round (`plan_for`), and how the clients' trained adapters become the next global adapter
+(`aggregate`). Runtimes call only these; they never ask which method they are running.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import Tensor
+
+from hlora.weights import AdapterWeights, weighted_mean
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What one client reports after local training."""
+
+    client_id: int
+    num_samples: int  # n_k, the client's training samples: the weight p_k is n_k / sum n_j
+    weights: AdapterWeights
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """What the server sends one client for one round: the adapter it starts from, at its rank."""
+
+    adapter: AdapterWeights
+
+
+class Aggregator(ABC):
+    """Base class of the aggregation methods (one small module each, registered by name)."""
+
+    name: ClassVar[str]
+
+    def __init__(self, bank_rank: int, seed: int = 0) -> None:
+        self.bank_rank = bank_rank  # r_g, the rank of the global adapter the server keeps
+        self.seed = seed
+
+    def check_ranks(self, client_ranks: Mapping[int, int]) -> None:
+        """Refuse a rank assignment this method cannot serve (raise AggregationError); by default
+        every assignment is served."""
+        return None
+
+    def initial_global(self, init: AdapterWeights) -> AdapterWeights:
+        """The global adapter of round 0, from the model's freshly initialised one at `bank_rank`."""
+        return init
+
+    def plan_for(self, global_weights: AdapterWeights, client_rank: int) -> ClientPlan:
+        """What a client of rank `client_rank` starts the round from: by default the global adapter's
+        first `client_rank` components."""
+        return ClientPlan(global_weights.truncate(client_rank))
+
+    @abstractmethod
+    def aggregate(self, global_weights: AdapterWeights, updates: Sequence[ClientUpdate]) -> AdapterWeights:
+        """The next global adapter (at `bank_rank`) from this round's client updates."""
+
+
+def client_weights(updates: Sequence[ClientUpdate]) -> list[float]:
+    """p_k = n_k / sum_j n_j over the clients that reported this round."""
+    total = sum(u.num_samples for u in updates)
+    if total <= 0:
+        raise ValueError("client updates carry no training samples")
+    return [u.num_samples / total for u in updates]
+
+
+def average_dense(updates: Sequence[ClientUpdate], weights: Sequence[float]) -> dict[str, Tensor]:
+    """The p-weighted mean of the non-LoRA trained tensors (the head): the same in every method."""
+    names = updates[0].weights.dense.keys()
+    return {name: weighted_mean([u.weights.dense[name] for u in updates], weights) for name in names}

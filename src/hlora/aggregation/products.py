@@ -1,0 +1,353 @@
+"""The aggregation math on LoRA factors: pure functions on tensors, usable without any model.
+
+Every function takes the clients' factors as a sequence of pairs `(B_k, A_k)`: `B_k` is `m x r_k`
+(out x rank, PEFT's `lora_B.weight`) and `A_k` is `r_k x n` (rank x in, `lora_A.weight`), so client
+`k`'s update is `B_k @ A_k` (times the one LoRA scaling that all clients share, METHOD.md "Setting",
+which this module never needs). `weights` are the `p_k`, floats or a 1-D tensor, one per pair; they
+are normalised to sum to 1.
+
+| function              | METHOD.md rule           | returns                                        |
+|-----------------------|--------------------------|------------------------------------------------|
+| `factor_mean`         | 1, FedIT                 | `(sum p_k B_k, sum p_k A_k)`, equal ranks only |
+| `zero_pad_mean`       | 2, zero-padding          | factors padded to `rank`, then averaged        |
+| `aggregate_products`  | 3, HLoRA                 | truncated SVD of the product mean, QR path     |
+| `dense_product_svd`   | 4, FlexLoRA (reference)  | the same, dense, singular values in `B`        |
+| `stack_factors`       | 5, FLoRA                 | `([B_1 ... B_K], [p_1 A_1; ...; p_K A_K])`     |
+| `product_mean`        | the exact mean           | the dense `m x n` matrix `sum p_k B_k @ A_k`   |
+
+All of them compute in float64 and return tensors in the dtype (and on the device) of the first
+client's `B`. Bad input (no clients, factors that do not fit, bad weights, a rank below 1) raises
+`ValueError` with a message that names the offending client.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "FactorPair",
+    "aggregate_products",
+    "dense_product_svd",
+    "factor_mean",
+    "normalise_weights",
+    "product_mean",
+    "stack_factors",
+    "zero_pad_mean",
+]
+
+FactorPair = tuple[Tensor, Tensor]
+"""One client's LoRA factors `(B, A)`: `B` is `m x r`, `A` is `r x n`."""
+
+_WORK_DTYPE = torch.float64
+
+
+class _Clients(NamedTuple):
+    """Validated input: the factors in float64 on one device, and the normalised weights."""
+
+    Bs: list[Tensor]  # each m x r_k, float64
+    As: list[Tensor]  # each r_k x n, float64
+    p: Tensor  # K, float64, sums to 1
+    ranks: list[int]  # r_k
+    m: int
+    n: int
+    dtype: torch.dtype  # the dtype results are returned in
+    device: torch.device
+
+    @property
+    def total_rank(self) -> int:
+        """`R = sum r_k`, the most components the product mean can have."""
+        return sum(self.ranks)
+
+
+def normalise_weights(weights: Sequence[float] | Tensor, count: int) -> Tensor:
+    """The weights `p_k` divided by their sum.
+
+    Args:
+        weights: `count` finite, non-negative numbers (a sequence or a 1-D tensor) with a positive sum.
+        count: the number of clients the weights belong to.
+
+    Returns:
+        A float64 tensor of shape `(count,)` that sums to 1.
+
+    Raises:
+        ValueError: wrong count or shape, a non-finite or negative weight, or a sum that is not positive.
+    """
+    try:
+        w = torch.as_tensor(weights, dtype=_WORK_DTYPE).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"weights must be numbers, got {weights!r}: {e}") from None
+    if w.ndim != 1:
+        raise ValueError(f"weights must be a 1-D sequence, got shape {tuple(w.shape)}")
+    if w.numel() != count:
+        raise ValueError(f"got {w.numel()} weights for {count} clients")
+    if not torch.isfinite(w).all():
+        raise ValueError(f"weights must be finite, got {w.tolist()}")
+    if (w < 0).any():
+        raise ValueError(f"weights must be non-negative, got {w.tolist()}")
+    total = w.sum()
+    if total <= 0:
+        raise ValueError(f"weights must have a positive sum, got {w.tolist()}")
+    return w / total
+
+
+def _check_rank(rank: int) -> int:
+    if isinstance(rank, bool):
+        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    try:
+        rank = operator.index(rank)
+    except TypeError:
+        raise ValueError(f"rank must be an integer >= 1, got {rank!r}") from None
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    return rank
+
+
+def _clients(factors: Sequence[FactorPair], weights: Sequence[float] | Tensor) -> _Clients:
+    """Validate the clients' factor pairs and weights (the one place every function checks its input)."""
+    factors = list(factors)
+    if not factors:
+        raise ValueError("no client factors to aggregate")
+    Bs: list[Tensor] = []
+    As: list[Tensor] = []
+    for k, pair in enumerate(factors):
+        try:
+            B, A = pair
+        except (TypeError, ValueError):
+            raise ValueError(f"client {k}: expected a (B, A) pair, got {type(pair).__name__}") from None
+        if not isinstance(B, Tensor) or not isinstance(A, Tensor):
+            raise ValueError(f"client {k}: B, A must be tensors, got {type(B).__name__}, {type(A).__name__}")
+        if B.ndim != 2 or A.ndim != 2:
+            raise ValueError(f"client {k}: B and A must be 2-D, got {tuple(B.shape)}, {tuple(A.shape)}")
+        if B.shape[1] != A.shape[0]:
+            raise ValueError(
+                f"client {k}: inner ranks differ, B is {tuple(B.shape)} (m x r), A {tuple(A.shape)} (r x n)"
+            )
+        if min(*B.shape, A.shape[1]) < 1:
+            raise ValueError(f"client {k}: empty factors, B is {tuple(B.shape)}, A is {tuple(A.shape)}")
+        Bs.append(B)
+        As.append(A)
+    m, n = Bs[0].shape[0], As[0].shape[1]
+    for k, (B, A) in enumerate(zip(Bs, As, strict=True)):
+        if B.shape[0] != m or A.shape[1] != n:
+            raise ValueError(
+                f"client {k} adapts a {B.shape[0]} x {A.shape[1]} weight, client 0 a {m} x {n} weight"
+            )
+    first = Bs[0]
+    dtype = first.dtype if first.is_floating_point() else torch.get_default_dtype()
+    device = first.device
+    p = normalise_weights(weights, len(factors)).to(device)
+    return _Clients(
+        Bs=[B.detach().to(device=device, dtype=_WORK_DTYPE) for B in Bs],
+        As=[A.detach().to(device=device, dtype=_WORK_DTYPE) for A in As],
+        p=p,
+        ranks=[B.shape[1] for B in Bs],
+        m=m,
+        n=n,
+        dtype=dtype,
+        device=device,
+    )
+
+
+def _dense_mean(c: _Clients) -> Tensor:
+    """`sum_k p_k B_k @ A_k` in float64 (m x n): builds the dense matrix."""
+    out = torch.zeros(c.m, c.n, dtype=_WORK_DTYPE, device=c.device)
+    for w, B, A in zip(c.p, c.Bs, c.As, strict=True):
+        out.addmm_(B, A, alpha=float(w))
+    return out
+
+
+def _svd_factors(c: _Clients, U: Tensor, S: Tensor, Vh: Tensor, rank: int, balanced: bool) -> FactorPair:
+    """Turn a thin SVD `U diag(S) Vh` of the product mean into factors with exactly `rank` components.
+
+    `U` is `m x q`, `S` is `q` (descending), `Vh` is `q x n`. Singular values at round-off level
+    (`<= S[0] * max(m, n, R) * eps`) count as zero, and their components are zero in both factors, so
+    that directions picked by round-off never reach the clients. Each remaining column of `U` is signed
+    so that its largest-magnitude entry is positive (the matching row of `Vh` flips with it), which
+    makes the result independent of client order and LAPACK. Components beyond `q` are zero.
+    Balanced: `B = U sqrt(S)`, `A = sqrt(S) Vh`; otherwise `B = U S`, `A = Vh` (FlexLoRA).
+    """
+    tol = S.max().clamp_min(0) * max(c.m, c.n, c.total_rank) * torch.finfo(_WORK_DTYPE).eps
+    keep = tol < S
+    S = torch.where(keep, S, torch.zeros_like(S))
+    idx = U.abs().argmax(dim=0)
+    signs = torch.sign(U[idx, torch.arange(U.shape[1], device=U.device)])
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    U = U * signs
+    Vh = Vh * signs[:, None]
+    q = min(rank, S.numel())
+    U, S, Vh, keep = U[:, :q], S[:q], Vh[:q], keep[:q]
+    if balanced:
+        root = S.sqrt()
+        B, A = U * root, root[:, None] * Vh
+    else:
+        B, A = U * S, Vh * keep[:, None].to(Vh.dtype)
+    return _pad(B, A, rank, c)
+
+
+def _pad(B: Tensor, A: Tensor, rank: int, c: _Clients) -> FactorPair:
+    """Zero columns of `B` and zero rows of `A` up to `rank` components; cast to the output dtype."""
+    extra = rank - B.shape[1]
+    if extra > 0:
+        B = torch.cat([B, B.new_zeros(c.m, extra)], dim=1)
+        A = torch.cat([A, A.new_zeros(extra, c.n)], dim=0)
+    return B.to(c.dtype), A.to(c.dtype)
+
+
+def product_mean(factors: Sequence[FactorPair], weights: Sequence[float] | Tensor) -> Tensor:
+    """The exact weighted mean of the clients' updates, `dW = sum_k p_k B_k @ A_k`.
+
+    Builds the dense `m x n` matrix (the reference for tests and HLoRA's dense fallback).
+
+    Args:
+        factors: K pairs `(B_k, A_k)`, `B_k` is `m x r_k`, `A_k` is `r_k x n`.
+        weights: K weights `p_k` (normalised to sum 1).
+
+    Returns:
+        `dW`, `m x n`.
+    """
+    c = _clients(factors, weights)
+    return _dense_mean(c).to(c.dtype)
+
+
+def aggregate_products(
+    factors: Sequence[FactorPair], weights: Sequence[float] | Tensor, rank: int
+) -> FactorPair:
+    """HLoRA (METHOD.md rule 3): the best rank-`rank` factors of the product mean, without building it.
+
+    `dW = sum_k p_k B_k @ A_k = Bc @ Ac` with `Bc = [sqrt(p_1) B_1 ... sqrt(p_K) B_K]` (`m x R`) and
+    `Ac = [sqrt(p_1) A_1; ...; sqrt(p_K) A_K]` (`R x n`), `R = sum r_k`. With reduced QRs
+    `Bc = Q_B R_B` and `Ac^T = Q_A R_A`, `dW = Q_B (R_B R_A^T) Q_A^T`, so the SVD of the `R x R` core
+    `R_B R_A^T = U_c S V_c^T` gives `dW = (Q_B U_c) S (Q_A V_c)^T`: cost `O((m + n) R^2 + R^3)`. Only
+    where `R >= min(m, n)` is the dense `dW` built and decomposed instead.
+
+    The result is ordered by descending singular value and split evenly, `B = U sqrt(S)`,
+    `A = sqrt(S) V^T`, so for every `r <= rank`, `B[:, :r] @ A[:r]` is the best rank-`r` approximation of
+    `dW` (Eckart-Young): a client of rank `r_k` takes the first `r_k` components. If `dW` has fewer than
+    `rank` components (`min(R, m, n) < rank`, or exactly dependent updates), the rest are zero.
+    Signs are fixed: the largest-magnitude entry of each column of `U` is positive.
+
+    Args:
+        factors: K pairs `(B_k, A_k)`, `B_k` is `m x r_k`, `A_k` is `r_k x n`; ranks may differ.
+        weights: K weights `p_k` (normalised to sum 1).
+        rank: the server's bank rank `r_g >= 1`.
+
+    Returns:
+        `(B, A)`: `B` is `m x rank`, `A` is `rank x n`, in the first factor's dtype.
+    """
+    rank = _check_rank(rank)
+    c = _clients(factors, weights)
+    if c.total_rank >= min(c.m, c.n):
+        U, S, Vh = torch.linalg.svd(_dense_mean(c), full_matrices=False)
+    else:
+        root = c.p.sqrt()
+        Bc = torch.cat([w * B for w, B in zip(root, c.Bs, strict=True)], dim=1)  # m x R
+        Ac = torch.cat([w * A for w, A in zip(root, c.As, strict=True)], dim=0)  # R x n
+        Q_B, R_B = torch.linalg.qr(Bc)  # m x R, R x R
+        Q_A, R_A = torch.linalg.qr(Ac.T)  # n x R, R x R
+        U_c, S, Vh_c = torch.linalg.svd(R_B @ R_A.T)
+        U, Vh = Q_B @ U_c, Vh_c @ Q_A.T
+    return _svd_factors(c, U, S, Vh, rank, balanced=True)
+
+
+def dense_product_svd(
+    factors: Sequence[FactorPair], weights: Sequence[float] | Tensor, rank: int
+) -> FactorPair:
+    """FlexLoRA (METHOD.md rule 4): the product mean built densely, full SVD, truncated to `rank`.
+
+    `dW = sum_k p_k B_k @ A_k` (`m x n`, built), `dW = U S V^T`; FlexLoRA puts the singular values into
+    `B`: `B = U[:, :rank] S[:rank]`, `A = V^T[:rank]` (rows of `A` are orthonormal). `B @ A` equals
+    HLoRA's; only the split differs. Same validation, sign convention and zero padding as
+    `aggregate_products` (components with a zero singular value are zero in both factors).
+
+    Args:
+        factors: K pairs `(B_k, A_k)`, `B_k` is `m x r_k`, `A_k` is `r_k x n`.
+        weights: K weights `p_k` (normalised to sum 1).
+        rank: the number of components to keep, `>= 1`.
+
+    Returns:
+        `(B, A)`: `B` is `m x rank`, `A` is `rank x n`, in the first factor's dtype.
+    """
+    rank = _check_rank(rank)
+    c = _clients(factors, weights)
+    U, S, Vh = torch.linalg.svd(_dense_mean(c), full_matrices=False)
+    return _svd_factors(c, U, S, Vh, rank, balanced=False)
+
+
+def zero_pad_mean(factors: Sequence[FactorPair], weights: Sequence[float] | Tensor, rank: int) -> FactorPair:
+    """Zero-padding (METHOD.md rule 2, HetLoRA-style): pad every client to `rank`, then average.
+
+    `A_k` gets zero rows and `B_k` zero columns up to `rank`; `A = sum p_k pad(A_k)`,
+    `B = sum p_k pad(B_k)`. Biased (`B @ A != sum p_k B_k @ A_k` in general), and a component that only
+    high-rank clients have is diluted by the others' zeros. For HetLoRA's norm-based weighting, pass
+    weights proportional to `||B_k @ A_k||_F`.
+
+    Args:
+        factors: K pairs `(B_k, A_k)`, `B_k` is `m x r_k`, `A_k` is `r_k x n`, every `r_k <= rank`.
+        weights: K weights `p_k` (normalised to sum 1).
+        rank: the padded rank `r_max >= 1`.
+
+    Returns:
+        `(B, A)`: `B` is `m x rank`, `A` is `rank x n`, in the first factor's dtype.
+
+    Raises:
+        ValueError: a client rank above `rank`, or any invalid input.
+    """
+    rank = _check_rank(rank)
+    c = _clients(factors, weights)
+    too_big = [(k, r) for k, r in enumerate(c.ranks) if r > rank]
+    if too_big:
+        raise ValueError(f"zero-padding to rank {rank} cannot hold clients (index, rank) {too_big}")
+    B = torch.zeros(c.m, rank, dtype=_WORK_DTYPE, device=c.device)
+    A = torch.zeros(rank, c.n, dtype=_WORK_DTYPE, device=c.device)
+    for w, Bk, Ak, r in zip(c.p, c.Bs, c.As, c.ranks, strict=True):
+        B[:, :r] += w * Bk
+        A[:r] += w * Ak
+    return _pad(B, A, rank, c)
+
+
+def factor_mean(factors: Sequence[FactorPair], weights: Sequence[float] | Tensor) -> FactorPair:
+    """FedIT (METHOD.md rule 1): `B = sum p_k B_k`, `A = sum p_k A_k`; every client must have one rank.
+
+    Biased: `B @ A != sum p_k B_k @ A_k` in general.
+
+    Args:
+        factors: K pairs `(B_k, A_k)`, `B_k` is `m x r`, `A_k` is `r x n`, one `r` for all.
+        weights: K weights `p_k` (normalised to sum 1).
+
+    Returns:
+        `(B, A)`: `B` is `m x r`, `A` is `r x n`, in the first factor's dtype.
+
+    Raises:
+        ValueError: unequal ranks (the message lists them), or any invalid input.
+    """
+    c = _clients(factors, weights)
+    seen = sorted(set(c.ranks))
+    if len(seen) > 1:
+        raise ValueError(f"factor averaging needs equal ranks, got ranks {seen}")
+    B = sum((w * Bk for w, Bk in zip(c.p, c.Bs, strict=True)), torch.zeros_like(c.Bs[0]))
+    A = sum((w * Ak for w, Ak in zip(c.p, c.As, strict=True)), torch.zeros_like(c.As[0]))
+    return B.to(c.dtype), A.to(c.dtype)
+
+
+def stack_factors(factors: Sequence[FactorPair], weights: Sequence[float] | Tensor) -> FactorPair:
+    """FLoRA (METHOD.md rule 5): stack the clients' factors, `B* @ A* = sum p_k B_k @ A_k` exactly.
+
+    `B* = [B_1 ... B_K]` (`m x R`), `A* = [p_1 A_1; ...; p_K A_K]` (`R x n`), `R = sum r_k`, clients in
+    the order given.
+
+    Args:
+        factors: K pairs `(B_k, A_k)`, `B_k` is `m x r_k`, `A_k` is `r_k x n`.
+        weights: K weights `p_k` (normalised to sum 1).
+
+    Returns:
+        `(B*, A*)`: `B*` is `m x R`, `A*` is `R x n`, in the first factor's dtype.
+    """
+    c = _clients(factors, weights)
+    B = torch.cat(c.Bs, dim=1)
+    A = torch.cat([w * Ak for w, Ak in zip(c.p, c.As, strict=True)], dim=0)
+    return B.to(c.dtype), A.to(c.dtype)

@@ -1,0 +1,1 @@
+"""The `hlora` command line."""

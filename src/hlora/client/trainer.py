@@ -1,0 +1,111 @@
+"""Local training of one client's adapter: a plain PyTorch loop over the client's own rows.
+
+The optimizer is created afresh every round (its state does not travel), and every random choice
+(batch order, dropout) comes from the seed the caller passes, so a round is reproducible on its own.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from hlora.config import TrainSettings
+from hlora.data.tokenize import EncodedSplit
+from hlora.models.lora_model import LoraModel
+from hlora.weights import AdapterWeights
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    weights: AdapterWeights  # the trained adapter, at the rank it started with
+    num_samples: int  # rows the client holds (n_k)
+    steps: int
+    samples_seen: int
+    mean_loss: float
+    wall_s: float
+
+
+def local_steps(settings: TrainSettings, num_rows: int) -> int:
+    """Optimizer steps in one round: `local_steps` if set, else `local_epochs` passes over the rows."""
+    if settings.local_steps > 0:
+        return settings.local_steps
+    return max(1, math.ceil(settings.local_epochs * math.ceil(num_rows / settings.batch_size)))
+
+
+def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    return torch.optim.SGD(
+        params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+    )
+
+
+def batches(data: EncodedSplit, batch_size: int, steps: int, seed: int, collate) -> DataLoader:
+    """Exactly `steps` batches: seeded shuffled passes over the data, repeated as often as needed."""
+    rng = np.random.default_rng(seed)
+    passes = math.ceil(steps * batch_size / len(data))
+    order = np.concatenate([rng.permutation(len(data)) for _ in range(passes)])
+    chunks = [order[i * batch_size : (i + 1) * batch_size].tolist() for i in range(steps)]
+    return DataLoader(data, batch_sampler=chunks, collate_fn=collate)
+
+
+class LocalTrainer:
+    """Trains an adapter on one client's rows inside the process's shared `LoraModel`."""
+
+    def __init__(self, model: LoraModel, settings: TrainSettings, collate, progress: bool = True) -> None:
+        self.model = model
+        self.settings = settings
+        self.collate = collate
+        self.progress = progress
+
+    def train(self, start: AdapterWeights, data: EncodedSplit, seed: int, desc: str = "local") -> TrainResult:
+        """Train from `start` on `data`; returns the new adapter of the same rank."""
+        if len(data) == 0:
+            raise ValueError("a client with no rows cannot train")
+        s = self.settings
+        t0 = time.perf_counter()
+        self.model.load(start)
+        params = self.model.trainable_parameters()
+        optimizer = make_optimizer(params, s)
+        steps = local_steps(s, len(data))
+        module = self.model.module
+        module.train()
+        device = self.model.device
+        losses = torch.zeros((), device=device)
+        seen = 0
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)  # dropout
+            bar = tqdm(
+                batches(data, s.batch_size, steps, seed, self.collate),
+                total=steps,
+                desc=desc,
+                leave=False,
+                disable=not self.progress,
+                unit="step",
+            )
+            for batch in bar:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                loss = module(**batch).loss
+                loss.backward()
+                if s.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses += loss.detach()
+                seen += batch["labels"].shape[0]
+        module.eval()
+        return TrainResult(
+            weights=self.model.read(),
+            num_samples=len(data),
+            steps=steps,
+            samples_seen=seen,
+            mean_loss=float(losses) / steps,
+            wall_s=time.perf_counter() - t0,
+        )

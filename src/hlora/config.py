@@ -1,0 +1,218 @@
+"""Run configuration: one TOML file plus `section.key=value` overrides, validated into typed settings.
+
+Every error names the key and, where there is a fixed set, the allowed values; the command line prints
+it as one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hlora.errors import ConfigError
+
+DEFAULT_MODEL = "packaged:all-MiniLM-L6-v2"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSettings(_Section):
+    seed: int = 0
+    mode: Literal["federated", "centralized"] = "federated"
+    device: str = "auto"  # "auto" picks CUDA when present, else CPU; or any torch device string
+    name: str | None = None  # run directory name under runs/ when --out is not given
+
+
+class DataSettings(_Section):
+    task: Literal["mrpc", "rte", "qqp"] = "mrpc"
+    data_dir: str | None = None  # a GLUE TSV folder; None: HLORA_GLUE_DIR, ../shared/glue, then the hub
+    max_length: int = Field(128, ge=8, le=4096)
+    max_train_samples: int | None = Field(None, ge=1)  # first N training rows only (smoke tests)
+    max_eval_samples: int | None = Field(None, ge=1)
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
+
+
+class ModelSettings(_Section):
+    name_or_path: str = DEFAULT_MODEL  # a local folder, a hub id, or the packaged default
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class LoraSettings(_Section):
+    rank: int = Field(8, ge=1)
+    scale: float = Field(2.0, gt=0)  # one scaling for every rank: lora_alpha = scale * rank (METHOD.md)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
+    # Trained, non-LoRA modules (the head); None lets PEFT pick the classifier for sequence classification.
+    modules_to_save: list[str] | None = None
+
+
+class FederationSettings(_Section):
+    method: str = "fedit"
+    num_clients: int = Field(10, ge=1)
+    clients_per_round: int = Field(10, ge=1)
+    rounds: int = Field(10, ge=1)
+    alpha: float = Field(math.inf, gt=0)  # Dirichlet label skew; inf means IID
+    min_client_size: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _sample_fits(self) -> FederationSettings:
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"clients_per_round ({self.clients_per_round}) exceeds num_clients ({self.num_clients})"
+            )
+        return self
+
+
+class TrainSettings(_Section):
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(16, ge=1)
+    local_epochs: float = Field(1.0, gt=0)  # used when local_steps is 0
+    local_steps: int = Field(0, ge=0)  # > 0: exactly this many steps per round, cycling the data
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.0, ge=0, lt=1)  # SGD only
+    max_grad_norm: float | None = Field(1.0, gt=0)  # None: no clipping
+
+
+class EvalSettings(_Section):
+    batch_size: int = Field(64, ge=1)
+
+
+class Settings(_Section):
+    """The whole run configuration (the resolved form is saved as `config.toml` in the run)."""
+
+    run: RunSettings = Field(default_factory=RunSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    federation: FederationSettings = Field(default_factory=FederationSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+
+    @model_validator(mode="after")
+    def _known_method(self) -> Settings:
+        from hlora.aggregation import registry
+
+        if self.federation.method not in registry.names():
+            raise ValueError(
+                f"federation.method: unknown method {self.federation.method!r}; "
+                f"allowed: {', '.join(registry.names())}"
+            )
+        return self
+
+
+def load_settings(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Settings:
+    """Read a TOML config (or the defaults when `path` is None), apply `section.key=value` overrides,
+    and validate. Raises ConfigError with one line that names the problem."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read config file {path}: {e}") from None
+    for item in overrides:
+        apply_override(raw, item)
+    return validate_settings(raw)
+
+
+def validate_settings(raw: dict[str, Any]) -> Settings:
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_first_error(e)) from None
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one `section.key=value` override; the value is read as a TOML value when it parses as
+    one (numbers, booleans, lists, quoted strings, inf) and as a bare string otherwise."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or "." not in key:
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    *sections, leaf = key.split(".")
+    node = raw
+    for name in sections:
+        child = node.setdefault(name, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {name!r} is not a section")
+        node = child
+    node[leaf] = _parse_value(text.strip())
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        section = ".".join(str(p) for p in err["loc"][:-1])
+        allowed = _allowed_keys(err["loc"][:-1])
+        return f"unknown config key {where!r}" + (
+            f"; allowed in [{section}]: {', '.join(allowed)}"
+            if section
+            else f"; sections: {', '.join(allowed)}"
+        )
+    if "input" in err and err["type"] != "missing" and where:
+        return f"config key {where!r}: {msg} (got {err['input']!r})"
+    return f"config {where + ': ' if where else ''}{msg}"
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Settings
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type):
+            return []
+        model = field.annotation  # type: ignore[assignment]
+    return list(model.model_fields)
+
+
+def settings_to_toml(settings: Settings) -> str:
+    """The resolved settings as TOML text (what the run directory records)."""
+    lines: list[str] = []
+    for section, values in settings.model_dump().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if value is None:
+                lines.append(f"# {key} is unset")
+                continue
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")

@@ -1,0 +1,1 @@
+"""GLUE data: task specs, loaders (local TSV or the hub), tokenisation and client partitions."""

@@ -1,0 +1,29 @@
+"""Errors a user can cause and fix.
+
+Each is printed by the command line as one line and ends the process with exit status 2; anything
+else that escapes is a bug and keeps its traceback.
+"""
+
+
+class HloraError(Exception):
+    """Base class: an error in the user's input, worded for that user."""
+
+
+class ConfigError(HloraError):
+    """A config file or override that is malformed or names an unknown key or value."""
+
+
+class DataError(HloraError):
+    """A data directory, file, task or split that cannot be used."""
+
+
+class ModelError(HloraError):
+    """A model path or hub id that does not give a sequence-classification model."""
+
+
+class AggregationError(HloraError):
+    """Client updates that an aggregation method cannot combine (for example unequal ranks for FedIT)."""
+
+
+class RunDirError(HloraError):
+    """A run directory that exists already or cannot be written."""

@@ -1,0 +1,1 @@
+"""The round loop (server logic) and the runtimes that carry its messages."""

@@ -1,0 +1,76 @@
+"""The server's side of a round, independent of how messages travel.
+
+`configure(round)` picks the round's clients and what each is sent; `aggregate(round, updates)` folds
+their replies into the next global adapter. The in-process simulation calls the clients directly in
+between; a Flower strategy does the same through Flower's messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from hlora.aggregation.base import Aggregator, ClientPlan, ClientUpdate
+from hlora.weights import AdapterWeights
+
+
+def derive_seed(*parts: int) -> int:
+    """A 32-bit seed that depends on every part (run seed, round, client, ...), not on call order."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+@dataclass(frozen=True)
+class RoundTraffic:
+    uplink_bytes: int
+    downlink_bytes: int
+
+
+class FederatedServer:
+    """Holds the global adapter and runs the aggregation method each round."""
+
+    def __init__(
+        self,
+        aggregator: Aggregator,
+        initial: AdapterWeights,
+        client_ranks: Mapping[int, int],
+        clients_per_round: int,
+        seed: int,
+    ) -> None:
+        aggregator.check_ranks(client_ranks)
+        self.aggregator = aggregator
+        self.client_ranks = dict(client_ranks)
+        self.clients_per_round = clients_per_round
+        self.seed = seed
+        self.global_weights = aggregator.initial_global(initial)
+
+    def sample(self, rnd: int) -> list[int]:
+        """The round's clients: a seeded draw without replacement, in ascending id order."""
+        ids = sorted(self.client_ranks)
+        if self.clients_per_round >= len(ids):
+            return ids
+        rng = np.random.default_rng(derive_seed(self.seed, rnd, 0x5A3D1E))
+        return sorted(int(i) for i in rng.choice(ids, size=self.clients_per_round, replace=False))
+
+    def configure(self, rnd: int) -> dict[int, ClientPlan]:
+        """What each of the round's clients is sent, cut to its rank."""
+        return {
+            cid: self.aggregator.plan_for(self.global_weights, self.client_ranks[cid])
+            for cid in self.sample(rnd)
+        }
+
+    def aggregate(self, rnd: int, updates: Sequence[ClientUpdate]) -> None:
+        """Replace the global adapter by the method's aggregate of this round's updates."""
+        if not updates:
+            return
+        ordered = sorted(updates, key=lambda u: u.client_id)  # results never depend on arrival order
+        self.global_weights = self.aggregator.aggregate(self.global_weights, ordered)
+
+
+def traffic(plans: Mapping[int, ClientPlan], updates: Sequence[ClientUpdate]) -> RoundTraffic:
+    """Bytes of tensor data sent down (plans) and up (updates) in one round, summed over clients."""
+    return RoundTraffic(
+        uplink_bytes=sum(u.weights.num_bytes() for u in updates),
+        downlink_bytes=sum(p.adapter.num_bytes() for p in plans.values()),
+    )

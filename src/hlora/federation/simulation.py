@@ -1,0 +1,220 @@
+"""The embedded runtime: every client in this process, sharing one base model.
+
+`prepare()` does everything that can fail on the user's input (config, data, model) before anything
+is written; `run()` then owns a fresh run directory and plays the rounds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from hlora.aggregation import registry
+from hlora.aggregation.base import ClientUpdate
+from hlora.client.client import FederatedClient
+from hlora.client.trainer import LocalTrainer
+from hlora.config import FederationSettings, Settings, settings_to_toml
+from hlora.data.glue import TaskSpec, get_task, load_split
+from hlora.data.partition import (
+    dirichlet_partition,
+    format_partition_table,
+    partition_table,
+    write_partition_csv,
+)
+from hlora.data.tokenize import EncodedSplit, encode, make_collator
+from hlora.evaluation import evaluate
+from hlora.federation.server import FederatedServer, derive_seed, traffic
+from hlora.models.lora_model import LoraModel, load_base_model
+from hlora.outputs import (
+    CONFIG_FILE,
+    PARTITION_FILE,
+    PLOT_FILE,
+    SUMMARY_FILE,
+    MetricsLog,
+    plot_accuracy,
+    summarise,
+    write_json,
+    write_text_atomic,
+)
+
+log = logging.getLogger("hlora")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def effective_settings(settings: Settings) -> Settings:
+    """The centralised reference is the federated loop with one client that holds all the data (the
+    aggregate of one update is that update), so it needs no loop of its own."""
+    if settings.run.mode != "centralized":
+        return settings
+    fed = settings.federation
+    central = FederationSettings(
+        method="fedit",
+        num_clients=1,
+        clients_per_round=1,
+        rounds=fed.rounds,
+        alpha=math.inf,
+        min_client_size=1,
+    )
+    return settings.model_copy(update={"federation": central})
+
+
+@dataclass
+class Experiment:
+    """Everything a run needs, loaded and checked."""
+
+    settings: Settings
+    task: TaskSpec
+    train: EncodedSplit
+    dev: EncodedSplit
+    model: LoraModel
+    collate: Any
+    partitions: list[np.ndarray]
+    partition_rows: list[dict[str, Any]]
+    client_ranks: dict[int, int]
+    majority_baseline: float
+    data_source: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def prepare(settings: Settings) -> Experiment:
+    """Load and check the data, partitions and model. Raises HloraError on bad input; writes nothing."""
+    settings = effective_settings(settings)
+    t0 = time.perf_counter()
+    task = get_task(settings.data.task)
+    train_rows = load_split(task, "train", settings.data.data_dir).head(settings.data.max_train_samples)
+    dev_rows = load_split(task, "dev", settings.data.data_dir).head(settings.data.max_eval_samples)
+    fed = settings.federation
+    # Validate the method and the partition before the model: both are cheap and fail on user input.
+    registry.create(fed.method, bank_rank=settings.lora.rank, seed=settings.run.seed)
+    parts = dirichlet_partition(
+        np.asarray(train_rows.labels),
+        fed.num_clients,
+        fed.alpha,
+        min_size=fed.min_client_size,
+        seed=settings.run.seed,
+    )
+    t1 = time.perf_counter()
+    torch.manual_seed(settings.run.seed)
+    base, tokenizer = load_base_model(settings.model, task.num_labels, seed=settings.run.seed)
+    device = pick_device(settings.run.device)
+    model = LoraModel(base, settings.lora, device)
+    t2 = time.perf_counter()
+    train = encode(train_rows, tokenizer, settings.data.max_length)
+    dev = encode(dev_rows, tokenizer, settings.data.max_length)
+    t3 = time.perf_counter()
+    counts = np.bincount(dev.labels, minlength=task.num_labels)
+    return Experiment(
+        settings=settings,
+        task=task,
+        train=train,
+        dev=dev,
+        model=model,
+        collate=make_collator(tokenizer),
+        partitions=parts,
+        partition_rows=partition_table(parts, np.asarray(train_rows.labels), list(task.label_names)),
+        client_ranks={cid: settings.lora.rank for cid in range(fed.num_clients)},
+        majority_baseline=float(counts.max() / counts.sum()),
+        data_source=train_rows.source,
+        timings={"data_s": t1 - t0, "model_s": t2 - t1, "tokenize_s": t3 - t2},
+    )
+
+
+def run(exp: Experiment, run_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """Play every round in-process, writing the run's files into the (new, empty) `run_dir`."""
+    s = exp.settings
+    fed = s.federation
+    write_text_atomic(run_dir / CONFIG_FILE, settings_to_toml(s))
+    write_partition_csv(exp.partition_rows, run_dir / PARTITION_FILE)
+    log.info("data: %s (%d train rows, %d dev rows)", exp.data_source, len(exp.train), len(exp.dev))
+    log.info("clients and their label mix:\n%s", format_partition_table(exp.partition_rows))
+
+    bank_rank = max(exp.client_ranks.values())
+    aggregator = registry.create(fed.method, bank_rank=bank_rank, seed=s.run.seed)
+    initial = exp.model.initial_weights(bank_rank, seed=derive_seed(s.run.seed, 0xA11CE))
+    server = FederatedServer(aggregator, initial, exp.client_ranks, fed.clients_per_round, s.run.seed)
+    trainer = LocalTrainer(exp.model, s.train, exp.collate, progress=progress)
+    clients = {
+        cid: FederatedClient(cid, exp.train.subset(idx), trainer) for cid, idx in enumerate(exp.partitions)
+    }
+
+    metrics = MetricsLog(run_dir)
+    rounds = tqdm(
+        range(1, fed.rounds + 1), desc=f"{exp.task.name} {fed.method}", unit="round", disable=not progress
+    )
+    for rnd in rounds:
+        t0 = time.perf_counter()
+        plans = server.configure(rnd)
+        updates: list[ClientUpdate] = []
+        losses, sizes, samples_seen = [], [], 0
+        for cid, plan in plans.items():
+            update, result = clients[cid].fit(plan, seed=derive_seed(s.run.seed, rnd, cid))
+            updates.append(update)
+            losses.append(result.mean_loss)
+            sizes.append(result.num_samples)
+            samples_seen += result.samples_seen
+        t1 = time.perf_counter()
+        server.aggregate(rnd, updates)
+        t2 = time.perf_counter()
+        scores = evaluate(exp.model, server.global_weights, exp.dev, exp.task, s.eval.batch_size, exp.collate)
+        t3 = time.perf_counter()
+        sent = traffic(plans, updates)
+        row: dict[str, Any] = {"round": rnd, **scores}
+        row.update(
+            train_loss=float(np.average(losses, weights=sizes)),
+            uplink_bytes=sent.uplink_bytes,
+            downlink_bytes=sent.downlink_bytes,
+            clients=sorted(plans),
+            client_ranks={str(cid): exp.client_ranks[cid] for cid in sorted(plans)},
+            train_samples=samples_seen,
+            train_s=round(t1 - t0, 4),
+            aggregate_s=round(t2 - t1, 4),
+            eval_s=round(t3 - t2, 4),
+            wall_s=round(t3 - t0, 4),
+        )
+        metrics.append(row)
+        rounds.write(_round_line(row, fed.rounds))
+
+    summary = summarise(
+        metrics.rows,
+        {
+            "task": exp.task.name,
+            "method": fed.method,
+            "mode": s.run.mode,
+            "seed": s.run.seed,
+            "num_clients": fed.num_clients,
+            "client_ranks": sorted(set(exp.client_ranks.values())),
+            "majority_baseline": exp.majority_baseline,
+            "device": str(exp.model.device),
+            **{k: round(v, 3) for k, v in exp.timings.items()},
+        },
+    )
+    write_json(run_dir / SUMMARY_FILE, summary)
+    plot_accuracy(
+        metrics.rows,
+        run_dir / PLOT_FILE,
+        f"{exp.task.name.upper()} dev, {fed.method}, {s.run.mode}",
+        baseline=exp.majority_baseline,
+    )
+    return summary
+
+
+def _round_line(row: dict[str, Any], rounds: int) -> str:
+    f1 = f"  f1 {row['f1']:.4f}" if "f1" in row else ""
+    return (
+        f"round {row['round']:>3}/{rounds}  acc {row['accuracy']:.4f}{f1}  loss {row['train_loss']:.4f}  "
+        f"up {row['uplink_bytes'] / 1e6:.2f} MB  down {row['downlink_bytes'] / 1e6:.2f} MB  "
+        f"{row['wall_s']:.1f} s"
+    )

