@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 import tomllib
+from pathlib import Path
 
 import pytest
 
 from hlora.config import Settings, apply_override, load_settings, settings_to_toml, validate_settings
 from hlora.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_defaults_are_valid_and_iid():
@@ -21,7 +24,7 @@ def test_defaults_are_valid_and_iid():
 
 @pytest.mark.parametrize("name", ["mrpc", "rte", "qqp"])
 def test_shipped_configs_load(name):
-    s = load_settings(f"configs/{name}.toml")
+    s = load_settings(CONFIGS / f"{name}.toml")
     assert s.data.task == name
 
 

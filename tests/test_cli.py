@@ -1,0 +1,114 @@
+"""The command line: a run from a config, and one-line errors with exit status 2 for bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hlora.cli.main import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "hlora", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": "/tmp"},
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def tiny_args(tiny_model_dir, glue_dir) -> list[str]:
+    return [
+        "--set",
+        f"model.name_or_path='{tiny_model_dir}'",
+        "--data-dir",
+        str(glue_dir),
+        "--set",
+        "data.max_train_samples=32",
+        "--set",
+        "data.max_eval_samples=16",
+        "--set",
+        "federation.num_clients=2",
+        "--set",
+        "federation.clients_per_round=2",
+        "--set",
+        "federation.rounds=1",
+        "--set",
+        "train.local_steps=1",
+        "--set",
+        "run.device='cpu'",
+    ]
+
+
+def test_run_prints_per_round_accuracy(tiny_model_dir, glue_dir, tmp_path):
+    code, out, err = cli(
+        "run",
+        "-c",
+        str(CONFIGS / "mrpc.toml"),
+        "--out",
+        str(tmp_path / "run"),
+        "-q",
+        *tiny_args(tiny_model_dir, glue_dir),
+    )
+    assert code == 0, err
+    assert "round   1/1  acc " in out
+    assert "done: final accuracy" in out
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--set", "federation.method=nope"], "unknown method 'nope'"),
+        (["--set", "lora.rank=0"], "'lora.rank'"),
+        (["--set", "train.lr"], "section.key=value"),
+        (["--data-dir", "/nonexistent/glue"], "/nonexistent/glue"),
+        (["--set", "model.name_or_path='/tmp'"], "not a transformers model folder"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_no_run_dir(
+    tiny_model_dir, glue_dir, tmp_path, capsys, extra, message
+):
+    out_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as info:
+        main(
+            [
+                "run",
+                "-c",
+                str(CONFIGS / "mrpc.toml"),
+                "--out",
+                str(out_dir),
+                "-q",
+                *tiny_args(tiny_model_dir, glue_dir),
+                *extra,
+            ]
+        )
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hlora: error: ") and "\n" not in err and message in err, err
+    assert not out_dir.exists()
+
+
+def test_missing_config_file_and_existing_run_dir(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["run", "-c", str(tmp_path / "missing.toml")])
+    assert info.value.code == 2
+    (tmp_path / "run").mkdir()
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--out", str(tmp_path / "run")])
+    assert info.value.code == 2
+    assert "exists already" in capsys.readouterr().err
+
+
+def test_methods_lists_fedit(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["methods"])
+    assert info.value.code == 0
+    assert "fedit" in capsys.readouterr().out.split()
