@@ -119,7 +119,7 @@ def main() -> None:
         f"({summaries['federated']['method']}) vs centralised"
     )
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     fig.tight_layout()
     fig.savefig(args.out / "accuracy.png")
     print((args.out / "summary.md").read_text())

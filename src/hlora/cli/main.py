@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -25,6 +26,8 @@ app = typer.Typer(
 
 
 def _setup_logging(quiet: bool) -> None:
+    # transformers announces its own deprecations on every run; they are not the user's to act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr
     )
