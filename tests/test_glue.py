@@ -40,7 +40,8 @@ def shared_glue() -> Path:
     with contextlib.chdir(REPO_ROOT):
         found = find_glue_dir()
     if found is None:
-        pytest.skip("no shared GLUE folder found from the repository root (expected ../shared/glue)")
+        # CI always has ../shared beside the checkout: a missing folder is a broken set-up, not a skip.
+        pytest.fail("no shared GLUE folder found from the repository root (expected ../shared/glue)")
     return found
 
 
