@@ -141,6 +141,9 @@ class Settings(_Section):
     federation: FederationSettings = Field(default_factory=FederationSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    # The chosen method's options (its `Options` model says which keys it takes); kept as written, so
+    # that the saved config round-trips, and validated here and again when the method is created.
+    method_options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _known_method(self) -> Settings:
@@ -151,6 +154,10 @@ class Settings(_Section):
                 f"federation.method: unknown method {self.federation.method!r}; "
                 f"allowed: {', '.join(registry.names())}"
             )
+        try:
+            registry.validate_options(self.federation.method, self.method_options)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
         return self
 
 
