@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from pathlib import Path
+
 import pytest
 import torch
 
 from hlora.aggregation import registry
 from hlora.aggregation.base import ClientUpdate
 from hlora.aggregation.products import product_mean, product_norms
-from hlora.config import validate_settings
+from hlora.config import load_settings, validate_settings
 from hlora.errors import AggregationError, ConfigError
 from hlora.federation import simulation
+from hlora.federation.ranks import assign_ranks
 from hlora.federation.server import FederatedServer
 from hlora.outputs import create_run_dir, read_metrics
 from hlora.weights import AdapterWeights, LoraFactors
@@ -69,6 +73,13 @@ def test_fedit_server_refuses_mixed_ranks():
     initial = AdapterWeights({LAYER: LoraFactors(torch.zeros(3, 4), torch.zeros(4, 5))})
     with pytest.raises(AggregationError, match="use a heterogeneous method"):
         FederatedServer(fedit, initial, {0: 1, 1: 4}, clients_per_round=2, seed=0)
+
+
+def test_shipped_heterogeneous_config_loads():
+    s = load_settings(Path(__file__).resolve().parents[1] / "configs" / "mrpc-hetero.toml")
+    assert s.federation.method == "hlora" and s.lora.rank_policy == "tiers"
+    ranks = assign_ranks(s.lora, [1] * s.federation.num_clients, s.run.seed)
+    assert Counter(ranks.values()) == {2: 3, 4: 3, 8: 2, 16: 2}  # what the file's comment promises
 
 
 def test_registry_names_the_four_methods():
