@@ -71,6 +71,9 @@ def test_run_prints_per_round_accuracy(tiny_model_dir, glue_dir, tmp_path):
         (["--set", "train.lr"], "section.key=value"),
         (["--data-dir", "/nonexistent/glue"], "/nonexistent/glue"),
         (["--set", "model.name_or_path='/tmp'"], "not a transformers model folder"),
+        (["--set", "lora.bank_rank=2"], "bank_rank (2) is below the largest client rank (8"),
+        (["--set", "method_options.norm_weighting=true"], "method_options.norm_weighting"),
+        (["--set", "lora.rank_policy=tiers", "--set", "lora.tiers=[1, 2]"], "use a heterogeneous method"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_run_dir(

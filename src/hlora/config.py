@@ -54,6 +54,49 @@ class LoraSettings(_Section):
     target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
     # Trained, non-LoRA modules (the head); None lets PEFT pick the classifier for sequence classification.
     modules_to_save: list[str] | None = None
+    # Each client's rank r_k (METHOD.md "Setting"; assigned by hlora.federation.ranks): "fixed" gives every
+    # client `rank`; "tiers" draws from `tiers` by `tier_shares`; "data_size" grows with the client's
+    # data-size quantile up to `rank`.
+    rank_policy: Literal["fixed", "tiers", "data_size"] = "fixed"
+    tiers: list[int] = Field(default_factory=list)  # the ranks of the tiers ("tiers" only)
+    tier_shares: list[float] | None = None  # relative share of clients per tier, normalised; None: equal
+    bank_rank: int | None = Field(None, ge=1)  # the server's global rank r_g; None: the largest client rank
+
+    @field_validator("tiers")
+    @classmethod
+    def _tiers_are_ranks(cls, v: list[int]) -> list[int]:
+        if any(r < 1 for r in v):
+            raise ValueError(f"every tier rank must be >= 1, got {v}")
+        return v
+
+    @field_validator("tier_shares")
+    @classmethod
+    def _shares_are_positive(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and not all(math.isfinite(x) and x > 0 for x in v):
+            raise ValueError(f"every tier share must be a finite number > 0, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _ranks_fit(self) -> LoraSettings:
+        if self.rank_policy == "tiers" and not self.tiers:
+            raise ValueError('rank_policy "tiers" needs tiers, a list of ranks (e.g. tiers = [2, 4, 8])')
+        if self.tier_shares is not None and len(self.tier_shares) != len(self.tiers):
+            raise ValueError(
+                f"tier_shares has {len(self.tier_shares)} entries but tiers has {len(self.tiers)}: "
+                "give one share per tier"
+            )
+        if self.bank_rank is not None and self.bank_rank < self.max_client_rank:
+            raise ValueError(
+                f"bank_rank ({self.bank_rank}) is below the largest client rank ({self.max_client_rank}, "
+                f"from rank_policy {self.rank_policy!r}): the server's adapter needs room for every "
+                "client's rank"
+            )
+        return self
+
+    @property
+    def max_client_rank(self) -> int:
+        """The largest rank the rank policy can give a client (`rank`, or the largest tier)."""
+        return max(self.tiers) if self.rank_policy == "tiers" else self.rank
 
 
 class FederationSettings(_Section):
@@ -98,6 +141,9 @@ class Settings(_Section):
     federation: FederationSettings = Field(default_factory=FederationSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    # The chosen method's options (its `Options` model says which keys it takes); kept as written, so
+    # that the saved config round-trips, and validated here and again when the method is created.
+    method_options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _known_method(self) -> Settings:
@@ -108,6 +154,10 @@ class Settings(_Section):
                 f"federation.method: unknown method {self.federation.method!r}; "
                 f"allowed: {', '.join(registry.names())}"
             )
+        try:
+            registry.validate_options(self.federation.method, self.method_options)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
         return self
 
 
@@ -173,6 +223,8 @@ def _first_error(e: ValidationError) -> str:
             if section
             else f"; sections: {', '.join(allowed)}"
         )
+    if isinstance(err.get("input"), dict) and err["type"] == "value_error" and where:
+        return f"config [{where}]: {msg}"  # a check across a section's keys; the message names them
     if "input" in err and err["type"] != "missing" and where:
         return f"config key {where!r}: {msg} (got {err['input']!r})"
     return f"config {where + ': ' if where else ''}{msg}"

@@ -1,10 +1,19 @@
 """Aggregation: the pure math on tensors (`products`) and one small module per method.
 
+| name       | module        | METHOD.md rule                                                        |
+|------------|---------------|-----------------------------------------------------------------------|
+| `fedit`    | `fedit.py`    | 1, FedAvg of the factors; equal ranks only                            |
+| `zeropad`  | `zeropad.py`  | 2, zero-padding to the bank rank (option: HetLoRA's norm weighting)   |
+| `hlora`    | `hlora.py`    | 3, truncated SVD of the product mean through QR, balanced split       |
+| `flexlora` | `flexlora.py` | 4, the same product mean, dense SVD, singular values in `B`           |
+
+Every method implements `base.Aggregator` and registers itself by name with `registry` when its module
+is imported, which importing this package does; a method's typed options are its `Options` class.
 `aggregate_products(factors, weights, rank)` is HLoRA's core (METHOD.md rule 3), usable without any
-model. Importing this package registers every method with `registry`.
+model.
 """
 
-from hlora.aggregation import fedit  # noqa: F401  (registers the method)
+from hlora.aggregation import fedit, flexlora, hlora, zeropad  # noqa: F401  (registers the methods)
 from hlora.aggregation.base import Aggregator, ClientPlan, ClientUpdate
 from hlora.aggregation.products import aggregate_products
 

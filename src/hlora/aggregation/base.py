@@ -3,6 +3,10 @@
 A method decides three things: what global adapter a run starts from, what each client is sent for a
 round (`plan_for`), and how the clients' trained adapters become the next global adapter
 (`aggregate`). Runtimes call only these; they never ask which method they are running.
+
+A method with settings declares them as a pydantic model in its `Options` class attribute (extra keys
+forbidden); the config's `[method_options]` table is validated against it and the instance arrives as
+`self.options`.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+from pydantic import BaseModel
 from torch import Tensor
 
 from hlora.weights import AdapterWeights, weighted_mean
@@ -37,10 +42,14 @@ class Aggregator(ABC):
     """Base class of the aggregation methods (one small module each, registered by name)."""
 
     name: ClassVar[str]
+    Options: ClassVar[type[BaseModel] | None] = None  # the method's typed options; None: it takes none
 
-    def __init__(self, bank_rank: int, seed: int = 0) -> None:
+    def __init__(self, bank_rank: int, seed: int = 0, options: BaseModel | None = None) -> None:
         self.bank_rank = bank_rank  # r_g, the rank of the global adapter the server keeps
         self.seed = seed
+        if options is None and self.Options is not None:
+            options = self.Options()  # the defaults
+        self.options = options
 
     def check_ranks(self, client_ranks: Mapping[int, int]) -> None:
         """Refuse a rank assignment this method cannot serve (raise AggregationError); by default
@@ -67,6 +76,11 @@ def client_weights(updates: Sequence[ClientUpdate]) -> list[float]:
     if total <= 0:
         raise ValueError("client updates carry no training samples")
     return [u.num_samples / total for u in updates]
+
+
+def factor_pairs(updates: Sequence[ClientUpdate], layer: str) -> list[tuple[Tensor, Tensor]]:
+    """The clients' `(B_k, A_k)` for one adapted weight, in update order (the input of `products`)."""
+    return [(u.weights.factors[layer].B, u.weights.factors[layer].A) for u in updates]
 
 
 def average_dense(updates: Sequence[ClientUpdate], weights: Sequence[float]) -> dict[str, Tensor]:

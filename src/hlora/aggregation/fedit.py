@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from hlora.aggregation.base import Aggregator, ClientUpdate, average_dense, client_weights
+from hlora.aggregation.base import Aggregator, ClientUpdate, average_dense, client_weights, factor_pairs
 from hlora.aggregation.products import factor_mean
 from hlora.aggregation.registry import register
 from hlora.errors import AggregationError
@@ -31,9 +31,8 @@ class FedIT(Aggregator):
         p = client_weights(updates)
         factors = {}
         for name in global_weights.factors:
-            pairs = [(u.weights.factors[name].B, u.weights.factors[name].A) for u in updates]
             try:
-                B, A = factor_mean(pairs, p)
+                B, A = factor_mean(factor_pairs(updates, name), p)
             except ValueError as e:
                 raise AggregationError(f"fedit cannot average {name}: {e}") from None
             factors[name] = LoraFactors(B, A)

@@ -14,6 +14,7 @@ are normalised to sum to 1.
 | `dense_product_svd`   | 4, FlexLoRA (reference)  | the same, dense, singular values in `B`        |
 | `stack_factors`       | 5, FLoRA                 | `([B_1 ... B_K], [p_1 A_1; ...; p_K A_K])`     |
 | `product_mean`        | the exact mean           | the dense `m x n` matrix `sum p_k B_k @ A_k`   |
+| `product_norms`       | 2, HetLoRA's weights     | `||B_k @ A_k||_F` per client, never dense      |
 
 All of them compute in float64 and return tensors in the dtype (and on the device) of the first
 client's `B`. Bad input (no clients, factors that do not fit, bad weights, a rank below 1) raises
@@ -36,6 +37,7 @@ __all__ = [
     "factor_mean",
     "normalise_weights",
     "product_mean",
+    "product_norms",
     "stack_factors",
     "zero_pad_mean",
 ]
@@ -212,6 +214,25 @@ def product_mean(factors: Sequence[FactorPair], weights: Sequence[float] | Tenso
     """
     c = _clients(factors, weights)
     return _dense_mean(c).to(c.dtype)
+
+
+def product_norms(factors: Sequence[FactorPair]) -> Tensor:
+    """The Frobenius norm of each client's update, `||B_k @ A_k||_F`, without building the product.
+
+    `||B A||_F^2 = trace(A^T B^T B A) = trace((B^T B)(A A^T))`, and both `r x r` Gram matrices are
+    symmetric, so it is the sum of their elementwise product: cost `O((m + n) r^2)`, not `O(m n r)`.
+    (HetLoRA's norm weighting, METHOD.md rule 2.)
+
+    Args:
+        factors: K pairs `(B_k, A_k)`, `B_k` is `m x r_k`, `A_k` is `r_k x n`.
+
+    Returns:
+        A float64 tensor of shape `(K,)`, on the first `B`'s device.
+    """
+    factors = list(factors)
+    c = _clients(factors, [1.0] * len(factors))
+    squares = [((B.T @ B) * (A @ A.T)).sum() for B, A in zip(c.Bs, c.As, strict=True)]
+    return torch.stack(squares).clamp_min(0).sqrt()  # round-off can make a zero norm's square negative
 
 
 def aggregate_products(

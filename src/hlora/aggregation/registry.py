@@ -1,6 +1,11 @@
-"""Aggregation methods by name: `method = "..."` in the config picks one."""
+"""Aggregation methods by name: `method = "..."` in the config picks one, `[method_options]` tunes it."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
 
 from hlora.aggregation.base import Aggregator
 from hlora.errors import ConfigError
@@ -20,9 +25,45 @@ def names() -> list[str]:
     return sorted(_METHODS)
 
 
-def create(name: str, bank_rank: int, seed: int = 0) -> Aggregator:
+def get(name: str) -> type[Aggregator]:
+    """The method class registered as `name`; ConfigError (listing the allowed names) if there is none."""
     try:
-        cls = _METHODS[name]
+        return _METHODS[name]
     except KeyError:
         raise ConfigError(f"unknown aggregation method {name!r}; allowed: {', '.join(names())}") from None
-    return cls(bank_rank=bank_rank, seed=seed)
+
+
+def validate_options(name: str, options: Mapping[str, Any] | None) -> BaseModel | None:
+    """The method's `Options` built from a `[method_options]` table (None for a method without options).
+
+    Raises ConfigError naming the offending `method_options.<key>` and the keys the method allows.
+    """
+    cls = get(name)
+    options = dict(options or {})
+    if cls.Options is None:
+        if options:
+            raise ConfigError(
+                f"method_options.{next(iter(options))}: method {name!r} takes no options "
+                f"(got {', '.join(sorted(options))})"
+            )
+        return None
+    allowed = ", ".join(cls.Options.model_fields) or "none"
+    try:
+        return cls.Options.model_validate(options)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            raise ConfigError(
+                f"method_options.{key}: not an option of method {name!r}; allowed: {allowed}"
+            ) from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(
+            f"method_options.{key}: {msg} (got {err.get('input')!r}); {name!r} options: {allowed}"
+        ) from None
+
+
+def create(name: str, bank_rank: int, seed: int = 0, options: Mapping[str, Any] | None = None) -> Aggregator:
+    """A fresh aggregator of method `name` at the server's `bank_rank`, with its options validated."""
+    cls = get(name)
+    return cls(bank_rank=bank_rank, seed=seed, options=validate_options(name, options))

@@ -23,8 +23,18 @@ def derive_seed(*parts: int) -> int:
 
 @dataclass(frozen=True)
 class RoundTraffic:
-    uplink_bytes: int
-    downlink_bytes: int
+    """Bytes of tensor data one round moved: per client, and summed over the round's clients."""
+
+    uplink_bytes_by_client: dict[int, int]
+    downlink_bytes_by_client: dict[int, int]
+
+    @property
+    def uplink_bytes(self) -> int:
+        return sum(self.uplink_bytes_by_client.values())
+
+    @property
+    def downlink_bytes(self) -> int:
+        return sum(self.downlink_bytes_by_client.values())
 
 
 class FederatedServer:
@@ -69,8 +79,8 @@ class FederatedServer:
 
 
 def traffic(plans: Mapping[int, ClientPlan], updates: Sequence[ClientUpdate]) -> RoundTraffic:
-    """Bytes of tensor data sent down (plans) and up (updates) in one round, summed over clients."""
+    """Bytes of tensor data sent down (plans) and up (updates) in one round, per client."""
     return RoundTraffic(
-        uplink_bytes=sum(u.weights.num_bytes() for u in updates),
-        downlink_bytes=sum(p.adapter.num_bytes() for p in plans.values()),
+        uplink_bytes_by_client={u.client_id: u.weights.num_bytes() for u in updates},
+        downlink_bytes_by_client={cid: p.adapter.num_bytes() for cid, p in plans.items()},
     )

@@ -31,6 +31,7 @@ from hlora.data.partition import (
 )
 from hlora.data.tokenize import EncodedSplit, encode, make_collator
 from hlora.evaluation import evaluate
+from hlora.federation.ranks import assign_ranks, resolve_bank_rank
 from hlora.federation.server import FederatedServer, derive_seed, traffic
 from hlora.models.lora_model import LoraModel, load_base_model
 from hlora.outputs import (
@@ -56,9 +57,13 @@ def pick_device(name: str) -> torch.device:
 
 def effective_settings(settings: Settings) -> Settings:
     """The centralised reference is the federated loop with one client that holds all the data (the
-    aggregate of one update is that update), so it needs no loop of its own."""
+    aggregate of one update is that update), so it needs no loop of its own. It trains at the rank the
+    federated run's server holds (`bank_rank`, else the largest rank the policy gives)."""
     if settings.run.mode != "centralized":
         return settings
+    lora = settings.lora
+    rank = lora.bank_rank if lora.bank_rank is not None else lora.max_client_rank
+    central_lora = lora.model_copy(update={"rank_policy": "fixed", "rank": rank, "bank_rank": None})
     fed = settings.federation
     central = FederationSettings(
         method="fedit",
@@ -68,7 +73,7 @@ def effective_settings(settings: Settings) -> Settings:
         alpha=math.inf,
         min_client_size=1,
     )
-    return settings.model_copy(update={"federation": central})
+    return settings.model_copy(update={"federation": central, "lora": central_lora, "method_options": {}})
 
 
 @dataclass
@@ -83,7 +88,8 @@ class Experiment:
     collate: Any
     partitions: list[np.ndarray]
     partition_rows: list[dict[str, Any]]
-    client_ranks: dict[int, int]
+    client_ranks: dict[int, int]  # r_k of every client
+    bank_rank: int  # r_g, the rank of the server's global adapter
     majority_baseline: float
     data_source: str
     timings: dict[str, float] = field(default_factory=dict)
@@ -97,8 +103,7 @@ def prepare(settings: Settings) -> Experiment:
     train_rows = load_split(task, "train", settings.data.data_dir).head(settings.data.max_train_samples)
     dev_rows = load_split(task, "dev", settings.data.data_dir).head(settings.data.max_eval_samples)
     fed = settings.federation
-    # Validate the method and the partition before the model: both are cheap and fail on user input.
-    registry.create(fed.method, bank_rank=settings.lora.rank, seed=settings.run.seed)
+    # The partition, the ranks and the method before the model: all cheap, all fail on user input.
     parts = dirichlet_partition(
         np.asarray(train_rows.labels),
         fed.num_clients,
@@ -106,6 +111,10 @@ def prepare(settings: Settings) -> Experiment:
         min_size=fed.min_client_size,
         seed=settings.run.seed,
     )
+    client_ranks = assign_ranks(settings.lora, [len(idx) for idx in parts], settings.run.seed)
+    bank_rank = resolve_bank_rank(settings.lora, client_ranks)
+    aggregator = registry.create(fed.method, bank_rank, settings.run.seed, settings.method_options)
+    aggregator.check_ranks(client_ranks)
     t1 = time.perf_counter()
     torch.manual_seed(settings.run.seed)
     base, tokenizer = load_base_model(settings.model, task.num_labels, seed=settings.run.seed)
@@ -116,6 +125,8 @@ def prepare(settings: Settings) -> Experiment:
     dev = encode(dev_rows, tokenizer, settings.data.max_length)
     t3 = time.perf_counter()
     counts = np.bincount(dev.labels, minlength=task.num_labels)
+    rows = partition_table(parts, np.asarray(train_rows.labels), list(task.label_names))
+    rows = [{"client": r["client"], "size": r["size"], "rank": client_ranks[r["client"]], **r} for r in rows]
     return Experiment(
         settings=settings,
         task=task,
@@ -124,8 +135,9 @@ def prepare(settings: Settings) -> Experiment:
         model=model,
         collate=make_collator(tokenizer),
         partitions=parts,
-        partition_rows=partition_table(parts, np.asarray(train_rows.labels), list(task.label_names)),
-        client_ranks={cid: settings.lora.rank for cid in range(fed.num_clients)},
+        partition_rows=rows,
+        client_ranks=client_ranks,
+        bank_rank=bank_rank,
         majority_baseline=float(counts.max() / counts.sum()),
         data_source=train_rows.source,
         timings={"data_s": t1 - t0, "model_s": t2 - t1, "tokenize_s": t3 - t2},
@@ -139,11 +151,11 @@ def run(exp: Experiment, run_dir: Path, progress: bool = True) -> dict[str, Any]
     write_text_atomic(run_dir / CONFIG_FILE, settings_to_toml(s))
     write_partition_csv(exp.partition_rows, run_dir / PARTITION_FILE)
     log.info("data: %s (%d train rows, %d dev rows)", exp.data_source, len(exp.train), len(exp.dev))
-    log.info("clients and their label mix:\n%s", format_partition_table(exp.partition_rows))
+    log.info("clients, their ranks and label mix:\n%s", format_partition_table(exp.partition_rows))
+    log.info("%s at bank rank %d, client ranks %s", fed.method, exp.bank_rank, _rank_counts(exp.client_ranks))
 
-    bank_rank = max(exp.client_ranks.values())
-    aggregator = registry.create(fed.method, bank_rank=bank_rank, seed=s.run.seed)
-    initial = exp.model.initial_weights(bank_rank, seed=derive_seed(s.run.seed, 0xA11CE))
+    aggregator = registry.create(fed.method, exp.bank_rank, s.run.seed, s.method_options)
+    initial = exp.model.initial_weights(exp.bank_rank, seed=derive_seed(s.run.seed, 0xA11CE))
     server = FederatedServer(aggregator, initial, exp.client_ranks, fed.clients_per_round, s.run.seed)
     trainer = LocalTrainer(exp.model, s.train, exp.collate, progress=progress)
     clients = {
@@ -178,6 +190,8 @@ def run(exp: Experiment, run_dir: Path, progress: bool = True) -> dict[str, Any]
             downlink_bytes=sent.downlink_bytes,
             clients=sorted(plans),
             client_ranks={str(cid): exp.client_ranks[cid] for cid in sorted(plans)},
+            client_uplink_bytes={str(cid): n for cid, n in sorted(sent.uplink_bytes_by_client.items())},
+            client_downlink_bytes={str(cid): n for cid, n in sorted(sent.downlink_bytes_by_client.items())},
             train_samples=samples_seen,
             train_s=round(t1 - t0, 4),
             aggregate_s=round(t2 - t1, 4),
@@ -196,6 +210,7 @@ def run(exp: Experiment, run_dir: Path, progress: bool = True) -> dict[str, Any]
             "seed": s.run.seed,
             "num_clients": fed.num_clients,
             "client_ranks": sorted(set(exp.client_ranks.values())),
+            "bank_rank": exp.bank_rank,
             "majority_baseline": exp.majority_baseline,
             "device": str(exp.model.device),
             **{k: round(v, 3) for k, v in exp.timings.items()},
@@ -209,6 +224,12 @@ def run(exp: Experiment, run_dir: Path, progress: bool = True) -> dict[str, Any]
         baseline=exp.majority_baseline,
     )
     return summary
+
+
+def _rank_counts(client_ranks: dict[int, int]) -> str:
+    """`"1 x2, 4 x1"`: each distinct rank and how many clients train at it."""
+    ranks = list(client_ranks.values())
+    return ", ".join(f"{r} x{ranks.count(r)}" for r in sorted(set(ranks)))
 
 
 def _round_line(row: dict[str, Any], rounds: int) -> str:

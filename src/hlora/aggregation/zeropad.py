@@ -1,0 +1,53 @@
+"""Zero-padding (METHOD.md rule 2, HetLoRA-style), the heterogeneous baseline that HLoRA improves on.
+
+Every client's factors are padded with zeros to the bank rank and averaged; a client of rank `r_k` is
+sent the first `r_k` rows of `A` and columns of `B` (the default `plan_for`). Biased like FedIT, and a
+component that only high-rank clients train is diluted by the others' zeros.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+from hlora.aggregation.base import Aggregator, ClientUpdate, average_dense, client_weights, factor_pairs
+from hlora.aggregation.products import normalise_weights, product_norms, zero_pad_mean
+from hlora.aggregation.registry import register
+from hlora.errors import AggregationError
+from hlora.weights import AdapterWeights, LoraFactors
+
+
+@register
+class ZeroPad(Aggregator):
+    name = "zeropad"
+
+    class Options(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+
+        # HetLoRA's sparsity-weighted aggregation: per adapted weight, client k's factors are weighted by
+        # ||B_k @ A_k||_F (normalised) instead of p_k. The head is still averaged with p_k.
+        norm_weighting: bool = False
+
+    def aggregate(self, global_weights: AdapterWeights, updates: Sequence[ClientUpdate]) -> AdapterWeights:
+        p = client_weights(updates)
+        factors = {}
+        for name in global_weights.factors:
+            pairs = factor_pairs(updates, name)
+            try:
+                B, A = zero_pad_mean(pairs, self.layer_weights(pairs, p), self.bank_rank)
+            except ValueError as e:
+                raise AggregationError(f"zeropad cannot average {name}: {e}") from None
+            factors[name] = LoraFactors(B, A)
+        return AdapterWeights(factors, average_dense(updates, p))
+
+    def layer_weights(self, pairs: Sequence[tuple[Tensor, Tensor]], p: Sequence[float]) -> Tensor:
+        """The weights of one adapted weight's factors: `p_k`, or with `norm_weighting` the normalised
+        `||B_k @ A_k||_F` (falling back to `p_k` where every update is zero, as before any training)."""
+        if not self.options.norm_weighting:  # type: ignore[union-attr]
+            return normalise_weights(p, len(p))
+        norms = product_norms(pairs)
+        if not norms.sum() > 0:
+            return normalise_weights(p, len(p))
+        return normalise_weights(norms.cpu(), len(p))
