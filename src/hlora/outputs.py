@@ -99,6 +99,7 @@ def plot_accuracy(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = [r["round"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
@@ -108,10 +109,11 @@ def plot_accuracy(
     if baseline is not None and not math.isnan(baseline):
         ax.axhline(baseline, color="grey", linestyle=":", label=f"majority class ({baseline:.3f})")
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("score")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best", framealpha=0.9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
