@@ -231,5 +231,5 @@ def test_bad_updates_are_aggregation_errors_naming_the_layer(method):
 
 
 def test_zeropad_refuses_a_client_above_the_bank_rank():
-    with pytest.raises(AggregationError, match="zeropad cannot average layer.query"):
+    with pytest.raises(AggregationError, match="zeropad cannot aggregate layer.query"):
         aggregate("zeropad", random_updates([2, 8]), bank_rank=4)

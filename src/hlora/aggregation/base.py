@@ -19,7 +19,8 @@ from typing import ClassVar
 from pydantic import BaseModel
 from torch import Tensor
 
-from hlora.weights import AdapterWeights, weighted_mean
+from hlora.errors import AggregationError
+from hlora.weights import AdapterWeights, LoraFactors, weighted_mean
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,28 @@ class Aggregator(ABC):
     @abstractmethod
     def aggregate(self, global_weights: AdapterWeights, updates: Sequence[ClientUpdate]) -> AdapterWeights:
         """The next global adapter (at `bank_rank`) from this round's client updates."""
+
+
+class LayerwiseAggregator(Aggregator):
+    """A method that combines each adapted weight's client factors on their own (FedIT, zero-padding,
+    HLoRA, FlexLoRA): it states its rule in `combine`; the loop over layers, the weights `p_k` and the
+    head's average are shared."""
+
+    @abstractmethod
+    def combine(self, pairs: Sequence[tuple[Tensor, Tensor]], p: Sequence[float]) -> tuple[Tensor, Tensor]:
+        """The global `(B, A)` of one adapted weight from the clients' `(B_k, A_k)` and weights `p_k`.
+        Raises ValueError for factors the rule cannot combine."""
+
+    def aggregate(self, global_weights: AdapterWeights, updates: Sequence[ClientUpdate]) -> AdapterWeights:
+        p = client_weights(updates)
+        factors = {}
+        for layer in global_weights.factors:
+            try:
+                B, A = self.combine(factor_pairs(updates, layer), p)
+            except ValueError as e:
+                raise AggregationError(f"{self.name} cannot aggregate {layer}: {e}") from None
+            factors[layer] = LoraFactors(B, A)
+        return AdapterWeights(factors, average_dense(updates, p))
 
 
 def client_weights(updates: Sequence[ClientUpdate]) -> list[float]:

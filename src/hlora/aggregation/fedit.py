@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from hlora.aggregation.base import Aggregator, ClientUpdate, average_dense, client_weights, factor_pairs
+from torch import Tensor
+
+from hlora.aggregation.base import LayerwiseAggregator
 from hlora.aggregation.products import factor_mean
 from hlora.aggregation.registry import register
 from hlora.errors import AggregationError
-from hlora.weights import AdapterWeights, LoraFactors
 
 
 @register
-class FedIT(Aggregator):
+class FedIT(LayerwiseAggregator):
     name = "fedit"
 
     def check_ranks(self, client_ranks: Mapping[int, int]) -> None:
@@ -27,13 +28,5 @@ class FedIT(Aggregator):
                 f"{ranks}: use a heterogeneous method (e.g. hlora) or a fixed rank policy"
             )
 
-    def aggregate(self, global_weights: AdapterWeights, updates: Sequence[ClientUpdate]) -> AdapterWeights:
-        p = client_weights(updates)
-        factors = {}
-        for name in global_weights.factors:
-            try:
-                B, A = factor_mean(factor_pairs(updates, name), p)
-            except ValueError as e:
-                raise AggregationError(f"fedit cannot average {name}: {e}") from None
-            factors[name] = LoraFactors(B, A)
-        return AdapterWeights(factors, average_dense(updates, p))
+    def combine(self, pairs: Sequence[tuple[Tensor, Tensor]], p: Sequence[float]) -> tuple[Tensor, Tensor]:
+        return factor_mean(pairs, p)

@@ -10,24 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hlora.aggregation.base import Aggregator, ClientUpdate, average_dense, client_weights, factor_pairs
+from torch import Tensor
+
+from hlora.aggregation.base import LayerwiseAggregator
 from hlora.aggregation.products import dense_product_svd
 from hlora.aggregation.registry import register
-from hlora.errors import AggregationError
-from hlora.weights import AdapterWeights, LoraFactors
 
 
 @register
-class FlexLoRA(Aggregator):
+class FlexLoRA(LayerwiseAggregator):
     name = "flexlora"
 
-    def aggregate(self, global_weights: AdapterWeights, updates: Sequence[ClientUpdate]) -> AdapterWeights:
-        p = client_weights(updates)
-        factors = {}
-        for name in global_weights.factors:
-            try:
-                B, A = dense_product_svd(factor_pairs(updates, name), p, self.bank_rank)
-            except ValueError as e:
-                raise AggregationError(f"flexlora cannot aggregate {name}: {e}") from None
-            factors[name] = LoraFactors(B, A)
-        return AdapterWeights(factors, average_dense(updates, p))
+    def combine(self, pairs: Sequence[tuple[Tensor, Tensor]], p: Sequence[float]) -> tuple[Tensor, Tensor]:
+        return dense_product_svd(pairs, p, self.bank_rank)

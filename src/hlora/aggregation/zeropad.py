@@ -12,15 +12,13 @@ from collections.abc import Sequence
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from hlora.aggregation.base import Aggregator, ClientUpdate, average_dense, client_weights, factor_pairs
+from hlora.aggregation.base import LayerwiseAggregator
 from hlora.aggregation.products import normalise_weights, product_norms, zero_pad_mean
 from hlora.aggregation.registry import register
-from hlora.errors import AggregationError
-from hlora.weights import AdapterWeights, LoraFactors
 
 
 @register
-class ZeroPad(Aggregator):
+class ZeroPad(LayerwiseAggregator):
     name = "zeropad"
 
     class Options(BaseModel):
@@ -30,17 +28,8 @@ class ZeroPad(Aggregator):
         # ||B_k @ A_k||_F (normalised) instead of p_k. The head is still averaged with p_k.
         norm_weighting: bool = False
 
-    def aggregate(self, global_weights: AdapterWeights, updates: Sequence[ClientUpdate]) -> AdapterWeights:
-        p = client_weights(updates)
-        factors = {}
-        for name in global_weights.factors:
-            pairs = factor_pairs(updates, name)
-            try:
-                B, A = zero_pad_mean(pairs, self.layer_weights(pairs, p), self.bank_rank)
-            except ValueError as e:
-                raise AggregationError(f"zeropad cannot average {name}: {e}") from None
-            factors[name] = LoraFactors(B, A)
-        return AdapterWeights(factors, average_dense(updates, p))
+    def combine(self, pairs: Sequence[tuple[Tensor, Tensor]], p: Sequence[float]) -> tuple[Tensor, Tensor]:
+        return zero_pad_mean(pairs, self.layer_weights(pairs, p), self.bank_rank)
 
     def layer_weights(self, pairs: Sequence[tuple[Tensor, Tensor]], p: Sequence[float]) -> Tensor:
         """The weights of one adapted weight's factors: `p_k`, or with `norm_weighting` the normalised
