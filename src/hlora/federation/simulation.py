@@ -90,6 +90,7 @@ class Experiment:
     partition_rows: list[dict[str, Any]]
     client_ranks: dict[int, int]  # r_k of every client
     bank_rank: int  # r_g, the rank of the server's global adapter
+    server: FederatedServer  # the round logic with its aggregation method and the round-0 global adapter
     majority_baseline: float
     data_source: str
     timings: dict[str, float] = field(default_factory=dict)
@@ -103,7 +104,7 @@ def prepare(settings: Settings) -> Experiment:
     train_rows = load_split(task, "train", settings.data.data_dir).head(settings.data.max_train_samples)
     dev_rows = load_split(task, "dev", settings.data.data_dir).head(settings.data.max_eval_samples)
     fed = settings.federation
-    # The partition, the ranks and the method before the model: all cheap, all fail on user input.
+    # The partition and the ranks before the model: both cheap, both fail on user input.
     parts = dirichlet_partition(
         np.asarray(train_rows.labels),
         fed.num_clients,
@@ -114,12 +115,15 @@ def prepare(settings: Settings) -> Experiment:
     client_ranks = assign_ranks(settings.lora, [len(idx) for idx in parts], settings.run.seed)
     bank_rank = resolve_bank_rank(settings.lora, client_ranks)
     aggregator = registry.create(fed.method, bank_rank, settings.run.seed, settings.method_options)
-    aggregator.check_ranks(client_ranks)
     t1 = time.perf_counter()
     torch.manual_seed(settings.run.seed)
     base, tokenizer = load_base_model(settings.model, task.num_labels, seed=settings.run.seed)
     device = pick_device(settings.run.device)
     model = LoraModel(base, settings.lora, device)
+    initial = model.initial_weights(bank_rank, seed=derive_seed(settings.run.seed, 0xA11CE))
+    # The server refuses ranks its method cannot serve (FedIT with mixed ranks) here, before a run
+    # directory exists.
+    server = FederatedServer(aggregator, initial, client_ranks, fed.clients_per_round, settings.run.seed)
     t2 = time.perf_counter()
     train = encode(train_rows, tokenizer, settings.data.max_length)
     dev = encode(dev_rows, tokenizer, settings.data.max_length)
@@ -138,6 +142,7 @@ def prepare(settings: Settings) -> Experiment:
         partition_rows=rows,
         client_ranks=client_ranks,
         bank_rank=bank_rank,
+        server=server,
         majority_baseline=float(counts.max() / counts.sum()),
         data_source=train_rows.source,
         timings={"data_s": t1 - t0, "model_s": t2 - t1, "tokenize_s": t3 - t2},
@@ -154,9 +159,7 @@ def run(exp: Experiment, run_dir: Path, progress: bool = True) -> dict[str, Any]
     log.info("clients, their ranks and label mix:\n%s", format_partition_table(exp.partition_rows))
     log.info("%s at bank rank %d, client ranks %s", fed.method, exp.bank_rank, _rank_counts(exp.client_ranks))
 
-    aggregator = registry.create(fed.method, exp.bank_rank, s.run.seed, s.method_options)
-    initial = exp.model.initial_weights(exp.bank_rank, seed=derive_seed(s.run.seed, 0xA11CE))
-    server = FederatedServer(aggregator, initial, exp.client_ranks, fed.clients_per_round, s.run.seed)
+    server = exp.server
     trainer = LocalTrainer(exp.model, s.train, exp.collate, progress=progress)
     clients = {
         cid: FederatedClient(cid, exp.train.subset(idx), trainer) for cid, idx in enumerate(exp.partitions)

@@ -166,11 +166,6 @@ class LoraModel:
         params = [p for pair in slot.factors.values() for p in pair] + list(slot.dense.values())
         return params
 
-    def freeze(self, lora_A: bool) -> None:
-        """Freeze (or unfreeze) the active slot's `A` factors (FFA-LoRA trains `B` only)."""
-        for _, A in self._slots[self.active_rank].factors.values():  # type: ignore[index]
-            A.requires_grad_(not lora_A)
-
     @torch.no_grad()
     def load(self, weights: AdapterWeights) -> None:
         """Activate the slot of `weights.rank` and copy the adapter into it."""
