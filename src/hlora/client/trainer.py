@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from hlora.client.cost import PeakMemoryMeter
 from hlora.config import TrainSettings
 from hlora.data.tokenize import EncodedSplit
 from hlora.models.lora_model import LoraModel
@@ -28,7 +29,9 @@ class TrainResult:
     steps: int
     samples_seen: int
     mean_loss: float
-    wall_s: float
+    wall_s: float  # the whole call, the adapter's load and read included
+    step_s: float  # mean wall seconds per optimizer step (batch, forward, backward, update), no copies
+    peak_bytes: int  # peak memory of the local training (hlora.client.cost says what is counted)
 
 
 def local_steps(settings: TrainSettings, num_rows: int) -> int:
@@ -80,6 +83,8 @@ class LocalTrainer:
         device = self.model.device
         losses = torch.zeros((), device=device)
         seen = 0
+        memory = PeakMemoryMeter(module, params, s.optimizer, s.momentum)
+        t_steps = time.perf_counter()
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)  # dropout
             bar = tqdm(
@@ -92,14 +97,18 @@ class LocalTrainer:
             )
             for batch in bar:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                loss = module(**batch).loss
-                loss.backward()
+                with memory.step():
+                    loss = module(**batch).loss
+                    loss.backward()
                 if s.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses += loss.detach()
                 seen += batch["labels"].shape[0]
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the steps' kernels are done before the clock is read
+        step_s = (time.perf_counter() - t_steps) / steps
         module.eval()
         return TrainResult(
             weights=self.model.read(),
@@ -108,4 +117,6 @@ class LocalTrainer:
             samples_seen=seen,
             mean_loss=float(losses) / steps,
             wall_s=time.perf_counter() - t0,
+            step_s=step_s,
+            peak_bytes=memory.peak_bytes(),
         )
