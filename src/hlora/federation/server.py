@@ -70,6 +70,11 @@ class FederatedServer:
             for cid in self.sample(rnd)
         }
 
+    def tier_weights(self, rank: int) -> AdapterWeights:
+        """The adapter a client of `rank` holds at the start of the next round: the model its tier
+        actually gets from the current global adapter (the only place that says how)."""
+        return self.aggregator.plan_for(self.global_weights, rank).adapter
+
     def aggregate(self, rnd: int, updates: Sequence[ClientUpdate]) -> None:
         """Replace the global adapter by the method's aggregate of this round's updates."""
         if not updates:
