@@ -129,6 +129,9 @@ class TrainSettings(_Section):
 
 class EvalSettings(_Section):
     batch_size: int = Field(64, ge=1)
+    # Also score the adapter each client rank tier holds (the global one cut to its rank) every round:
+    # one more pass over the dev set per tier whose adapter differs from the global one.
+    tiers: bool = True
 
 
 class Settings(_Section):

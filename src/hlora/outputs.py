@@ -70,7 +70,8 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def summarise(rows: Sequence[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
-    """Best and final quality, and totals over the run."""
+    """Best and final quality (global, and per rank tier where tiers were scored), totals over the run,
+    and each tier's cost: mean seconds per local step, largest peak memory."""
     if not rows:
         return dict(extra, rounds=0)
     best = max(rows, key=lambda r: (r["accuracy"], -r["round"]))
@@ -88,13 +89,32 @@ def summarise(rows: Sequence[dict[str, Any]], extra: dict[str, Any]) -> dict[str
     if "f1" in final:
         summary["final_f1"] = final["f1"]
         summary["best_f1"] = max(r["f1"] for r in rows)
+    for metric in ("accuracy", "f1"):
+        if f"tier_{metric}" in final:
+            summary[f"final_tier_{metric}"] = final[f"tier_{metric}"]
+    step_s = _per_tier(rows, "tier_step_s")
+    if step_s:
+        summary["mean_tier_step_s"] = {r: round(sum(v) / len(v), 6) for r, v in step_s.items()}
+    peak = _per_tier(rows, "tier_peak_bytes")
+    if peak:
+        summary["max_tier_peak_bytes"] = {r: max(v) for r, v in peak.items()}
     return summary
+
+
+def _per_tier(rows: Sequence[dict[str, Any]], key: str) -> dict[str, list[Any]]:
+    """`{rank: [value of each round the tier trained in]}` from a per-tier field, ranks ascending."""
+    values: dict[str, list[Any]] = {}
+    for row in rows:
+        for rank, value in row.get(key, {}).items():
+            values.setdefault(rank, []).append(value)
+    return dict(sorted(values.items(), key=lambda item: int(item[0])))
 
 
 def plot_accuracy(
     rows: Sequence[dict[str, Any]], path: Path, title: str, baseline: float | None = None
 ) -> None:
-    """Dev accuracy (and F1 where present) per round, with the majority-class baseline for scale."""
+    """Dev accuracy (and F1 where present) per round, with the majority-class baseline for scale; and,
+    where more than one rank tier was scored, a thinner line for the accuracy each tier holds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,6 +126,10 @@ def plot_accuracy(
     ax.plot(rounds, [r["accuracy"] for r in rows], marker="o", label="dev accuracy")
     if rows and "f1" in rows[0]:
         ax.plot(rounds, [r["f1"] for r in rows], marker="s", linestyle="--", label="dev F1 (positive class)")
+    tier_accuracy = _per_tier(rows, "tier_accuracy")
+    if len(tier_accuracy) > 1 and all(len(v) == len(rows) for v in tier_accuracy.values()):
+        for rank, accuracy in tier_accuracy.items():
+            ax.plot(rounds, accuracy, linewidth=0.9, marker=".", alpha=0.8, label=f"rank {rank}")
     if baseline is not None and not math.isnan(baseline):
         ax.axhline(baseline, color="grey", linestyle=":", label=f"majority class ({baseline:.3f})")
     ax.set_xlabel("round")

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from hlora.aggregation import registry
 from hlora.aggregation.base import ClientUpdate
 from hlora.client.client import FederatedClient
-from hlora.client.trainer import LocalTrainer
+from hlora.client.trainer import LocalTrainer, TrainResult
 from hlora.config import FederationSettings, Settings, settings_to_toml
 from hlora.data.glue import TaskSpec, get_task, load_split
 from hlora.data.partition import (
@@ -32,7 +32,7 @@ from hlora.data.partition import (
 from hlora.data.tokenize import EncodedSplit, encode, make_collator
 from hlora.evaluation import evaluate
 from hlora.federation.ranks import assign_ranks, resolve_bank_rank
-from hlora.federation.server import FederatedServer, derive_seed, traffic
+from hlora.federation.server import FederatedServer, RoundTraffic, derive_seed, traffic
 from hlora.models.lora_model import LoraModel, load_base_model
 from hlora.outputs import (
     CONFIG_FILE,
@@ -45,6 +45,7 @@ from hlora.outputs import (
     write_json,
     write_text_atomic,
 )
+from hlora.weights import AdapterWeights
 
 log = logging.getLogger("hlora")
 
@@ -173,34 +174,22 @@ def run(exp: Experiment, run_dir: Path, progress: bool = True) -> dict[str, Any]
         t0 = time.perf_counter()
         plans = server.configure(rnd)
         updates: list[ClientUpdate] = []
-        losses, sizes, samples_seen = [], [], 0
+        results: dict[int, TrainResult] = {}
         for cid, plan in plans.items():
-            update, result = clients[cid].fit(plan, seed=derive_seed(s.run.seed, rnd, cid))
+            update, results[cid] = clients[cid].fit(plan, seed=derive_seed(s.run.seed, rnd, cid))
             updates.append(update)
-            losses.append(result.mean_loss)
-            sizes.append(result.num_samples)
-            samples_seen += result.samples_seen
         t1 = time.perf_counter()
         server.aggregate(rnd, updates)
         t2 = time.perf_counter()
         scores = evaluate(exp.model, server.global_weights, exp.dev, exp.task, s.eval.batch_size, exp.collate)
         t3 = time.perf_counter()
-        sent = traffic(plans, updates)
-        row: dict[str, Any] = {"round": rnd, **scores}
-        row.update(
-            train_loss=float(np.average(losses, weights=sizes)),
-            uplink_bytes=sent.uplink_bytes,
-            downlink_bytes=sent.downlink_bytes,
-            clients=sorted(plans),
-            client_ranks={str(cid): exp.client_ranks[cid] for cid in sorted(plans)},
-            client_uplink_bytes={str(cid): n for cid, n in sorted(sent.uplink_bytes_by_client.items())},
-            client_downlink_bytes={str(cid): n for cid, n in sorted(sent.downlink_bytes_by_client.items())},
-            train_samples=samples_seen,
-            train_s=round(t1 - t0, 4),
-            aggregate_s=round(t2 - t1, 4),
-            eval_s=round(t3 - t2, 4),
-            wall_s=round(t3 - t0, 4),
-        )
+        tiers = evaluate_tiers(exp, scores) if s.eval.tiers else {}
+        t4 = time.perf_counter()
+        timings = {"train_s": t1 - t0, "aggregate_s": t2 - t1, "eval_s": t3 - t2}
+        if s.eval.tiers:
+            timings["tier_eval_s"] = t4 - t3
+        timings["wall_s"] = t4 - t0
+        row = round_row(rnd, scores, tiers, results, traffic(plans, updates), exp.client_ranks, timings)
         metrics.append(row)
         rounds.write(_round_line(row, fed.rounds))
 
@@ -229,6 +218,67 @@ def run(exp: Experiment, run_dir: Path, progress: bool = True) -> dict[str, Any]
     return summary
 
 
+def evaluate_tiers(exp: Experiment, global_scores: dict[str, float]) -> dict[int, dict[str, float]]:
+    """The dev scores of the adapter each distinct client rank holds for the next round
+    (`FederatedServer.tier_weights`). A tier that holds the global adapter itself (equal tensors: the
+    top tier of a method that sends the global adapter as it is) gets the global scores, not a pass."""
+    s = exp.settings
+    scores: dict[int, dict[str, float]] = {}
+    for rank in sorted(set(exp.client_ranks.values())):
+        held = exp.server.tier_weights(rank)
+        if _same_adapter(held, exp.server.global_weights):
+            scores[rank] = global_scores
+        else:
+            scores[rank] = evaluate(exp.model, held, exp.dev, exp.task, s.eval.batch_size, exp.collate)
+    return scores
+
+
+def round_row(
+    rnd: int,
+    scores: dict[str, float],
+    tier_scores: dict[int, dict[str, float]],
+    results: dict[int, TrainResult],
+    sent: RoundTraffic,
+    client_ranks: dict[int, int],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """One `metrics.jsonl` row: the global scores, each tier's (keyed by rank, as a string), the
+    training loss, traffic, and each tier's cost (mean seconds per step over the tier's clients this
+    round, the largest peak memory among them)."""
+    ids = sorted(results)
+    row: dict[str, Any] = {"round": rnd, **scores}
+    if tier_scores:
+        for metric in scores:  # accuracy, and F1 where the task has it
+            row[f"tier_{metric}"] = {str(r): tier[metric] for r, tier in sorted(tier_scores.items())}
+    by_tier: dict[int, list[TrainResult]] = {}
+    for cid in sorted(ids, key=client_ranks.get):  # ranks ascending, so the tier keys come out in order
+        by_tier.setdefault(client_ranks[cid], []).append(results[cid])
+    row.update(
+        train_loss=float(
+            np.average([results[c].mean_loss for c in ids], weights=[results[c].num_samples for c in ids])
+        ),
+        uplink_bytes=sent.uplink_bytes,
+        downlink_bytes=sent.downlink_bytes,
+        clients=ids,
+        client_ranks={str(cid): client_ranks[cid] for cid in ids},
+        client_uplink_bytes={str(cid): n for cid, n in sorted(sent.uplink_bytes_by_client.items())},
+        client_downlink_bytes={str(cid): n for cid, n in sorted(sent.downlink_bytes_by_client.items())},
+        tier_step_s={str(r): round(float(np.mean([x.step_s for x in xs])), 6) for r, xs in by_tier.items()},
+        tier_peak_bytes={str(r): max(x.peak_bytes for x in xs) for r, xs in by_tier.items()},
+        train_samples=sum(results[c].samples_seen for c in ids),
+        **{name: round(seconds, 4) for name, seconds in timings.items()},
+    )
+    return row
+
+
+def _same_adapter(a: AdapterWeights, b: AdapterWeights) -> bool:
+    """Equal tensors under the same names: loaded into the model, the same model."""
+    ta, tb = a.tensors(), b.tensors()
+    return ta.keys() == tb.keys() and all(
+        ta[k].shape == tb[k].shape and torch.equal(ta[k], tb[k]) for k in ta
+    )
+
+
 def _rank_counts(client_ranks: dict[int, int]) -> str:
     """`"1 x2, 4 x1"`: each distinct rank and how many clients train at it."""
     ranks = list(client_ranks.values())
@@ -237,8 +287,11 @@ def _rank_counts(client_ranks: dict[int, int]) -> str:
 
 def _round_line(row: dict[str, Any], rounds: int) -> str:
     f1 = f"  f1 {row['f1']:.4f}" if "f1" in row else ""
+    tiers = row.get("tier_accuracy", {})
+    tier_acc = "  tiers " + " ".join(f"r{r} {acc:.4f}" for r, acc in tiers.items()) if len(tiers) > 1 else ""
     return (
-        f"round {row['round']:>3}/{rounds}  acc {row['accuracy']:.4f}{f1}  loss {row['train_loss']:.4f}  "
+        f"round {row['round']:>3}/{rounds}  acc {row['accuracy']:.4f}{f1}{tier_acc}  "
+        f"loss {row['train_loss']:.4f}  "
         f"up {row['uplink_bytes'] / 1e6:.2f} MB  down {row['downlink_bytes'] / 1e6:.2f} MB  "
         f"{row['wall_s']:.1f} s"
     )
