@@ -50,3 +50,20 @@ def test_bf16_and_grouped_batches_run_end_to_end(tiny_settings, tmp_path):
     simulation.run(exp, create_run_dir(tmp_path / "run"), progress=False)
     rows = read_metrics(tmp_path / "run")
     assert rows and all(np.isfinite(r["train_loss"]) for r in rows)
+
+
+def test_head_lr_puts_the_head_in_its_own_group():
+    import torch
+
+    from hlora.client.trainer import make_optimizer
+    from hlora.config import TrainSettings
+
+    lora, head = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    frozen = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+
+    def groups(settings):
+        opt = make_optimizer([lora, head, frozen], settings, head=[head])
+        return [(g["lr"], [p.numel() for p in g["params"]]) for g in opt.param_groups]
+
+    assert groups(TrainSettings(lr=1e-3, head_lr=1e-4)) == [(1e-3, [2]), (1e-4, [3])]
+    assert groups(TrainSettings(lr=1e-3)) == [(1e-3, [2, 3])]

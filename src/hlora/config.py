@@ -119,6 +119,9 @@ class FederationSettings(_Section):
 class TrainSettings(_Section):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)
+    # The learning rate of the trained non-LoRA modules (lora.modules_to_save: the head, and a pooler
+    # when it trains); None: `lr`. Pre-trained dense weights usually want a smaller step than LoRA.
+    head_lr: float | None = Field(None, gt=0)
     batch_size: int = Field(16, ge=1)
     local_epochs: float = Field(1.0, gt=0)  # used when local_steps is 0
     local_steps: int = Field(0, ge=0)  # > 0: exactly this many steps per round, cycling the data

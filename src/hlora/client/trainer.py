@@ -39,12 +39,20 @@ def local_steps(settings: TrainSettings, num_rows: int) -> int:
     return max(1, math.ceil(settings.local_epochs * math.ceil(num_rows / settings.batch_size)))
 
 
-def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+def make_optimizer(
+    params: list[torch.nn.Parameter], settings: TrainSettings, head: list[torch.nn.Parameter] = ()
+) -> torch.optim.Optimizer:
+    """A fresh optimizer over the parameters that train; those in `head` at `settings.head_lr` if set."""
+    head_ids = {id(p) for p in head} if settings.head_lr is not None else set()
+    trained = [p for p in params if p.requires_grad]
+    groups = [{"params": [p for p in trained if id(p) not in head_ids]}]
+    if head_ids:
+        groups.append({"params": [p for p in trained if id(p) in head_ids], "lr": settings.head_lr})
+    groups = [g for g in groups if g["params"]]
     if settings.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        return torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
     return torch.optim.SGD(
-        params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+        groups, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
     )
 
 
@@ -93,7 +101,7 @@ class LocalTrainer:
         t0 = time.perf_counter()
         self.model.load(start, train_a=train_a)
         params = self.model.trainable_parameters()
-        optimizer = make_optimizer(params, s)
+        optimizer = make_optimizer(params, s, head=self.model.head_parameters())
         steps = local_steps(s, len(data))
         module = self.model.module
         module.train()

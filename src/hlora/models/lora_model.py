@@ -168,6 +168,12 @@ class LoraModel:
         params = [p for pair in slot.factors.values() for p in pair] + list(slot.dense.values())
         return [p for p in params if p.requires_grad]
 
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The active slot's trained non-LoRA parameters (`modules_to_save`: the head)."""
+        if self.active_rank is None:
+            raise RuntimeError("no active adapter slot")
+        return list(self._slots[self.active_rank].dense.values())
+
     @torch.no_grad()
     def load(self, weights: AdapterWeights, train_a: bool = True) -> None:
         """Activate the slot of `weights.rank` and copy the adapter into it; with `train_a` false its
