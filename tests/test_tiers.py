@@ -47,7 +47,7 @@ def test_every_tier_is_scored_and_costed_each_round(tiny_settings, tmp_path):
         assert row["tier_eval_s"] >= 0
     # a lower tier's score is that of the global adapter cut to its rank, scored on its own
     s = exp.settings
-    held = exp.server.tier_weights(1)
+    held = exp.server.model_plan(1).adapter
     assert held.rank == 1
     assert evaluate(exp.model, held, exp.dev, exp.task, s.eval.batch_size, exp.collate) == {
         "accuracy": rows[-1]["tier_accuracy"]["1"],
@@ -84,13 +84,30 @@ def test_equal_ranks_reuse_the_global_score_without_another_pass(tiny_settings, 
     assert all(r["tier_accuracy"] == {"4": r["accuracy"]} for r in rows)
 
 
-def test_server_tier_weights_are_what_the_method_sends_that_rank():
+def test_server_model_plan_is_what_the_method_sends_that_rank():
     g = torch.Generator().manual_seed(0)
     B, A = torch.randn(6, 4, generator=g), torch.randn(4, 5, generator=g)
     initial = AdapterWeights({"layer": LoraFactors(B, A)})
     server = FederatedServer(registry.create("hlora", bank_rank=4), initial, {0: 2, 1: 4}, 2, seed=0)
     plans = server.configure(1)
     for cid, rank in server.client_ranks.items():
-        held = server.tier_weights(rank)
+        held = server.model_plan(rank).adapter
         assert held.rank == rank
         assert all(torch.equal(held.tensors()[k], v) for k, v in plans[cid].adapter.tensors().items())
+
+
+def test_flora_tiers_hold_the_merged_base(tiny_settings, tmp_path):
+    """FLoRA's update lives in the base weights: every tier folds the same stacks in and starts a fresh
+    adapter (B = 0), so each tier scores as the global model does although its adapter differs."""
+    settings = with_changes(
+        tiny_settings,
+        lora={"rank_policy": "tiers", "tiers": [1, 2, 4]},
+        federation={"method": "flora"},
+    )
+    exp = simulation.prepare(settings)
+    simulation.run(exp, create_run_dir(tmp_path / "run"), progress=False)
+    rows = read_metrics(tmp_path / "run")
+    assert exp.model.merged_version == len(rows) == 2
+    for row in rows:
+        assert row["tier_accuracy"] == {r: row["accuracy"] for r in ("1", "2", "4")}
+        assert row["tier_f1"] == {r: row["f1"] for r in ("1", "2", "4")}

@@ -18,8 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from hlora.aggregation import registry
-from hlora.aggregation.base import ClientUpdate
-from hlora.client.client import FederatedClient
+from hlora.aggregation.base import ClientPlan, ClientUpdate
+from hlora.client.client import FederatedClient, merge_base
 from hlora.client.trainer import LocalTrainer, TrainResult
 from hlora.config import FederationSettings, Settings, settings_to_toml
 from hlora.data.glue import TaskSpec, get_task, load_split
@@ -45,7 +45,6 @@ from hlora.outputs import (
     write_json,
     write_text_atomic,
 )
-from hlora.weights import AdapterWeights
 
 log = logging.getLogger("hlora")
 
@@ -181,9 +180,11 @@ def run(exp: Experiment, run_dir: Path, progress: bool = True) -> dict[str, Any]
         t1 = time.perf_counter()
         server.aggregate(rnd, updates)
         t2 = time.perf_counter()
-        scores = evaluate(exp.model, server.global_weights, exp.dev, exp.task, s.eval.batch_size, exp.collate)
+        held = server.model_plan()  # the global model, as a client would hold it (FLoRA: merged stacks)
+        merge_base(exp.model, held)
+        scores = evaluate(exp.model, held.adapter, exp.dev, exp.task, s.eval.batch_size, exp.collate)
         t3 = time.perf_counter()
-        tiers = evaluate_tiers(exp, scores) if s.eval.tiers else {}
+        tiers = evaluate_tiers(exp, held, scores) if s.eval.tiers else {}
         t4 = time.perf_counter()
         timings = {"train_s": t1 - t0, "aggregate_s": t2 - t1, "eval_s": t3 - t2}
         if s.eval.tiers:
@@ -218,18 +219,24 @@ def run(exp: Experiment, run_dir: Path, progress: bool = True) -> dict[str, Any]
     return summary
 
 
-def evaluate_tiers(exp: Experiment, global_scores: dict[str, float]) -> dict[int, dict[str, float]]:
-    """The dev scores of the adapter each distinct client rank holds for the next round
-    (`FederatedServer.tier_weights`). A tier that holds the global adapter itself (equal tensors: the
-    top tier of a method that sends the global adapter as it is) gets the global scores, not a pass."""
+def evaluate_tiers(
+    exp: Experiment, global_model: ClientPlan, global_scores: dict[str, float]
+) -> dict[int, dict[str, float]]:
+    """The dev scores of the model each distinct client rank holds for the next round
+    (`FederatedServer.model_plan(rank)`). A tier that holds the global model itself (equal adapter
+    tensors and the same base deltas: the top tier of a method that sends the global adapter as it is)
+    gets the global scores, not a pass."""
     s = exp.settings
     scores: dict[int, dict[str, float]] = {}
     for rank in sorted(set(exp.client_ranks.values())):
-        held = exp.server.tier_weights(rank)
-        if _same_adapter(held, exp.server.global_weights):
+        held = exp.server.model_plan(rank)
+        if _same_model(held, global_model):
             scores[rank] = global_scores
         else:
-            scores[rank] = evaluate(exp.model, held, exp.dev, exp.task, s.eval.batch_size, exp.collate)
+            merge_base(exp.model, held)
+            scores[rank] = evaluate(
+                exp.model, held.adapter, exp.dev, exp.task, s.eval.batch_size, exp.collate
+            )
     return scores
 
 
@@ -271,9 +278,11 @@ def round_row(
     return row
 
 
-def _same_adapter(a: AdapterWeights, b: AdapterWeights) -> bool:
-    """Equal tensors under the same names: loaded into the model, the same model."""
-    ta, tb = a.tensors(), b.tensors()
+def _same_model(a: ClientPlan, b: ClientPlan) -> bool:
+    """The same base deltas and equal adapter tensors under the same names: loaded, the same model."""
+    if [d.version for d in a.merge] != [d.version for d in b.merge]:
+        return False
+    ta, tb = a.adapter.tensors(), b.adapter.tensors()
     return ta.keys() == tb.keys() and all(
         ta[k].shape == tb[k].shape and torch.equal(ta[k], tb[k]) for k in ta
     )
