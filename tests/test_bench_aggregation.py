@@ -94,7 +94,7 @@ def run_cli(*args: str) -> int:
 
 
 def test_cli_prints_the_table_and_writes_a_new_csv(tmp_path: Path, capsys) -> None:
-    out = tmp_path / "agg.csv"
+    out = tmp_path / "results" / "agg.csv"  # the folder is made
     tiny = ["--clients", "3,4", "--layers", "1", "--width", "32", "--ranks", "2,4", "--repeats", "1"]
     assert run_cli(*tiny, "--no-memory", "--csv", str(out)) == 0
     printed = capsys.readouterr().out

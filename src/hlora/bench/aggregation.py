@@ -332,6 +332,7 @@ def table_row(row: AggregationRow) -> str:
 
 def write_csv(rows: Sequence[AggregationRow], path: Path) -> None:
     """The rows as CSV with the `AggregationRow` field names as header; never overwrites a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with path.open("x", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=[f.name for f in fields(AggregationRow)])
