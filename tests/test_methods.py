@@ -41,14 +41,22 @@ def test_mixed_ranks_run_end_to_end(tiny_settings, tmp_path, method):
     ranks = {int(cid): r for cid, r in rows[0]["client_ranks"].items()}
     assert ranks == exp.client_ranks
     by_rank = sorted(ranks, key=ranks.get)  # client ids, lowest rank first
+    # Tiny BERT: 2 layers x (query, value), m = n = 32, float32. Per adapted weight a rank-r client
+    # uploads r (m + n) floats, or r m with FFA-LoRA's frozen A; the head is the same for every rank.
+    per_rank = 2 * 2 * (32 if method == "ffa" else 32 + 32) * 4
+    stack = sum(ranks.values()) * 2 * 2 * (32 + 32) * 4  # FLoRA: one round's stack, total rank 7
     for r in rows:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["train_loss"] > 0
         up = [r["client_uplink_bytes"][str(cid)] for cid in by_rank]
         down = [r["client_downlink_bytes"][str(cid)] for cid in by_rank]
-        assert up == down and up[0] < up[1] < up[2]  # traffic shrinks with the client's rank
-        # per adapted weight a rank-r client moves r (m + n) floats: tiny BERT, 2 layers x (query, value)
-        assert up[2] - up[0] == (4 - 1) * 2 * 2 * (32 + 32) * 4
-        assert sum(up) == r["uplink_bytes"]
+        assert up[0] < up[1] < up[2]  # traffic shrinks with the client's rank
+        assert up[2] - up[0] == (4 - 1) * per_rank and up[1] - up[0] == (2 - 1) * per_rank
+        assert sum(up) == r["uplink_bytes"] and sum(down) == r["downlink_bytes"]
+        if method == "flora":  # fresh factors are rebuilt from the seed: down goes the head, then stacks
+            head = up[0] - 1 * 2 * 2 * (32 + 32) * 4
+            assert down == [head + (stack if r["round"] > 1 else 0)] * 3
+        else:
+            assert down == up
     assert summary["client_ranks"] == [1, 2, 4] and summary["bank_rank"] == 4
     table = (tmp_path / "run" / "partition.csv").read_text().splitlines()
     assert table[0].startswith("client,size,rank,")
@@ -82,8 +90,8 @@ def test_shipped_heterogeneous_config_loads():
     assert Counter(ranks.values()) == {2: 3, 4: 3, 8: 2, 16: 2}  # what the file's comment promises
 
 
-def test_registry_names_the_four_methods():
-    assert {"fedit", "zeropad", "hlora", "flexlora"} <= set(registry.names())
+def test_registry_names_the_six_methods():
+    assert set(registry.names()) == {"fedit", "zeropad", "hlora", "flexlora", "flora", "ffa"}
 
 
 def test_unknown_method_option_is_a_config_error_naming_it(tiny_settings):
@@ -130,7 +138,8 @@ def random_updates(ranks, m=12, n=10, sizes=None, seed=0) -> list[ClientUpdate]:
 
 def aggregate(method: str, updates, bank_rank: int, **options) -> AdapterWeights:
     agg = registry.create(method, bank_rank=bank_rank, options=options or None)
-    start = AdapterWeights({LAYER: LoraFactors(torch.zeros(12, bank_rank), torch.zeros(bank_rank, 10))})
+    init = torch.randn(bank_rank, 10, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    start = agg.initial_global(AdapterWeights({LAYER: LoraFactors(torch.zeros(12, bank_rank), init)}))
     return agg.aggregate(start, updates)
 
 

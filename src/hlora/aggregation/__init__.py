@@ -6,6 +6,12 @@
 | `zeropad`  | `zeropad.py`  | 2, zero-padding to the bank rank (option: HetLoRA's norm weighting)   |
 | `hlora`    | `hlora.py`    | 3, truncated SVD of the product mean through QR, balanced split       |
 | `flexlora` | `flexlora.py` | 4, the same product mean, dense SVD, singular values in `B`           |
+| `flora`    | `flora.py`    | 5, stacking; clients merge the stack into their base, train afresh    |
+| `ffa`      | `ffa.py`      | 6, `A` frozen at the shared seeded init; `B` zero-padded and averaged |
+
+A component that comes out of aggregation with zero factors (above the round's total client rank, or
+above every reporting client's rank) restarts from the round-0 init (`base.revive_components`): it
+leaves `B @ A` unchanged and keeps the component trainable.
 
 Every method implements `base.Aggregator` and registers itself by name with `registry` when its module
 is imported, which importing this package does; a method's typed options are its `Options` class.
@@ -13,7 +19,7 @@ is imported, which importing this package does; a method's typed options are its
 model.
 """
 
-from hlora.aggregation import fedit, flexlora, hlora, zeropad  # noqa: F401  (registers the methods)
+from hlora.aggregation import fedit, ffa, flexlora, flora, hlora, zeropad  # noqa: F401  (registers the methods)
 from hlora.aggregation.base import Aggregator, ClientPlan, ClientUpdate
 from hlora.aggregation.products import aggregate_products
 

@@ -2,7 +2,9 @@
 
 A method decides three things: what global adapter a run starts from, what each client is sent for a
 round (`plan_for`), and how the clients' trained adapters become the next global adapter
-(`aggregate`). Runtimes call only these; they never ask which method they are running.
+(`aggregate`). Runtimes call only these; they never ask which method they are running. What a method
+needs of its clients beyond a starting adapter (FLoRA's fresh adapters over merged base weights,
+FFA-LoRA's frozen shared `A`) is said in the `ClientPlan`, which also says which tensors travel.
 
 A method with settings declares them as a pydantic model in its `Options` class attribute (extra keys
 forbidden); the config's `[method_options]` table is validated against it and the instance arrives as
@@ -16,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from pydantic import BaseModel
 from torch import Tensor
 
@@ -33,10 +36,50 @@ class ClientUpdate:
 
 
 @dataclass(frozen=True)
-class ClientPlan:
-    """What the server sends one client for one round: the adapter it starts from, at its rank."""
+class BaseDelta:
+    """An update folded for good into the frozen base weights, `W0 += s * B @ A` (FLoRA's merged stacks).
 
-    adapter: AdapterWeights
+    `version` numbers a run's deltas 1, 2, ... in the order they must be applied, so that a model which
+    already holds a delta (the in-process clients share one base model) does not apply it twice."""
+
+    version: int
+    weights: AdapterWeights  # factors only: the stacked update of one round
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """What the server asks of one client for one round.
+
+    The client folds `merge` into its base weights (oldest first), loads `adapter` (at its rank) and
+    trains it; with `train_a` false, every `A` stays frozen and only `B` and the head train. `downlink()`
+    and `uplink()` say which tensors actually travel, and so what the traffic figures count.
+    """
+
+    adapter: AdapterWeights  # the adapter the client starts from, at its rank
+    train_a: bool = True  # False (FFA-LoRA): A is the shared init, frozen; it neither trains nor travels
+    fresh: bool = False  # True (FLoRA): the factors are the run's seeded init, rebuilt by the client
+    merge: tuple[BaseDelta, ...] = ()  # deltas to fold into the base weights before training (FLoRA)
+
+    def downlink(self) -> dict[str, Tensor]:
+        """The tensors sent to the client: the deltas it lacks, and the adapter's parts it cannot
+        rebuild from the run's seed (no factors when `fresh`, no `A` when it is frozen)."""
+        sent = {
+            f"merge.{delta.version}.{name}": t
+            for delta in self.merge
+            for name, t in delta.weights.tensors().items()
+        }
+        for name, t in self.adapter.tensors().items():
+            is_a, is_b = name.endswith(".lora_A"), name.endswith(".lora_B")
+            if (self.fresh and (is_a or is_b)) or (is_a and not self.train_a):
+                continue
+            sent[name] = t
+        return sent
+
+    def uplink(self, trained: AdapterWeights) -> dict[str, Tensor]:
+        """The tensors the client sends back: what it trained (no frozen `A`)."""
+        return {
+            name: t for name, t in trained.tensors().items() if self.train_a or not name.endswith(".lora_A")
+        }
 
 
 class Aggregator(ABC):
@@ -51,6 +94,7 @@ class Aggregator(ABC):
         if options is None and self.Options is not None:
             options = self.Options()  # the defaults
         self.options = options
+        self.initial: AdapterWeights | None = None  # the round-0 adapter, set by initial_global
 
     def check_ranks(self, client_ranks: Mapping[int, int]) -> None:
         """Refuse a rank assignment this method cannot serve (raise AggregationError); by default
@@ -58,12 +102,18 @@ class Aggregator(ABC):
         return None
 
     def initial_global(self, init: AdapterWeights) -> AdapterWeights:
-        """The global adapter of round 0, from the model's freshly initialised one at `bank_rank`."""
+        """The global adapter of round 0, from the model's freshly initialised one at `bank_rank` (seeded,
+        so every party of a run can rebuild it). Subclasses that override this call it first."""
+        self.initial = init
         return init
 
-    def plan_for(self, global_weights: AdapterWeights, client_rank: int) -> ClientPlan:
-        """What a client of rank `client_rank` starts the round from: by default the global adapter's
-        first `client_rank` components."""
+    def plan_for(self, global_weights: AdapterWeights, client_rank: int, synced: int = 0) -> ClientPlan:
+        """What a client of rank `client_rank` is asked to do this round: by default, start from the
+        global adapter's first `client_rank` components.
+
+        `synced` is the number of aggregations the server had made when this client last received a
+        plan (0: never), for methods whose clients keep state between rounds (FLoRA's merged base).
+        """
         return ClientPlan(global_weights.truncate(client_rank))
 
     @abstractmethod
@@ -89,8 +139,26 @@ class LayerwiseAggregator(Aggregator):
                 B, A = self.combine(factor_pairs(updates, layer), p)
             except ValueError as e:
                 raise AggregationError(f"{self.name} cannot aggregate {layer}: {e}") from None
+            if self.initial is not None:
+                B, A = revive_components(B, A, self.initial.factors[layer].A)
             factors[layer] = LoraFactors(B, A)
         return AdapterWeights(factors, average_dense(updates, p))
+
+
+def revive_components(B: Tensor, A: Tensor, init_A: Tensor) -> tuple[Tensor, Tensor]:
+    """Restart every component whose `A` row is all zero from the round-0 init: that row of `A` becomes
+    the init's, and the column of `B` is zeroed (it multiplied a zero row, so `B @ A` is unchanged).
+
+    A component can come out of aggregation with zero factors (HLoRA and FlexLoRA above the round's total
+    client rank, zero-padding above every reporting client's rank). Left so, it could never train again:
+    with `A` row and `B` column both zero, both gradients are zero. Restarted, it trains like fresh LoRA.
+    """
+    dead = ~A.abs().amax(dim=1).gt(0)
+    if not bool(dead.any()):
+        return B, A
+    A = torch.where(dead[:, None], init_A[: A.shape[0]].to(A), A)
+    B = torch.where(dead[None, :], torch.zeros_like(B), B)
+    return B, A
 
 
 def client_weights(updates: Sequence[ClientUpdate]) -> list[float]:

@@ -5,10 +5,24 @@ from __future__ import annotations
 from hlora.aggregation.base import ClientPlan, ClientUpdate
 from hlora.client.trainer import LocalTrainer, TrainResult
 from hlora.data.tokenize import EncodedSplit
+from hlora.models.lora_model import LoraModel
+
+
+def merge_base(model: LoraModel, plan: ClientPlan) -> None:
+    """Fold the plan's base deltas into the model's base weights (those it does not hold yet)."""
+    for delta in plan.merge:
+        model.merge(delta.version, delta.weights)
+
+
+def apply_plan(model: LoraModel, plan: ClientPlan) -> None:
+    """Put `model` in the state the plan starts from: base deltas merged, adapter loaded, `A` frozen
+    where the plan says so (what the server evaluates as the model a client holds)."""
+    merge_base(model, plan)
+    model.load(plan.adapter, train_a=plan.train_a)
 
 
 class FederatedClient:
-    """Trains the adapter the server planned for it on its own rows and reports the result."""
+    """Does what the server planned for it on its own rows and reports the trained adapter."""
 
     def __init__(self, client_id: int, data: EncodedSplit, trainer: LocalTrainer) -> None:
         self.client_id = client_id
@@ -16,5 +30,8 @@ class FederatedClient:
         self.trainer = trainer
 
     def fit(self, plan: ClientPlan, seed: int) -> tuple[ClientUpdate, TrainResult]:
-        result = self.trainer.train(plan.adapter, self.data, seed, desc=f"client {self.client_id}")
+        merge_base(self.trainer.model, plan)
+        result = self.trainer.train(
+            plan.adapter, self.data, seed, desc=f"client {self.client_id}", train_a=plan.train_a
+        )
         return ClientUpdate(self.client_id, result.num_samples, result.weights), result

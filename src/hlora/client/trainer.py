@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from hlora.config import TrainSettings
 from hlora.data.tokenize import EncodedSplit
@@ -38,22 +39,46 @@ def local_steps(settings: TrainSettings, num_rows: int) -> int:
     return max(1, math.ceil(settings.local_epochs * math.ceil(num_rows / settings.batch_size)))
 
 
-def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+def make_optimizer(
+    params: list[torch.nn.Parameter], settings: TrainSettings, head: list[torch.nn.Parameter] = ()
+) -> torch.optim.Optimizer:
+    """A fresh optimizer over the parameters that train; those in `head` at `settings.head_lr` if set."""
+    head_ids = {id(p) for p in head} if settings.head_lr is not None else set()
+    trained = [p for p in params if p.requires_grad]
+    groups = [{"params": [p for p in trained if id(p) not in head_ids]}]
+    if head_ids:
+        groups.append({"params": [p for p in trained if id(p) in head_ids], "lr": settings.head_lr})
+    groups = [g for g in groups if g["params"]]
     if settings.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        return torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
     return torch.optim.SGD(
-        params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+        groups, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
     )
 
 
-def batches(data: EncodedSplit, batch_size: int, steps: int, seed: int, collate) -> DataLoader:
-    """Exactly `steps` batches: seeded shuffled passes over the data, repeated as often as needed."""
-    rng = np.random.default_rng(seed)
+def batches(
+    data: EncodedSplit, batch_size: int, steps: int, seed: int, collate, by_length: bool = False
+) -> DataLoader:
+    """Exactly `steps` batches: seeded shuffled passes over the data, repeated as often as needed; with
+    `by_length`, each pass is transformers' length-grouped order (rows of similar length together)."""
     passes = math.ceil(steps * batch_size / len(data))
-    order = np.concatenate([rng.permutation(len(data)) for _ in range(passes)])
+    if by_length:
+        lengths = data.lengths().tolist()
+        order = np.concatenate(
+            [
+                list(LengthGroupedSampler(batch_size, lengths=lengths, generator=_generator(seed, k)))
+                for k in range(passes)
+            ]
+        )
+    else:
+        rng = np.random.default_rng(seed)
+        order = np.concatenate([rng.permutation(len(data)) for _ in range(passes)])
     chunks = [order[i * batch_size : (i + 1) * batch_size].tolist() for i in range(steps)]
     return DataLoader(data, batch_sampler=chunks, collate_fn=collate)
+
+
+def _generator(seed: int, k: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, k]).generate_state(1)[0]))
 
 
 class LocalTrainer:
@@ -65,15 +90,18 @@ class LocalTrainer:
         self.collate = collate
         self.progress = progress
 
-    def train(self, start: AdapterWeights, data: EncodedSplit, seed: int, desc: str = "local") -> TrainResult:
-        """Train from `start` on `data`; returns the new adapter of the same rank."""
+    def train(
+        self, start: AdapterWeights, data: EncodedSplit, seed: int, desc: str = "local", train_a: bool = True
+    ) -> TrainResult:
+        """Train from `start` on `data` (its `A` factors frozen unless `train_a`); returns the new adapter
+        of the same rank."""
         if len(data) == 0:
             raise ValueError("a client with no rows cannot train")
         s = self.settings
         t0 = time.perf_counter()
-        self.model.load(start)
+        self.model.load(start, train_a=train_a)
         params = self.model.trainable_parameters()
-        optimizer = make_optimizer(params, s)
+        optimizer = make_optimizer(params, s, head=self.model.head_parameters())
         steps = local_steps(s, len(data))
         module = self.model.module
         module.train()
@@ -83,7 +111,7 @@ class LocalTrainer:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)  # dropout
             bar = tqdm(
-                batches(data, s.batch_size, steps, seed, self.collate),
+                batches(data, s.batch_size, steps, seed, self.collate, by_length=s.group_by_length),
                 total=steps,
                 desc=desc,
                 leave=False,
@@ -92,7 +120,8 @@ class LocalTrainer:
             )
             for batch in bar:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                loss = module(**batch).loss
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.precision == "bf16"):
+                    loss = module(**batch).loss
                 loss.backward()
                 if s.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)

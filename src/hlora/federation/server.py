@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hlora.aggregation.base import Aggregator, ClientPlan, ClientUpdate
-from hlora.weights import AdapterWeights
+from hlora.weights import AdapterWeights, tensor_bytes
 
 
 def derive_seed(*parts: int) -> int:
@@ -54,6 +54,8 @@ class FederatedServer:
         self.clients_per_round = clients_per_round
         self.seed = seed
         self.global_weights = aggregator.initial_global(initial)
+        self.version = 0  # aggregations made so far
+        self._synced: dict[int, int] = {}  # client id -> `version` when it last received a plan
 
     def sample(self, rnd: int) -> list[int]:
         """The round's clients: a seeded draw without replacement, in ascending id order."""
@@ -64,11 +66,21 @@ class FederatedServer:
         return sorted(int(i) for i in rng.choice(ids, size=self.clients_per_round, replace=False))
 
     def configure(self, rnd: int) -> dict[int, ClientPlan]:
-        """What each of the round's clients is sent, cut to its rank."""
-        return {
-            cid: self.aggregator.plan_for(self.global_weights, self.client_ranks[cid])
-            for cid in self.sample(rnd)
-        }
+        """What each of the round's clients is asked to do, at its rank."""
+        plans = {}
+        for cid in self.sample(rnd):
+            plans[cid] = self.aggregator.plan_for(
+                self.global_weights, self.client_ranks[cid], synced=self._synced.get(cid, 0)
+            )
+            self._synced[cid] = self.version
+        return plans
+
+    def model_plan(self, rank: int | None = None) -> ClientPlan:
+        """The model a client of `rank` holds at the start of the next round, as a plan from scratch
+        (default: the global model at the bank rank). It is what the server evaluates."""
+        return self.aggregator.plan_for(
+            self.global_weights, rank if rank is not None else self.aggregator.bank_rank, synced=0
+        )
 
     def aggregate(self, rnd: int, updates: Sequence[ClientUpdate]) -> None:
         """Replace the global adapter by the method's aggregate of this round's updates."""
@@ -76,11 +88,15 @@ class FederatedServer:
             return
         ordered = sorted(updates, key=lambda u: u.client_id)  # results never depend on arrival order
         self.global_weights = self.aggregator.aggregate(self.global_weights, ordered)
+        self.version += 1
 
 
 def traffic(plans: Mapping[int, ClientPlan], updates: Sequence[ClientUpdate]) -> RoundTraffic:
-    """Bytes of tensor data sent down (plans) and up (updates) in one round, per client."""
+    """Bytes of tensor data sent down (plans) and up (updates) in one round, per client: only the
+    tensors each plan says travel (FFA-LoRA's frozen `A` does not; FLoRA's stacks do)."""
     return RoundTraffic(
-        uplink_bytes_by_client={u.client_id: u.weights.num_bytes() for u in updates},
-        downlink_bytes_by_client={cid: p.adapter.num_bytes() for cid, p in plans.items()},
+        uplink_bytes_by_client={
+            u.client_id: tensor_bytes(plans[u.client_id].uplink(u.weights).values()) for u in updates
+        },
+        downlink_bytes_by_client={cid: tensor_bytes(p.downlink().values()) for cid, p in plans.items()},
     )

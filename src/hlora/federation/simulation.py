@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from hlora.aggregation import registry
 from hlora.aggregation.base import ClientUpdate
-from hlora.client.client import FederatedClient
+from hlora.client.client import FederatedClient, merge_base
 from hlora.client.trainer import LocalTrainer
 from hlora.config import FederationSettings, Settings, settings_to_toml
 from hlora.data.glue import TaskSpec, get_task, load_split
@@ -183,7 +183,9 @@ def run(exp: Experiment, run_dir: Path, progress: bool = True) -> dict[str, Any]
         t1 = time.perf_counter()
         server.aggregate(rnd, updates)
         t2 = time.perf_counter()
-        scores = evaluate(exp.model, server.global_weights, exp.dev, exp.task, s.eval.batch_size, exp.collate)
+        held = server.model_plan()  # the global model, as a client would hold it (FLoRA: merged stacks)
+        merge_base(exp.model, held)
+        scores = evaluate(exp.model, held.adapter, exp.dev, exp.task, s.eval.batch_size, exp.collate)
         t3 = time.perf_counter()
         sent = traffic(plans, updates)
         row: dict[str, Any] = {"round": rnd, **scores}

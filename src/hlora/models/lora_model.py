@@ -100,6 +100,7 @@ class LoraModel:
         self._peft: PeftModel | None = None
         self._slots: dict[int, _Slot] = {}
         self.active_rank: int | None = None
+        self.merged_version = 0  # base deltas folded into the base weights so far (FLoRA)
 
     @property
     def module(self) -> nn.Module:
@@ -159,17 +160,27 @@ class LoraModel:
         return _Slot(name, {k: (b_params[k], a_params[k]) for k in sorted(a_params)}, dense)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The active slot's parameters: its LoRA factors and head."""
+        """The active slot's parameters that train: its LoRA factors (`B` alone when `A` is frozen) and
+        head."""
         if self.active_rank is None:
             raise RuntimeError("no active adapter slot")
         slot = self._slots[self.active_rank]
         params = [p for pair in slot.factors.values() for p in pair] + list(slot.dense.values())
-        return params
+        return [p for p in params if p.requires_grad]
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The active slot's trained non-LoRA parameters (`modules_to_save`: the head)."""
+        if self.active_rank is None:
+            raise RuntimeError("no active adapter slot")
+        return list(self._slots[self.active_rank].dense.values())
 
     @torch.no_grad()
-    def load(self, weights: AdapterWeights) -> None:
-        """Activate the slot of `weights.rank` and copy the adapter into it."""
+    def load(self, weights: AdapterWeights, train_a: bool = True) -> None:
+        """Activate the slot of `weights.rank` and copy the adapter into it; with `train_a` false its
+        `A` factors are frozen (FFA-LoRA)."""
         slot = self._slot(weights.rank)
+        for _, A in slot.factors.values():
+            A.requires_grad_(train_a)
         if weights.factors.keys() != slot.factors.keys():
             missing = sorted(slot.factors.keys() - weights.factors.keys())
             extra = sorted(weights.factors.keys() - slot.factors.keys())
@@ -180,6 +191,33 @@ class LoraModel:
             A.copy_(f.A)
         for name, p in slot.dense.items():
             p.copy_(weights.dense[name])
+
+    @torch.no_grad()
+    def merge(self, version: int, delta: AdapterWeights) -> None:
+        """Fold `delta` into the frozen base weights, `W0 += scale * B @ A` per adapted weight (FLoRA).
+
+        Deltas are numbered 1, 2, ... and applied in order; one this model already holds is skipped, so
+        the clients sharing this model in-process can each be asked to merge it.
+        """
+        if version <= self.merged_version:
+            return
+        if version != self.merged_version + 1:
+            raise ValueError(f"base delta {version} arrived before delta {self.merged_version + 1}")
+        if self._peft is None:
+            raise RuntimeError("no adapter slot yet: call load() or initial_weights() first")
+        layers = {
+            name.removeprefix("base_model.model."): module
+            for name, module in self._peft.named_modules()
+            if isinstance(module, LoraLayer)
+        }
+        missing = sorted(delta.factors.keys() - layers.keys())
+        if missing:
+            raise ValueError(f"base delta names weights this model does not adapt: {missing[:3]}")
+        for name, f in delta.factors.items():
+            weight = layers[name].get_base_layer().weight
+            update = f.B.to(self.device, torch.float32) @ f.A.to(self.device, torch.float32)
+            weight.add_(update.to(weight.dtype), alpha=self.settings.scale)
+        self.merged_version = version
 
     @torch.no_grad()
     def read(self, rank: int | None = None) -> AdapterWeights:
