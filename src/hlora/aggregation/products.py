@@ -268,11 +268,25 @@ def aggregate_products(
         root = c.p.sqrt()
         Bc = torch.cat([w * B for w, B in zip(root, c.Bs, strict=True)], dim=1)  # m x R
         Ac = torch.cat([w * A for w, A in zip(root, c.As, strict=True)], dim=0)  # R x n
-        Q_B, R_B = torch.linalg.qr(Bc)  # m x R, R x R
-        Q_A, R_A = torch.linalg.qr(Ac.T)  # n x R, R x R
-        U_c, S, Vh_c = torch.linalg.svd(R_B @ R_A.T)
-        U, Vh = Q_B @ U_c, Vh_c @ Q_A.T
+        # geqrf keeps each Q as R Householder reflectors: Q is never formed (m x R, n x R), and only the
+        # `rank` singular vectors that are kept are rotated back (ormqr), not all R of them.
+        H_B, tau_B = torch.geqrf(Bc)  # R_B in the upper triangle of the first R rows
+        H_A, tau_A = torch.geqrf(Ac.T)
+        R = c.total_rank
+        U_c, S, Vh_c = torch.linalg.svd(H_B[:R].triu() @ H_A[:R].triu().T)  # the R x R core
+        q = min(rank, R)
+        U = _apply_q(H_B, tau_B, U_c[:, :q])  # m x q
+        Vh = _apply_q(H_A, tau_A, Vh_c[:q].T).T  # q x n
+        S = S[:q]  # S[0], the largest, is all that the round-off threshold needs of the rest
     return _svd_factors(c, U, S, Vh, rank, balanced=True)
+
+
+def _apply_q(reflectors: Tensor, tau: Tensor, X: Tensor) -> Tensor:
+    """`Q @ X` for the thin `Q` (`m x R`) that `geqrf` left as reflectors, `X` is `R x q`: the full
+    `m x m` Q times `X` padded with zero rows, which is the same product."""
+    padded = X.new_zeros(reflectors.shape[0], X.shape[1])
+    padded[: X.shape[0]] = X
+    return torch.ormqr(reflectors, tau, padded)
 
 
 def dense_product_svd(

@@ -83,6 +83,83 @@ def methods() -> None:
         typer.echo(name)
 
 
+bench_app = typer.Typer(
+    help="Measure hlora's own costs, side by side in one process (results in BENCHMARKS.md).",
+    no_args_is_help=True,
+)
+app.add_typer(bench_app, name="bench")
+
+
+def _positive_ints(text: str) -> list[int]:
+    """A comma-separated list of integers >= 1, such as `10,20,100`."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+    if min(values) < 1:
+        raise typer.BadParameter(f"every value must be >= 1, got {text!r}")
+    return values
+
+
+@bench_app.command("aggregation")
+def bench_aggregation(
+    clients: Annotated[
+        str, typer.Option(help="Client counts K to measure, comma-separated.", callback=_positive_ints)
+    ] = "10,20,100",
+    repeats: Annotated[int, typer.Option(min=1, help="Timed calls per method (the median is shown).")] = 3,
+    layers: Annotated[int, typer.Option(min=1, help="Transformer layers (query and value in each).")] = 24,
+    width: Annotated[int, typer.Option(min=1, help="m = n of every adapted weight.")] = 1024,
+    ranks: Annotated[
+        str, typer.Option(help="Client ranks to draw from, comma-separated.", callback=_positive_ints)
+    ] = "4,8,16,32",
+    bank_rank: Annotated[
+        int | None, typer.Option(min=1, help="Server bank rank r_g (default: the largest rank).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the ranks, sample counts and factors.")] = 0,
+    device: Annotated[str, typer.Option(help="auto (cuda if available), cpu or cuda[:i].")] = "auto",
+    memory: Annotated[bool, typer.Option(help="Measure peak memory (on CPU: a fresh process each).")] = True,
+    csv: Annotated[Path | None, typer.Option(help="Also write the rows to this new CSV file.")] = None,
+) -> None:
+    """HLoRA's QR aggregation against FlexLoRA's dense SVD on the same random client updates."""
+    import torch
+
+    from hlora.bench import aggregation as bench
+
+    if csv is not None and csv.exists():  # fail before the slow part, and again atomically when writing
+        raise bench.BenchOutputError(f"{csv} exists already; benchmark results are never overwritten")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    typer.echo(
+        f"{layers} layers x {'/'.join(bench.TARGETS)}, {width} x {width}, client ranks from {ranks}, "
+        f"bank rank {bank_rank or max(ranks)}, seed {seed}, {device} ({torch.get_num_threads()} threads), "
+        f"median of {repeats}; time in seconds per aggregate() over all layers, MiB of peak extra memory"
+    )
+    typer.echo(bench.table_header())
+    rows = []
+    cases = bench.run_bench(
+        clients,
+        repeats,
+        memory,
+        layers=layers,
+        width=width,
+        ranks=tuple(ranks),
+        seed=seed,
+        bank_rank=bank_rank,
+        device=device,
+    )
+    for row in cases:
+        rows.append(row)
+        typer.echo(bench.table_row(row))
+    if any(row.hlora_path == "dense" for row in rows):
+        typer.echo(
+            "hlora_path dense: R = sum r_k >= min(m, n), so HLoRA builds dW densely like FlexLoRA "
+            "(METHOD.md rule 3); the stacked factors would be no smaller than dW."
+        )
+    if csv is not None:
+        bench.write_csv(rows, csv)
+        typer.echo(f"rows written to {csv}")
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=True)
