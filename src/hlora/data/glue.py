@@ -163,6 +163,12 @@ def read_glue_tsv(path: Path, task: TaskSpec) -> TextPairs:
             header = [name.strip() for name in header]
             wanted = (*task.text_columns, task.label_column)
             missing = [name for name in wanted if name not in header]
+            if missing == [task.label_column]:
+                raise DataError(
+                    f"{path} has no label column {task.label_column!r} for task {task.name}: only a labelled "
+                    "file can be used, GLUE's test files have none "
+                    f"(columns found: {', '.join(map(repr, header))})"
+                )
             if missing:
                 raise DataError(
                     f"{path} has no column {', '.join(map(repr, missing))} for task {task.name} "
