@@ -27,3 +27,7 @@ class AggregationError(HloraError):
 
 class RunDirError(HloraError):
     """A run directory that exists already or cannot be written."""
+
+
+class ExportError(HloraError):
+    """An export destination that is not a new or empty folder, or an adapter that does not fit its model."""
