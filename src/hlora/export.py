@@ -46,7 +46,14 @@ from hlora.aggregation.base import ClientPlan
 from hlora.config import LoraSettings, ModelSettings, Settings
 from hlora.data.glue import get_task
 from hlora.errors import ExportError, ModelError
-from hlora.models.lora_model import LoadedBase, load_base, one_line, quiet_transformers, resolve_model_path
+from hlora.models.lora_model import (
+    LOAD_ERRORS,
+    LoadedBase,
+    load_base,
+    one_line,
+    quiet_transformers,
+    resolve_model_path,
+)
 from hlora.weights import AdapterWeights, LoraFactors
 
 EXPORT_INFO_FILE = "hlora_export.json"
@@ -271,14 +278,14 @@ def load_model_folder(
             model = AutoModelForSequenceClassification.from_pretrained(
                 base_path, num_labels=num_labels, local_files_only=local_only, dtype=getattr(torch, dtype)
             )
-        except (OSError, ValueError, KeyError, RuntimeError) as e:  # RuntimeError: a head of another size
+        except LOAD_ERRORS as e:  # RuntimeError among them: a head of another size
             raise ModelError(
                 f"cannot load a sequence-classification model from {base_path!r}: {one_line(e)}"
             ) from None
         if is_adapter:
             try:
                 model = PeftModel.from_pretrained(model, str(path))
-            except (OSError, ValueError, KeyError, RuntimeError) as e:
+            except LOAD_ERRORS as e:
                 raise ModelError(
                     f"cannot load the adapter in {path} onto {base_path!r}: {one_line(e)}"
                 ) from None
@@ -287,7 +294,7 @@ def load_model_folder(
             tokenizer = AutoTokenizer.from_pretrained(
                 str(path) if has_tokenizer else base_path, local_files_only=local_only or has_tokenizer
             )
-        except (OSError, ValueError, KeyError) as e:
+        except LOAD_ERRORS as e:
             raise ModelError(f"cannot load the tokenizer for {path}: {one_line(e)}") from None
     model.to(device).eval()
     return LoadedModel(model, tokenizer, "peft-adapter" if is_adapter else "merged", info)

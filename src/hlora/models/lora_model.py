@@ -13,10 +13,12 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from pickle import UnpicklingError
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.tuners.lora import LoraLayer
+from safetensors import SafetensorError
 from torch import nn
 
 from hlora.config import DEFAULT_MODEL, LoraSettings, ModelSettings
@@ -27,6 +29,9 @@ log = logging.getLogger("hlora.models")
 
 
 _WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")  # what a local model folder must hold
+# What loading a model the user named raises when it is not a loadable model (missing or corrupt files,
+# a config of another architecture, weights of other shapes): the user's to fix, not a bug.
+LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, EOFError, SafetensorError, UnpicklingError)
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -96,7 +101,7 @@ def load_base(settings: ModelSettings, num_labels: int, seed: int) -> LoadedBase
         torch.manual_seed(seed)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-        except (OSError, ValueError, KeyError) as e:
+        except LOAD_ERRORS as e:
             raise ModelError(f"cannot load the tokenizer of {path!r}: {one_line(e)}") from None
         try:
             model, info = AutoModelForSequenceClassification.from_pretrained(
@@ -106,7 +111,7 @@ def load_base(settings: ModelSettings, num_labels: int, seed: int) -> LoadedBase
                 dtype=dtype,
                 output_loading_info=True,
             )
-        except (OSError, ValueError, KeyError) as e:
+        except LOAD_ERRORS as e:
             raise ModelError(
                 f"cannot load a sequence-classification model from {path!r}: {one_line(e)}"
             ) from None
