@@ -190,6 +190,8 @@ def read_glue_tsv(path: Path, task: TaskSpec) -> TextPairs:
                 labels.append(task.tsv_labels[row[label_idx].strip()])
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except csv.Error as e:  # a field over csv's size limit: not a TSV in the GLUE layout
+        raise DataError(f"{path} line {reader.line_num} cannot be read as TSV: {e}") from e
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from e
     if not labels:
