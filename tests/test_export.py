@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -288,5 +289,9 @@ def test_export_never_overwrites(tiny_settings, tmp_path):
         tmp_path / "file"
     ).read_text() == "mine"
     (tmp_path / "empty").mkdir()
-    assert (export_model(plan, exp.settings, tmp_path / "empty") / "adapter_config.json").is_file()
+    out = export_model(plan, exp.settings, tmp_path / "empty")
+    assert (out / "adapter_config.json").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask  # a folder like any other, not a private temp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "full"]  # no temporary left

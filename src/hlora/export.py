@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,8 +130,12 @@ def export_model(
         "seed": settings.run.seed,
         **dict(provenance or {}),
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()  # not tempfile.mkdtemp: its folder is private (0700), and it becomes the user's export
+    except OSError as e:
+        raise ExportError(f"cannot create {out_dir}: {e.strerror or e}") from None
     try:
         with quiet_transformers():
             if merged:
@@ -143,8 +147,10 @@ def export_model(
         if out_dir.exists():
             out_dir.rmdir()  # empty, as checked above
         os.replace(tmp, out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk, a folder taken meanwhile: the user's to fix
+            raise ExportError(f"cannot write {out_dir}: {e.strerror or e}") from None
         raise
     return out_dir
 
