@@ -6,7 +6,13 @@ else that escapes is a bug and keeps its traceback.
 
 
 class HloraError(Exception):
-    """Base class: an error in the user's input, worded for that user."""
+    """Base class: an error in the user's input, worded for that user.
+
+    Its text is one line whatever it quotes (a key or value with a line break in it): line breaks and
+    runs of spaces become one space, so the command line's one-line promise holds for every message."""
+
+    def __str__(self) -> str:
+        return " ".join(super().__str__().split())
 
 
 class ConfigError(HloraError):
@@ -27,3 +33,7 @@ class AggregationError(HloraError):
 
 class RunDirError(HloraError):
     """A run directory that exists already or cannot be written."""
+
+
+class ExportError(HloraError):
+    """An export destination that is not a new or empty folder, or an adapter that does not fit its model."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, f1_score
+from torch import nn
 from torch.utils.data import DataLoader
 
 from hlora.data.glue import TaskSpec
@@ -21,21 +22,30 @@ def task_metrics(task: TaskSpec, labels: np.ndarray, predictions: np.ndarray) ->
 
 
 @torch.no_grad()
-def predict(
-    model: LoraModel, weights: AdapterWeights, data: EncodedSplit, batch_size: int, collate
-) -> np.ndarray:
-    """Predicted label per row of `data`. Rows are batched by length so little padding is computed."""
-    model.load(weights)
-    module = model.module
+def predict_logits(module: nn.Module, data: EncodedSplit, batch_size: int, collate, device) -> np.ndarray:
+    """Logits (`n x num_labels`, float32) of `module` for every row of `data`, in the rows' order. Rows
+    are batched by length so little padding is computed. Any sequence-classification model will do: hlora's
+    own, or one loaded back from an export."""
     module.eval()
     order = np.argsort(data.lengths(), kind="stable")
     chunks = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
-    predictions = np.empty(len(data), dtype=np.int64)
+    logits: np.ndarray | None = None
     for idx, batch in zip(chunks, DataLoader(data, batch_sampler=chunks, collate_fn=collate), strict=True):
         batch.pop("labels", None)
-        batch = {k: v.to(model.device) for k, v in batch.items()}
-        predictions[idx] = module(**batch).logits.argmax(dim=-1).cpu().numpy()
-    return predictions
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = module(**batch).logits.float().cpu().numpy()
+        if logits is None:
+            logits = np.empty((len(data), out.shape[1]), dtype=np.float32)
+        logits[idx] = out
+    return logits if logits is not None else np.empty((0, 1), dtype=np.float32)  # no rows
+
+
+def predict(
+    model: LoraModel, weights: AdapterWeights, data: EncodedSplit, batch_size: int, collate
+) -> np.ndarray:
+    """Predicted label per row of `data`."""
+    model.load(weights)
+    return predict_logits(model.module, data, batch_size, collate, model.device).argmax(axis=1)
 
 
 def evaluate(

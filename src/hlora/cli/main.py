@@ -83,6 +83,86 @@ def methods() -> None:
         typer.echo(name)
 
 
+def _device(name: str):
+    """`auto`, or a torch device this machine has; ConfigError otherwise."""
+    import torch
+
+    from hlora.errors import ConfigError
+    from hlora.federation.simulation import pick_device
+
+    try:
+        device = pick_device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}: use auto, cpu or cuda[:i]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but this machine has no CUDA device")
+    return device
+
+
+@app.command("eval")
+def eval_(
+    adapter: Annotated[
+        Path,
+        typer.Option(
+            "--adapter", "-a", help="An exported PEFT adapter folder, or a plain transformers model folder."
+        ),
+    ],
+    task: Annotated[
+        str | None, typer.Option(help="GLUE task: mrpc, rte or qqp (default: the one the export records).")
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="A labelled split: dev (default) or train.")] = None,
+    tsv: Annotated[
+        Path | None, typer.Option(help="A labelled TSV file in the task's GLUE layout, instead of a split.")
+    ] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="GLUE TSV folder.")] = None,
+    max_samples: Annotated[int | None, typer.Option(min=1, help="Score the first N rows only.")] = None,
+    max_length: Annotated[
+        int | None, typer.Option(min=8, help="Tokens per row (default: the export's, else 128).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per forward pass.")] = 64,
+    device: Annotated[str, typer.Option(help="auto (cuda if available), cpu or cuda[:i].")] = "auto",
+    base: Annotated[
+        str | None, typer.Option(help="Base model of the adapter (default: the one its config names).")
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the scores to this new JSON file.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No info lines.")] = False,
+) -> None:
+    """Score an exported adapter (or a merged model) on a labelled GLUE split or TSV file."""
+    from hlora.data.glue import get_task, load_split, read_glue_tsv
+    from hlora.data.tokenize import encode, make_collator
+    from hlora.errors import DataError, ExportError
+    from hlora.evaluation import predict_logits, task_metrics
+    from hlora.export import load_model_folder, read_export_info
+    from hlora.outputs import write_json
+
+    _setup_logging(quiet)
+    if json_out is not None and json_out.exists():  # fail before the slow part
+        raise ExportError(f"{json_out} exists already; scores are never overwritten")
+    if tsv is not None and split is not None:
+        raise DataError("give --split or --tsv, not both")
+    info = read_export_info(adapter)
+    if task is None and "task" not in info:
+        raise DataError(f"--task is needed: {adapter} does not record the task it was trained for")
+    spec = get_task(task if task is not None else info["task"])
+    rows = read_glue_tsv(tsv, spec) if tsv is not None else load_split(spec, split or "dev", data_dir)
+    rows = rows.head(max_samples)
+    torch_device = _device(device)
+    loaded = load_model_folder(adapter, spec.num_labels, torch_device, base_model=base)
+    data = encode(rows, loaded.tokenizer, max_length or int(info.get("max_length", 128)))
+    logits = predict_logits(loaded.module, data, batch_size, make_collator(loaded.tokenizer), torch_device)
+    scores = task_metrics(spec, data.labels, logits.argmax(axis=1))
+    shown = ", ".join(f"{name} {value:.4f}" for name, value in scores.items())
+    typer.echo(f"{spec.name} {rows.source} ({len(rows)} rows, {loaded.kind} {adapter}): {shown}")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(
+            json_out,
+            {"task": spec.name, "data": rows.source, "rows": len(rows), "model": str(adapter), **scores},
+        )
+
+
 bench_app = typer.Typer(
     help="Measure hlora's own costs, side by side in one process (results in BENCHMARKS.md).",
     no_args_is_help=True,

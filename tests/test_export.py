@@ -1,0 +1,297 @@
+"""Export: the model a client holds, written as a PEFT adapter (or a merged model) that plain `peft` and
+`transformers` load in a fresh interpreter, and that scores there as it does inside hlora."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from hlora.aggregation.base import BaseDelta, ClientPlan
+from hlora.cli.main import main
+from hlora.client.client import apply_plan
+from hlora.config import LoraSettings, validate_settings
+from hlora.data.glue import load_split
+from hlora.errors import ExportError
+from hlora.evaluation import evaluate, predict_logits, task_metrics
+from hlora.export import EXPORT_INFO_FILE, export_model, flatten_plan, load_model_folder
+from hlora.federation import simulation
+from hlora.models.lora_model import LoraModel
+from hlora.weights import AdapterWeights, LoraFactors
+from tests.conftest import tiny_bert
+
+ATOL = 1e-5  # float32 logits of a 2-layer model; a merged base delta is rounded once more than the adapter
+MIXED = {"rank_policy": "tiers", "tiers": [2, 4]}
+METHODS = {"fedit": {"rank": 4}, "hlora": MIXED, "flora": MIXED, "ffa": MIXED}
+
+# What a user without hlora runs: load the base and the adapter (or the merged model) with plain
+# transformers + peft, tokenise each text pair on its own (no padding), print the logits.
+PLAIN_LOAD = """
+import json, sys
+import torch
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+jobs, rows = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+out = {}
+for folder in jobs:
+    info = json.load(open(f"{folder}/hlora_export.json"))
+    try:
+        config = json.load(open(f"{folder}/adapter_config.json"))
+    except FileNotFoundError:
+        model = AutoModelForSequenceClassification.from_pretrained(folder)
+    else:
+        base = AutoModelForSequenceClassification.from_pretrained(
+            config["base_model_name_or_path"], num_labels=info["num_labels"]
+        )
+        model = PeftModel.from_pretrained(base, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model.eval()
+    with torch.no_grad():
+        out[folder] = [
+            model(**tokenizer(a, b, truncation=True, max_length=info["max_length"], return_tensors="pt"))
+            .logits[0].tolist()
+            for a, b in rows
+        ]
+assert not any(name.startswith("hlora") for name in sys.modules)
+print(json.dumps(out))
+"""
+
+
+def plain_logits(folders: list, rows) -> dict[str, np.ndarray]:
+    """Logits of each exported folder, computed in a fresh interpreter that never imports hlora."""
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")}
+    env.update({k: v for k, v in os.environ.items() if k.endswith("_NUM_THREADS")})
+    pairs = list(zip(rows.text_a, rows.text_b, strict=True))
+    proc = subprocess.run(
+        [sys.executable, "-c", PLAIN_LOAD, json.dumps([str(f) for f in folders]), json.dumps(pairs)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd="/",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {k: np.asarray(v, dtype=np.float32) for k, v in json.loads(proc.stdout).items()}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, glue_dir, tmp_path_factory) -> dict[str, simulation.Experiment]:
+    """A two-round tiny run of each method (FLoRA's plans then carry two base deltas)."""
+    experiments = {}
+    for method, lora in METHODS.items():
+        settings = validate_settings(
+            {
+                "run": {"seed": 3, "device": "cpu"},
+                "data": {
+                    "task": "mrpc",
+                    "data_dir": str(glue_dir),
+                    "max_length": 48,
+                    "max_train_samples": 48,
+                    "max_eval_samples": 32,
+                },
+                "model": {"name_or_path": str(tiny_model_dir)},
+                "lora": lora,
+                "federation": {
+                    "method": method,
+                    "num_clients": 3,
+                    "clients_per_round": 3,
+                    "rounds": 2,
+                    "min_client_size": 4,
+                },
+                "train": {"lr": 3e-2, "batch_size": 8, "local_steps": 3},
+                "eval": {"batch_size": 16, "tiers": False},
+            }
+        )
+        experiments[method] = exp = simulation.prepare(settings)
+        simulation.run(exp, tmp_path_factory.mktemp(f"run-{method}"), progress=False)
+    return experiments
+
+
+def hlora_logits(exp, plan: ClientPlan) -> np.ndarray:
+    apply_plan(exp.model, plan)
+    return predict_logits(exp.model.module, exp.dev, 16, exp.collate, exp.model.device)
+
+
+def without_lora(plan: ClientPlan) -> ClientPlan:
+    """The plan's head alone: no base deltas, every `B` zero."""
+    factors = {name: LoraFactors(torch.zeros_like(f.B), f.A) for name, f in plan.adapter.factors.items()}
+    return ClientPlan(AdapterWeights(factors, plan.adapter.dense))
+
+
+def test_exported_adapter_loads_with_plain_peft_and_matches_hlora(runs, tmp_path, glue_dir, tiny_model_dir):
+    rows = load_split("mrpc", "dev", glue_dir).head(32)  # the rows of every run's exp.dev
+    exports = []  # (method, plan, folder)
+    for method, exp in runs.items():
+        for name, plan in {"global": exp.server.model_plan(), "rank2": exp.server.model_plan(2)}.items():
+            exports.append((method, plan, export_model(plan, exp.settings, tmp_path / method / name)))
+        merged = export_model(
+            exp.server.model_plan(), exp.settings, tmp_path / method / "merged", merged=True
+        )
+        exports.append((method, exp.server.model_plan(), merged))
+    plain = plain_logits([folder for *_, folder in exports], rows)  # one fresh interpreter for them all
+
+    for method, plan, folder in exports:
+        exp = runs[method]
+        got = plain[str(folder)]
+        np.testing.assert_allclose(got, hlora_logits(exp, plan), atol=ATOL, rtol=0, err_msg=str(folder))
+        # and so the same scores as hlora's own evaluation of the plan
+        scores = evaluate(exp.model, plan.adapter, exp.dev, exp.task, 16, exp.collate)
+        assert task_metrics(exp.task, exp.dev.labels, got.argmax(axis=1)) == scores
+
+        deltas = [d.weights.rank for d in plan.merge]
+        assert len(deltas) == (2 if method == "flora" else 0)
+        info = json.loads((folder / EXPORT_INFO_FILE).read_text())
+        assert info["base_delta_ranks"] == deltas and info["task"] == "mrpc" and info["max_length"] == 48
+        if folder.name == "merged":
+            assert (folder / "config.json").is_file() and not (folder / "adapter_config.json").exists()
+            continue
+        config = json.loads((folder / "adapter_config.json").read_text())
+        rank = plan.adapter.rank + sum(deltas)
+        assert plan.adapter.rank == (2 if folder.name == "rank2" else exp.bank_rank)
+        assert (config["r"], config["lora_alpha"]) == (rank, exp.settings.lora.scale * rank)
+        assert config["task_type"] == "SEQ_CLS" and config["peft_type"] == "LORA"
+        assert config["base_model_name_or_path"] == str(tiny_model_dir)
+        assert (
+            set(config["target_modules"]) == {"query", "value"} and "classifier" in config["modules_to_save"]
+        )
+        with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+            keys = set(f.keys())
+        layer = "base_model.model.bert.encoder.layer.0.attention.self.query"
+        assert {
+            f"{layer}.lora_A.weight",
+            f"{layer}.lora_B.weight",
+            "base_model.model.classifier.weight",
+        } <= keys
+
+        # The LoRA part matters far beyond the tolerance, so the match is not the head's alone.
+        if folder.name == "global":
+            head_only = export_model(without_lora(plan), exp.settings, tmp_path / method / "head-only")
+            loaded = load_model_folder(head_only, 2)
+            head_logits = predict_logits(loaded.module, exp.dev, 16, exp.collate, "cpu")
+            assert np.abs(head_logits - got).max() > 100 * ATOL
+
+
+@pytest.mark.parametrize("merged", [False, True])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_hlora_eval_scores_an_export_as_hlora_does(runs, tmp_path, glue_dir, capsys, method, merged):
+    exp = runs[method]
+    plan = exp.server.model_plan(2)
+    folder = export_model(plan, exp.settings, tmp_path / "export", merged=merged)
+    scores = evaluate(exp.model, plan.adapter, exp.dev, exp.task, 16, exp.collate)
+    with pytest.raises(SystemExit) as info:
+        main(
+            ["eval", "--adapter", str(folder), "--data-dir", str(glue_dir), "--max-samples", "32"]
+            + ["--device", "cpu", "--json", str(tmp_path / "scores.json"), "-q"]
+        )
+    assert info.value.code == 0
+    written = json.loads((tmp_path / "scores.json").read_text())
+    assert (written["accuracy"], written["f1"], written["rows"]) == (scores["accuracy"], scores["f1"], 32)
+    assert f"accuracy {scores['accuracy']:.4f}, f1 {scores['f1']:.4f}" in capsys.readouterr().out
+
+
+def test_hlora_eval_reads_a_labelled_tsv_by_path(tiny_settings, tmp_path, glue_dir, capsys):
+    exp = simulation.prepare(tiny_settings)
+    folder = export_model(exp.server.model_plan(), exp.settings, tmp_path / "export")
+    lines = (glue_dir / "MRPC" / "dev.tsv").read_text(encoding="utf-8-sig").splitlines(keepends=True)
+    (tmp_path / "few.tsv").write_text("\ufeff" + "".join(lines[:21]), encoding="utf-8")
+    outputs = []
+    for source in (["--tsv", str(tmp_path / "few.tsv")], ["--split", "dev", "--data-dir", str(glue_dir)]):
+        with pytest.raises(SystemExit) as info:
+            main(["eval", "-a", str(folder), "--task", "MRPC", "--max-samples", "20", "-q", *source])
+        assert info.value.code == 0
+        outputs.append(capsys.readouterr().out.split("): ")[-1])
+    assert outputs[0] == outputs[1] and outputs[0].startswith("accuracy ")
+
+
+def test_flattened_base_deltas_make_the_merged_model():
+    """FLoRA's base deltas side by side with the adapter, on the un-merged base, are the merged model."""
+    lora = LoraSettings(rank=2, scale=1.5)
+    merged = LoraModel(tiny_bert(vocab_size=100), lora, torch.device("cpu"))
+    plain = LoraModel(tiny_bert(vocab_size=100), lora, torch.device("cpu"))
+    adapter = merged.initial_weights(2, seed=0)
+    g = torch.Generator().manual_seed(1)
+
+    def random_factors(rank: int, names) -> AdapterWeights:
+        shapes = {n: (f.B.shape[0], f.A.shape[1]) for n, f in adapter.factors.items() if n in names}
+        return AdapterWeights(
+            {
+                n: LoraFactors(torch.randn(m, rank, generator=g), torch.randn(rank, k, generator=g))
+                for n, (m, k) in shapes.items()
+            }
+        )
+
+    names = sorted(adapter.factors)
+    adapter = AdapterWeights(random_factors(2, names).factors, adapter.dense)
+    deltas = (BaseDelta(1, random_factors(3, names)), BaseDelta(2, random_factors(5, names[1:])))
+    plan = ClientPlan(adapter, merge=deltas)
+    flat = flatten_plan(plan)
+    assert flat.rank == 2 + 3 + 5 and flat.dense.keys() == adapter.dense.keys()
+    first = names[0]  # the second delta leaves it out: zero columns and rows there
+    assert torch.count_nonzero(flat.factors[first].B[:, 3:8]) == 0
+
+    apply_plan(merged, plan)
+    plain.load(flat)
+    ids = torch.randint(0, 100, (3, 7), generator=g)
+    with torch.no_grad():
+        want, got = (m.module.eval()(input_ids=ids).logits for m in (merged, plain))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    assert flatten_plan(ClientPlan(adapter)) is adapter
+
+
+def test_base_parameters_the_checkpoint_lacks_travel_with_the_adapter(
+    tiny_settings, tmp_path, packaged_tokenizer
+):
+    """A checkpoint without a pooler (a sentence-embedding model) gets a seeded random one at load; the
+    export carries it, so a load with any other seed is still the model hlora evaluated."""
+    from transformers import BertConfig, BertModel
+
+    base_dir = tmp_path / "no-pooler"
+    config = BertConfig(
+        vocab_size=packaged_tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(config, add_pooling_layer=False).save_pretrained(base_dir)
+    packaged_tokenizer.save_pretrained(base_dir)
+    raw = tiny_settings.model_dump()
+    raw["model"]["name_or_path"] = str(base_dir)
+    raw["run"]["seed"] = 7  # load_model_folder seeds with 0: a pooler left behind would differ
+    exp = simulation.prepare(validate_settings(raw))
+    plan = exp.server.model_plan()
+    folder = export_model(plan, exp.settings, tmp_path / "export")
+    assert "bert.pooler.dense" in json.loads((folder / "adapter_config.json").read_text())["modules_to_save"]
+    loaded = load_model_folder(folder, 2)
+    got = predict_logits(loaded.module, exp.dev, 16, exp.collate, "cpu")
+    np.testing.assert_allclose(got, hlora_logits(exp, plan), atol=ATOL, rtol=0)
+
+
+def test_export_never_overwrites(tiny_settings, tmp_path):
+    exp = simulation.prepare(tiny_settings)
+    plan = exp.server.model_plan()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    (tmp_path / "file").write_text("mine")
+    for target in ("full", "file"):
+        with pytest.raises(ExportError, match="choose another"):
+            export_model(plan, exp.settings, tmp_path / target)
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine" and (
+        tmp_path / "file"
+    ).read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    out = export_model(plan, exp.settings, tmp_path / "empty")
+    assert (out / "adapter_config.json").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask  # a folder like any other, not a private temp
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "full"]  # no temporary left
