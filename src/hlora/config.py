@@ -106,12 +106,22 @@ class FederationSettings(_Section):
     rounds: int = Field(10, ge=1)
     alpha: float = Field(math.inf, gt=0)  # Dirichlet label skew; inf means IID
     min_client_size: int = Field(8, ge=1)
+    # The fewest valid updates a round aggregates; with fewer, the round fails and the global model stays.
+    min_clients: int = Field(1, ge=1)
+    # Reject an update whose change from what its client was sent has a larger L2 norm (over every tensor
+    # it sends up); None: no bound (hlora.federation.validation).
+    max_update_norm: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _sample_fits(self) -> FederationSettings:
         if self.clients_per_round > self.num_clients:
             raise ValueError(
                 f"clients_per_round ({self.clients_per_round}) exceeds num_clients ({self.num_clients})"
+            )
+        if self.min_clients > self.clients_per_round:
+            raise ValueError(
+                f"min_clients ({self.min_clients}) exceeds clients_per_round ({self.clients_per_round}): "
+                "no round could ever aggregate"
             )
         return self
 

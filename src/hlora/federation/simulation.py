@@ -72,6 +72,7 @@ def effective_settings(settings: Settings) -> Settings:
         rounds=fed.rounds,
         alpha=math.inf,
         min_client_size=1,
+        max_update_norm=fed.max_update_norm,
     )
     return settings.model_copy(update={"federation": central, "lora": central_lora, "method_options": {}})
 
@@ -123,7 +124,15 @@ def prepare(settings: Settings) -> Experiment:
     initial = model.initial_weights(bank_rank, seed=derive_seed(settings.run.seed, 0xA11CE))
     # The server refuses ranks its method cannot serve (FedIT with mixed ranks) here, before a run
     # directory exists.
-    server = FederatedServer(aggregator, initial, client_ranks, fed.clients_per_round, settings.run.seed)
+    server = FederatedServer(
+        aggregator,
+        initial,
+        client_ranks,
+        fed.clients_per_round,
+        settings.run.seed,
+        min_clients=fed.min_clients,
+        max_update_norm=fed.max_update_norm,
+    )
     t2 = time.perf_counter()
     train = encode(train_rows, tokenizer, settings.data.max_length)
     dev = encode(dev_rows, tokenizer, settings.data.max_length)
