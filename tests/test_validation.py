@@ -261,6 +261,10 @@ def test_rejected_updates_are_left_out_and_logged(caplog):
         outcome = srv.aggregate(1, list(updates.values()))
     assert outcome.accepted == (0, 2) and list(outcome.rejected) == [1] and not outcome.failed
     assert outcome.rejected[1].code == "nonfinite"
+    assert outcome.update_norms == {
+        cid: update_norm(plans[cid].uplink(updates[cid].weights), plans[cid].uplink(plans[cid].adapter))
+        for cid in (0, 2)
+    }
     assert [r.getMessage() for r in caplog.records] == [
         f"round 1: client 1 rejected (nonfinite): {HEAD} has 1 NaN and 0 infinite values"
     ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -153,6 +153,33 @@ class EvalSettings(_Section):
     tiers: bool = True
 
 
+# The ways hlora.federation.faults can mangle an update, each one a reason validation rejects it for
+# ("scale" only when federation.max_update_norm is set).
+CorruptKind = Literal["nan", "inf", "shape", "rank", "missing", "extra", "dtype", "scale", "weight"]
+CORRUPT_KINDS: tuple[str, ...] = get_args(CorruptKind)
+
+
+class FaultSettings(_Section):
+    """Faults injected into the simulation (hlora.federation.faults): each sampled client, each round,
+    crashes before it replies, times out (its reply is discarded), or sends a corrupted update, with these
+    probabilities (exclusive: they add up to at most 1). Off by default."""
+
+    crash: float = Field(0.0, ge=0, le=1)
+    timeout: float = Field(0.0, ge=0, le=1)
+    corrupt: float = Field(0.0, ge=0, le=1)
+    # How a corrupted update is mangled: one of CORRUPT_KINDS, or "any" (drawn per corrupted client).
+    corrupt_kind: Literal[CorruptKind, "any"] = "any"
+
+    @model_validator(mode="after")
+    def _shares_fit(self) -> FaultSettings:
+        if self.crash + self.timeout + self.corrupt > 1:
+            raise ValueError(
+                f"crash + timeout + corrupt is {self.crash + self.timeout + self.corrupt:g}, above 1: "
+                "a client has at most one fault per round"
+            )
+        return self
+
+
 class Settings(_Section):
     """The whole run configuration (the resolved form is saved as `config.toml` in the run)."""
 
@@ -163,6 +190,7 @@ class Settings(_Section):
     federation: FederationSettings = Field(default_factory=FederationSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    faults: FaultSettings = Field(default_factory=FaultSettings)
     # The chosen method's options (its `Options` model says which keys it takes); kept as written, so
     # that the saved config round-trips, and validated here and again when the method is created.
     method_options: dict[str, Any] = Field(default_factory=dict)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from hlora.aggregation.base import Aggregator, ClientPlan, ClientUpdate
-from hlora.federation.validation import Rejection, validate_update
+from hlora.federation.validation import Rejection, update_norm, validate_update
 from hlora.weights import AdapterWeights, tensor_bytes
 
 log = logging.getLogger("hlora.federation")
@@ -47,20 +47,14 @@ class RoundTraffic:
 class RoundOutcome:
     """What `FederatedServer.aggregate` made of one round's replies."""
 
-    accepted: tuple[int, ...]  # client ids whose updates were aggregated (or would have been, if failed)
+    accepted: tuple[int, ...]  # client ids whose updates were valid (and aggregated, unless `failed`)
     rejected: dict[int, Rejection] = field(default_factory=dict)  # client id -> why its update was refused
     missing: tuple[int, ...] = ()  # planned clients that sent nothing (crashed, timed out, lost)
     failed: bool = False  # True: nothing was aggregated, the global state is as it was
     reason: str = ""  # why the round failed
-
-    def summary(self) -> str:
-        """One line for the log."""
-        parts = [f"{len(self.accepted)} accepted"]
-        if self.rejected:
-            parts.append(f"{len(self.rejected)} rejected")
-        if self.missing:
-            parts.append(f"{len(self.missing)} missing")
-        return ", ".join(parts) + (f"; failed: {self.reason}" if self.failed else "")
+    # client id -> L2 norm of the change its accepted update made (validation.update_norm): what honest
+    # clients send, so that a `max_update_norm` can be chosen from a run without one
+    update_norms: dict[int, float] = field(default_factory=dict)
 
 
 class FederatedServer:
@@ -152,7 +146,12 @@ class FederatedServer:
                 self.version += 1
         if reason:
             log.warning("round %d failed (%s): the global model is unchanged", rnd, reason)
-        return RoundOutcome(ids, rejected, missing, failed=bool(reason), reason=reason)
+        norms = {u.client_id: self._change(u) for u in accepted}
+        return RoundOutcome(ids, rejected, missing, failed=bool(reason), reason=reason, update_norms=norms)
+
+    def _change(self, update: ClientUpdate) -> float:
+        plan = self._plans[update.client_id][0]
+        return update_norm(plan.uplink(update.weights), plan.uplink(plan.adapter))
 
     def screen(self, updates: Sequence[ClientUpdate]) -> tuple[list[ClientUpdate], dict[int, Rejection]]:
         """The valid updates of the round configured last (by client id: results never depend on arrival
