@@ -15,6 +15,7 @@ resumable, as one without; raising a probability only adds faulty clients to tho
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,7 +75,7 @@ class FaultInjector:
         """The fault `client_id` suffers in round `rnd`, or None."""
         return self._draw(rnd, client_id)[0]
 
-    def corrupted(self, rnd: int, client_ids: list[int] | dict[int, object]) -> dict[int, str]:
+    def corrupted(self, rnd: int, client_ids: Iterable[int]) -> dict[int, str]:
         """`{client id: corrupt kind}` of the given clients whose update is corrupted in round `rnd`."""
         faults = {cid: self.draw(rnd, cid) for cid in client_ids}
         return {cid: f.corrupt_kind for cid, f in faults.items() if f is not None and f.kind == "corrupt"}
