@@ -38,10 +38,14 @@ def test_round_loop_writes_every_file_and_metric(tiny_settings, tmp_path):
         assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["f1"] <= 1.0
         assert r["clients"] == [0, 1, 2]
         assert r["train_loss"] > 0
+        assert r["aggregated_clients"] == [0, 1, 2] and not r["round_failed"]
+        assert sorted(r["client_update_norm"]) == ["0", "1", "2"]
+        assert r["rejected"] == r["failed_clients"] == r["corrupted_clients"] == {}
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved == summary
     assert saved["rounds"] == 2 and saved["final_accuracy"] == rows[-1]["accuracy"]
     assert saved["total_uplink_bytes"] == sum(r["uplink_bytes"] for r in rows)
+    assert saved["failed_rounds"] == 0 and saved["rejected_by_reason"] == {}
     assert (run_dir / "partition.csv").read_text().splitlines()[0].startswith("client,size")
 
 

@@ -10,7 +10,7 @@ import json
 import math
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -107,12 +107,22 @@ class FederationSettings(_Section):
     rounds: int = Field(10, ge=1)
     alpha: float = Field(math.inf, gt=0)  # Dirichlet label skew; inf means IID
     min_client_size: int = Field(8, ge=1)
+    # The fewest valid updates a round aggregates; with fewer, the round fails and the global model stays.
+    min_clients: int = Field(1, ge=1)
+    # Reject an update whose change from what its client was sent has a larger L2 norm (over every tensor
+    # it sends up); None: no bound (hlora.federation.validation).
+    max_update_norm: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _sample_fits(self) -> FederationSettings:
         if self.clients_per_round > self.num_clients:
             raise ValueError(
                 f"clients_per_round ({self.clients_per_round}) exceeds num_clients ({self.num_clients})"
+            )
+        if self.min_clients > self.clients_per_round:
+            raise ValueError(
+                f"min_clients ({self.min_clients}) exceeds clients_per_round ({self.clients_per_round}): "
+                "no round could ever aggregate"
             )
         return self
 
@@ -144,6 +154,33 @@ class EvalSettings(_Section):
     tiers: bool = True
 
 
+# The ways hlora.federation.faults can mangle an update, each one a reason validation rejects it for
+# ("scale" only when federation.max_update_norm is set).
+CorruptKind = Literal["nan", "inf", "shape", "rank", "missing", "extra", "dtype", "scale", "weight"]
+CORRUPT_KINDS: tuple[str, ...] = get_args(CorruptKind)
+
+
+class FaultSettings(_Section):
+    """Faults injected into the simulation (hlora.federation.faults): each sampled client, each round,
+    crashes before it replies, times out (its reply is discarded), or sends a corrupted update, with these
+    probabilities (exclusive: they add up to at most 1). Off by default."""
+
+    crash: float = Field(0.0, ge=0, le=1)
+    timeout: float = Field(0.0, ge=0, le=1)
+    corrupt: float = Field(0.0, ge=0, le=1)
+    # How a corrupted update is mangled: one of CORRUPT_KINDS, or "any" (drawn per corrupted client).
+    corrupt_kind: Literal[CorruptKind, "any"] = "any"
+
+    @model_validator(mode="after")
+    def _shares_fit(self) -> FaultSettings:
+        if self.crash + self.timeout + self.corrupt > 1:
+            raise ValueError(
+                f"crash + timeout + corrupt is {self.crash + self.timeout + self.corrupt:g}, above 1: "
+                "a client has at most one fault per round"
+            )
+        return self
+
+
 class Settings(_Section):
     """The whole run configuration (the resolved form is saved as `config.toml` in the run)."""
 
@@ -154,6 +191,7 @@ class Settings(_Section):
     federation: FederationSettings = Field(default_factory=FederationSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    faults: FaultSettings = Field(default_factory=FaultSettings)
     # The chosen method's options (its `Options` model says which keys it takes); kept as written, so
     # that the saved config round-trips, and validated here and again when the method is created.
     method_options: dict[str, Any] = Field(default_factory=dict)

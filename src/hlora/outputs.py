@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -71,7 +72,8 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 def summarise(rows: Sequence[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
     """Best and final quality (global, and per rank tier where tiers were scored), totals over the run,
-    and each tier's cost: mean seconds per local step, largest peak memory."""
+    each tier's cost (mean seconds per local step, largest peak memory), and failed rounds, refused
+    updates by reason and lost clients by kind."""
     if not rows:
         return dict(extra, rounds=0)
     best = max(rows, key=lambda r: (r["accuracy"], -r["round"]))
@@ -98,7 +100,29 @@ def summarise(rows: Sequence[dict[str, Any]], extra: dict[str, Any]) -> dict[str
     peak = _per_tier(rows, "tier_peak_bytes")
     if peak:
         summary["max_tier_peak_bytes"] = {r: max(v) for r, v in peak.items()}
+    if any("round_failed" in r for r in rows):  # what went wrong, totalled (hlora.federation.validation)
+        summary["failed_rounds"] = sum(bool(r.get("round_failed")) for r in rows)
+        summary["rejected_by_reason"] = _counts(rows, "rejected")
+        summary["failed_clients_by_kind"] = _counts(rows, "failed_clients")
+        summary["corrupted_by_kind"] = _counts(rows, "corrupted_clients")
     return summary
+
+
+def failures_line(summary: dict[str, Any]) -> str | None:
+    """`"1 failed round; rejected: nonfinite 2, norm 1; lost: crash 1"`, or None for a run where
+    nothing went wrong."""
+    parts = []
+    if summary.get("failed_rounds"):
+        parts.append(f"{summary['failed_rounds']} failed round{'s' if summary['failed_rounds'] > 1 else ''}")
+    for label, key in (("rejected", "rejected_by_reason"), ("lost", "failed_clients_by_kind")):
+        if summary.get(key):
+            parts.append(f"{label}: " + ", ".join(f"{k} {n}" for k, n in summary[key].items()))
+    return "; ".join(parts) or None
+
+
+def _counts(rows: Sequence[dict[str, Any]], key: str) -> dict[str, int]:
+    """`{value: how often}` over every round's `{client id: value}` field, values sorted."""
+    return dict(sorted(Counter(v for row in rows for v in row.get(key, {}).values()).items()))
 
 
 def _per_tier(rows: Sequence[dict[str, Any]], key: str) -> dict[str, list[Any]]:

@@ -54,7 +54,7 @@ def run(
     """Run a federated (or centralised) fine-tuning job and write its run directory."""
     from hlora.config import load_settings
     from hlora.federation import simulation
-    from hlora.outputs import create_run_dir, default_run_dir
+    from hlora.outputs import create_run_dir, default_run_dir, failures_line
 
     _setup_logging(quiet)
     settings = load_settings(config, list(set_ or []))
@@ -72,6 +72,9 @@ def run(
         f"done: final accuracy {summary['final_accuracy']:.4f}{f1}, best {summary['best_accuracy']:.4f} "
         f"(round {summary['best_round']}); files in {run_dir}"
     )
+    failures = failures_line(summary)
+    if failures:
+        typer.echo(f"faults: {failures}")
 
 
 @app.command()

@@ -1,19 +1,25 @@
 """The server's side of a round, independent of how messages travel.
 
-`configure(round)` picks the round's clients and what each is sent; `aggregate(round, updates)` folds
-their replies into the next global adapter. The in-process simulation calls the clients directly in
-between; a Flower strategy does the same through Flower's messages.
+`configure(round)` picks the round's clients and what each is sent; `aggregate(round, updates)` checks
+their replies against what they were sent and folds the valid ones into the next global adapter. The
+in-process simulation calls the clients directly in between; a Flower strategy does the same through
+Flower's messages.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from hlora.aggregation.base import Aggregator, ClientPlan, ClientUpdate
+from hlora.federation.validation import Rejection, update_norm, validate_update
 from hlora.weights import AdapterWeights, tensor_bytes
+
+log = logging.getLogger("hlora.federation")
 
 
 def derive_seed(*parts: int) -> int:
@@ -37,8 +43,27 @@ class RoundTraffic:
         return sum(self.downlink_bytes_by_client.values())
 
 
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What `FederatedServer.aggregate` made of one round's replies."""
+
+    accepted: tuple[int, ...]  # client ids whose updates were valid (and aggregated, unless `failed`)
+    rejected: dict[int, Rejection] = field(default_factory=dict)  # client id -> why its update was refused
+    missing: tuple[int, ...] = ()  # planned clients that sent nothing (crashed, timed out, lost)
+    failed: bool = False  # True: nothing was aggregated, the global state is as it was
+    reason: str = ""  # why the round failed
+    # client id -> L2 norm of the change its accepted update made (validation.update_norm): what honest
+    # clients send, so that a `max_update_norm` can be chosen from a run without one
+    update_norms: dict[int, float] = field(default_factory=dict)
+
+
 class FederatedServer:
-    """Holds the global adapter and runs the aggregation method each round."""
+    """Holds the global adapter and runs the aggregation method each round.
+
+    Every update is validated against the plan its client was sent (`hlora.federation.validation`);
+    the valid ones are aggregated when there are at least `min_clients` of them, else the round fails
+    and the global state stays as it was.
+    """
 
     def __init__(
         self,
@@ -47,15 +72,26 @@ class FederatedServer:
         client_ranks: Mapping[int, int],
         clients_per_round: int,
         seed: int,
+        min_clients: int = 1,
+        max_update_norm: float | None = None,
     ) -> None:
         aggregator.check_ranks(client_ranks)
+        if min_clients < 1:
+            raise ValueError(f"min_clients must be >= 1, got {min_clients}")
         self.aggregator = aggregator
         self.client_ranks = dict(client_ranks)
         self.clients_per_round = clients_per_round
         self.seed = seed
+        self.min_clients = min_clients
+        self.max_update_norm = max_update_norm
         self.global_weights = aggregator.initial_global(initial)
         self.version = 0  # aggregations made so far
-        self._synced: dict[int, int] = {}  # client id -> `version` when it last received a plan
+        # client id -> `version` of the last plan it is known to hold: the plan of its last valid update.
+        # A client that crashed, timed out or sent a bad update may not hold what it was sent, so it is
+        # sent from its last known version again (merging a base delta twice is a no-op).
+        self._synced: dict[int, int] = {}
+        self._round: int | None = None  # the round configured last, and what its clients were sent
+        self._plans: dict[int, tuple[ClientPlan, int]] = {}  # client id -> (plan, `version` it was made at)
 
     def sample(self, rnd: int) -> list[int]:
         """The round's clients: a seeded draw without replacement, in ascending id order."""
@@ -72,7 +108,8 @@ class FederatedServer:
             plans[cid] = self.aggregator.plan_for(
                 self.global_weights, self.client_ranks[cid], synced=self._synced.get(cid, 0)
             )
-            self._synced[cid] = self.version
+        self._round = rnd
+        self._plans = {cid: (plan, self.version) for cid, plan in plans.items()}
         return plans
 
     def model_plan(self, rank: int | None = None) -> ClientPlan:
@@ -82,13 +119,67 @@ class FederatedServer:
             self.global_weights, rank if rank is not None else self.aggregator.bank_rank, synced=0
         )
 
-    def aggregate(self, rnd: int, updates: Sequence[ClientUpdate]) -> None:
-        """Replace the global adapter by the method's aggregate of this round's updates."""
-        if not updates:
-            return
-        ordered = sorted(updates, key=lambda u: u.client_id)  # results never depend on arrival order
-        self.global_weights = self.aggregator.aggregate(self.global_weights, ordered)
-        self.version += 1
+    def aggregate(self, rnd: int, updates: Sequence[ClientUpdate]) -> RoundOutcome:
+        """Validate this round's updates against their plans and, if at least `min_clients` are valid,
+        replace the global adapter by the method's aggregate of those. A refused update is logged (one
+        warning each) and left out; with too few valid ones nothing changes (`version` included) and the
+        outcome says the round failed. Bad updates never raise."""
+        if rnd != self._round:
+            raise ValueError(f"aggregate(round {rnd}) without configure({rnd}) before it")
+        accepted, rejected = self.screen(updates)
+        missing = tuple(sorted(self._plans.keys() - {u.client_id for u in updates}))
+        for cid, why in sorted(rejected.items()):
+            log.warning("round %d: client %s rejected (%s): %s", rnd, cid, why.code, why.detail)
+        for u in accepted:  # a valid update shows its client holds what it was sent, failed round or not
+            self._synced[u.client_id] = self._plans[u.client_id][1]
+        ids = tuple(u.client_id for u in accepted)
+        if len(accepted) < self.min_clients:
+            reason = f"{len(accepted)} valid update(s), min_clients is {self.min_clients}"
+        else:
+            candidate = self.aggregator.aggregate(self.global_weights, accepted)
+            # Finite updates can still overflow when no norm bound holds them. (A method that keeps state
+            # of its own is not rolled back; FLoRA's stacks only concatenate and scale by p_k <= 1, so
+            # they are finite whenever the updates are.)
+            reason = "" if _finite(candidate) else "the aggregate is not finite"
+            if not reason:
+                self.global_weights = candidate
+                self.version += 1
+        if reason:
+            log.warning("round %d failed (%s): the global model is unchanged", rnd, reason)
+        norms = {u.client_id: self._change(u) for u in accepted}
+        return RoundOutcome(ids, rejected, missing, failed=bool(reason), reason=reason, update_norms=norms)
+
+    def _change(self, update: ClientUpdate) -> float:
+        plan = self._plans[update.client_id][0]
+        return update_norm(plan.uplink(update.weights), plan.uplink(plan.adapter))
+
+    def screen(self, updates: Sequence[ClientUpdate]) -> tuple[list[ClientUpdate], dict[int, Rejection]]:
+        """The valid updates of the round configured last (by client id: results never depend on arrival
+        order), and why each other one was refused. A client this round did not plan for, or that sent
+        more than one update, is refused too."""
+        counts: dict[int, int] = {}
+        for u in updates:
+            counts[u.client_id] = counts.get(u.client_id, 0) + 1
+        accepted, rejected = [], {}
+        for u in sorted(updates, key=lambda u: u.client_id):
+            cid = u.client_id
+            if cid not in self._plans:
+                rejected[cid] = Rejection("unplanned", f"client {cid} was not asked for an update this round")
+            elif counts[cid] > 1:
+                rejected[cid] = Rejection("duplicate", f"client {cid} sent {counts[cid]} updates")
+            else:
+                why = validate_update(u, self._plans[cid][0], self.max_update_norm)
+                if why is None:
+                    accepted.append(u)
+                else:
+                    rejected[cid] = why
+        return accepted, rejected
+
+
+def _finite(weights: AdapterWeights) -> bool:
+    """Every value finite: the last guard against an aggregate that overflowed (an update may be finite
+    and still huge when no `max_update_norm` bounds it)."""
+    return all(bool(torch.isfinite(t).all()) for t in weights.tensors().values())
 
 
 def traffic(plans: Mapping[int, ClientPlan], updates: Sequence[ClientUpdate]) -> RoundTraffic:

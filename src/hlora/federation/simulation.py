@@ -31,8 +31,9 @@ from hlora.data.partition import (
 )
 from hlora.data.tokenize import EncodedSplit, encode, make_collator
 from hlora.evaluation import evaluate
+from hlora.federation.faults import ClientFailure, FaultInjector
 from hlora.federation.ranks import assign_ranks, resolve_bank_rank
-from hlora.federation.server import FederatedServer, RoundTraffic, derive_seed, traffic
+from hlora.federation.server import FederatedServer, RoundOutcome, RoundTraffic, derive_seed, traffic
 from hlora.models.lora_model import LoraModel, load_base_model
 from hlora.outputs import (
     CONFIG_FILE,
@@ -72,6 +73,7 @@ def effective_settings(settings: Settings) -> Settings:
         rounds=fed.rounds,
         alpha=math.inf,
         min_client_size=1,
+        max_update_norm=fed.max_update_norm,
     )
     return settings.model_copy(update={"federation": central, "lora": central_lora, "method_options": {}})
 
@@ -123,7 +125,15 @@ def prepare(settings: Settings) -> Experiment:
     initial = model.initial_weights(bank_rank, seed=derive_seed(settings.run.seed, 0xA11CE))
     # The server refuses ranks its method cannot serve (FedIT with mixed ranks) here, before a run
     # directory exists.
-    server = FederatedServer(aggregator, initial, client_ranks, fed.clients_per_round, settings.run.seed)
+    server = FederatedServer(
+        aggregator,
+        initial,
+        client_ranks,
+        fed.clients_per_round,
+        settings.run.seed,
+        min_clients=fed.min_clients,
+        max_update_norm=fed.max_update_norm,
+    )
     t2 = time.perf_counter()
     train = encode(train_rows, tokenizer, settings.data.max_length)
     dev = encode(dev_rows, tokenizer, settings.data.max_length)
@@ -165,6 +175,9 @@ def run(exp: Experiment, run_dir: Path, progress: bool = True) -> dict[str, Any]
         cid: FederatedClient(cid, exp.train.subset(idx), trainer) for cid, idx in enumerate(exp.partitions)
     }
 
+    faults = FaultInjector(s.faults, s.run.seed)
+    if faults.active:
+        log.info("injected faults per sampled client and round: %s", faults)
     metrics = MetricsLog(run_dir)
     rounds = tqdm(
         range(1, fed.rounds + 1), desc=f"{exp.task.name} {fed.method}", unit="round", disable=not progress
@@ -174,11 +187,17 @@ def run(exp: Experiment, run_dir: Path, progress: bool = True) -> dict[str, Any]
         plans = server.configure(rnd)
         updates: list[ClientUpdate] = []
         results: dict[int, TrainResult] = {}
+        lost: dict[int, str] = {}  # client id -> "crash" or "timeout": no reply reached the server
         for cid, plan in plans.items():
-            update, results[cid] = clients[cid].fit(plan, seed=derive_seed(s.run.seed, rnd, cid))
+            try:
+                update, results[cid] = faults.fit(clients[cid], plan, rnd, derive_seed(s.run.seed, rnd, cid))
+            except ClientFailure as e:
+                lost[cid] = e.kind
+                log.warning("round %d: %s", rnd, e)
+                continue
             updates.append(update)
         t1 = time.perf_counter()
-        server.aggregate(rnd, updates)
+        outcome = server.aggregate(rnd, updates)
         t2 = time.perf_counter()
         held = server.model_plan()  # the global model, as a client would hold it (FLoRA: merged stacks)
         merge_base(exp.model, held)
@@ -191,6 +210,7 @@ def run(exp: Experiment, run_dir: Path, progress: bool = True) -> dict[str, Any]
             timings["tier_eval_s"] = t4 - t3
         timings["wall_s"] = t4 - t0
         row = round_row(rnd, scores, tiers, results, traffic(plans, updates), exp.client_ranks, timings)
+        row.update(reliability_fields(outcome, lost, faults.corrupted(rnd, plans)))
         metrics.append(row)
         rounds.write(_round_line(row, fed.rounds))
 
@@ -251,19 +271,20 @@ def round_row(
 ) -> dict[str, Any]:
     """One `metrics.jsonl` row: the global scores, each tier's (keyed by rank, as a string), the
     training loss, traffic, and each tier's cost (mean seconds per step over the tier's clients this
-    round, the largest peak memory among them)."""
-    ids = sorted(results)
+    round, the largest peak memory among them). `clients` are the round's sampled clients; loss and cost
+    come from those whose reply arrived (`results`; the loss is None when none did)."""
+    ids = sorted(sent.downlink_bytes_by_client)
+    replied = sorted(results)
     row: dict[str, Any] = {"round": rnd, **scores}
     if tier_scores:
         for metric in scores:  # accuracy, and F1 where the task has it
             row[f"tier_{metric}"] = {str(r): tier[metric] for r, tier in sorted(tier_scores.items())}
     by_tier: dict[int, list[TrainResult]] = {}
-    for cid in sorted(ids, key=client_ranks.get):  # ranks ascending, so the tier keys come out in order
+    for cid in sorted(replied, key=client_ranks.get):  # ranks ascending, so the tier keys come out in order
         by_tier.setdefault(client_ranks[cid], []).append(results[cid])
+    loss = [(results[c].mean_loss, results[c].num_samples) for c in replied]
     row.update(
-        train_loss=float(
-            np.average([results[c].mean_loss for c in ids], weights=[results[c].num_samples for c in ids])
-        ),
+        train_loss=float(np.average([x for x, _ in loss], weights=[n for _, n in loss])) if loss else None,
         uplink_bytes=sent.uplink_bytes,
         downlink_bytes=sent.downlink_bytes,
         clients=ids,
@@ -272,10 +293,27 @@ def round_row(
         client_downlink_bytes={str(cid): n for cid, n in sorted(sent.downlink_bytes_by_client.items())},
         tier_step_s={str(r): round(float(np.mean([x.step_s for x in xs])), 6) for r, xs in by_tier.items()},
         tier_peak_bytes={str(r): max(x.peak_bytes for x in xs) for r, xs in by_tier.items()},
-        train_samples=sum(results[c].samples_seen for c in ids),
+        train_samples=sum(results[c].samples_seen for c in replied),
         **{name: round(seconds, 4) for name, seconds in timings.items()},
     )
     return row
+
+
+def reliability_fields(
+    outcome: RoundOutcome, lost: dict[int, str], corrupted: dict[int, str]
+) -> dict[str, Any]:
+    """The `metrics.jsonl` fields of what went wrong in a round (client ids as strings): which clients'
+    updates went into the global model and the norm of the change each valid one made, the updates the
+    server refused and why, the clients whose reply never came, whether the round failed, and which
+    updates were corrupted on purpose (`[faults]`)."""
+    return {
+        "aggregated_clients": [] if outcome.failed else list(outcome.accepted),
+        "client_update_norm": {str(cid): round(n, 6) for cid, n in sorted(outcome.update_norms.items())},
+        "rejected": {str(cid): why.code for cid, why in sorted(outcome.rejected.items())},
+        "failed_clients": {str(cid): kind for cid, kind in sorted(lost.items())},
+        "round_failed": outcome.failed,
+        "corrupted_clients": {str(cid): kind for cid, kind in sorted(corrupted.items())},
+    }
 
 
 def _same_model(a: ClientPlan, b: ClientPlan) -> bool:
@@ -298,9 +336,17 @@ def _round_line(row: dict[str, Any], rounds: int) -> str:
     f1 = f"  f1 {row['f1']:.4f}" if "f1" in row else ""
     tiers = row.get("tier_accuracy", {})
     tier_acc = "  tiers " + " ".join(f"r{r} {acc:.4f}" for r, acc in tiers.items()) if len(tiers) > 1 else ""
+    loss = f"{row['train_loss']:.4f}" if row.get("train_loss") is not None else "-"
+    trouble = "".join(
+        f"  {label} " + " ".join(f"c{cid} {why}" for cid, why in row[key].items())
+        for label, key in (("rejected", "rejected"), ("lost", "failed_clients"))
+        if row.get(key)
+    )
+    if row.get("round_failed"):
+        trouble += "  round failed: global model kept"
     return (
         f"round {row['round']:>3}/{rounds}  acc {row['accuracy']:.4f}{f1}{tier_acc}  "
-        f"loss {row['train_loss']:.4f}  "
+        f"loss {loss}  "
         f"up {row['uplink_bytes'] / 1e6:.2f} MB  down {row['downlink_bytes'] / 1e6:.2f} MB  "
-        f"{row['wall_s']:.1f} s"
+        f"{row['wall_s']:.1f} s{trouble}"
     )
