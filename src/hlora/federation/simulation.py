@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import set_seed
 
 from hlora.aggregation import registry
 from hlora.aggregation.base import ClientPlan, ClientUpdate
@@ -116,7 +117,9 @@ def prepare(settings: Settings) -> Experiment:
     bank_rank = resolve_bank_rank(settings.lora, client_ranks)
     aggregator = registry.create(fed.method, bank_rank, settings.run.seed, settings.method_options)
     t1 = time.perf_counter()
-    torch.manual_seed(settings.run.seed)
+    # Every global RNG (Python's, numpy's, torch's) from the run's seed, so that a checkpoint's RNG states
+    # depend on the run alone, not on what the process did before it.
+    set_seed(settings.run.seed)
     base, tokenizer = load_base_model(settings.model, task.num_labels, seed=settings.run.seed)
     device = pick_device(settings.run.device)
     model = LoraModel(base, settings.lora, device)
