@@ -27,3 +27,7 @@ class AggregationError(HloraError):
 
 class RunDirError(HloraError):
     """A run directory that exists already or cannot be written."""
+
+
+class CheckpointError(HloraError):
+    """A run's checkpoint that is damaged or does not belong to the run's config."""

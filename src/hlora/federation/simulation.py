@@ -1,7 +1,8 @@
 """The embedded runtime: every client in this process, sharing one base model.
 
 `prepare()` does everything that can fail on the user's input (config, data, model) before anything
-is written; `run()` then owns a fresh run directory and plays the rounds.
+is written; `run()` then owns a fresh run directory and plays the rounds, committing a checkpoint after
+each; given that checkpoint, `run()` goes on from it in the same directory (`hlora.checkpoint`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import set_seed
 
+from hlora import checkpoint
 from hlora.aggregation import registry
 from hlora.aggregation.base import ClientPlan, ClientUpdate
 from hlora.client.client import FederatedClient, merge_base
@@ -152,10 +154,16 @@ def prepare(settings: Settings) -> Experiment:
     )
 
 
-def run(exp: Experiment, run_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """Play every round in-process, writing the run's files into the (new, empty) `run_dir`."""
+def run(
+    exp: Experiment, run_dir: Path, progress: bool = True, resume: checkpoint.Checkpoint | None = None
+) -> dict[str, Any]:
+    """Play every round in-process, writing the run's files into the (new, empty) `run_dir`; with
+    `resume` (`checkpoint.open_resume`), the run's own directory, going on after the checkpoint's round
+    as if the run had never stopped. Returns the summary."""
     s = exp.settings
     fed = s.federation
+    # Restored and checked before anything is written: a checkpoint that does not fit changes nothing.
+    first = checkpoint.restore(exp, resume) + 1 if resume is not None else 1
     write_text_atomic(run_dir / CONFIG_FILE, settings_to_toml(s))
     write_partition_csv(exp.partition_rows, run_dir / PARTITION_FILE)
     log.info("data: %s (%d train rows, %d dev rows)", exp.data_source, len(exp.train), len(exp.dev))
@@ -168,10 +176,17 @@ def run(exp: Experiment, run_dir: Path, progress: bool = True) -> dict[str, Any]
         cid: FederatedClient(cid, exp.train.subset(idx), trainer) for cid, idx in enumerate(exp.partitions)
     }
 
-    metrics = MetricsLog(run_dir)
+    metrics = MetricsLog(run_dir, resume.metrics if resume is not None else ())
     rounds = tqdm(
-        range(1, fed.rounds + 1), desc=f"{exp.task.name} {fed.method}", unit="round", disable=not progress
+        range(first, fed.rounds + 1),
+        initial=first - 1,
+        total=fed.rounds,
+        desc=f"{exp.task.name} {fed.method}",
+        unit="round",
+        disable=not progress,
     )
+    if resume is not None:
+        checkpoint.set_rng_state(resume.rng)  # last: nothing may draw from them before the rounds
     for rnd in rounds:
         t0 = time.perf_counter()
         plans = server.configure(rnd)
@@ -195,6 +210,7 @@ def run(exp: Experiment, run_dir: Path, progress: bool = True) -> dict[str, Any]
         timings["wall_s"] = t4 - t0
         row = round_row(rnd, scores, tiers, results, traffic(plans, updates), exp.client_ranks, timings)
         metrics.append(row)
+        checkpoint.save_checkpoint(run_dir, exp, rnd, metrics.rows)
         rounds.write(_round_line(row, fed.rounds))
 
     summary = summarise(
