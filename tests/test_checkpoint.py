@@ -145,6 +145,41 @@ def test_a_commit_stopped_between_its_renames_is_read_whole(tmp_path):
     assert_same_state(read.server, Checkpoint.read(tmp_path / "next").server)
 
 
+def test_the_next_save_finishes_a_stopped_commit_before_it_writes(tmp_path, monkeypatch):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "next").mkdir()
+    server = toy_server("flora", {0: 2, 1: 4, 2: 3})
+    toy_round(server, 1)
+    Checkpoint(1, server.state_dict(), {"metrics": []}).write(tmp_path / "run")
+    toy_round(server, 2)
+    Checkpoint(2, server.state_dict(), {"metrics": []}).write(tmp_path / "next")
+    run, nxt = tmp_path / "run" / "checkpoint", tmp_path / "next" / "checkpoint"
+    shutil.copy(nxt / "adapter.safetensors", run / "adapter.safetensors")  # stopped as above
+    shutil.copy(nxt / "aggregator.safetensors", run / ".aggregator.safetensors.tmp")
+    shutil.copy(nxt / "state.json", run / ".state.json.tmp")
+    # Round 3's commit is killed once its aggregator file is written (the second fsync): the round-2
+    # .state.json.tmp must not pair with it, so the save had finished round 2's renames first.
+    fsyncs = []
+
+    def killed_at_the_second(fd, fsync=os.fsync):
+        fsyncs.append(fd)
+        if len(fsyncs) == 2:
+            raise Crash
+        fsync(fd)
+
+    toy_round(server, 3)
+    monkeypatch.setattr(os, "fsync", killed_at_the_second)
+    with pytest.raises(Crash):
+        Checkpoint(3, server.state_dict(), {"metrics": []}).write(tmp_path / "run")
+    monkeypatch.undo()
+    assert Checkpoint.read(tmp_path / "run").round == 2
+    assert json.loads((run / "state.json").read_text())["round"] == 2
+    Checkpoint(3, server.state_dict(), {"metrics": []}).write(tmp_path / "run")
+    assert Checkpoint.read(tmp_path / "run").round == 3
+    names = ["adapter.safetensors", "aggregator.safetensors", "state.json"]
+    assert sorted(p.name for p in run.iterdir()) == names  # no temporary file left
+
+
 def test_a_commit_killed_while_writing_leaves_the_last_one(tmp_path):
     server = toy_server("hlora", {0: 2, 1: 4, 2: 4})
     toy_round(server, 1)

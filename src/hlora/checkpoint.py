@@ -12,8 +12,9 @@
 Each safetensors file names its round in its metadata (`hlora_round`). A save writes all three files
 beside their final names (`.NAME.tmp`), then renames them into place, `state.json` last: `state.json`
 is the commit point, and a load takes only tensors that carry the round it names. A kill between the
-renames leaves a complete `.state.json.tmp` whose tensor files all exist, renamed or not: the load
-reads that newer checkpoint, and the next save replaces every file.
+renames leaves a complete `.state.json.tmp` whose tensor files all exist, renamed or not: a load reads
+that newer checkpoint, and the next save first finishes its renames (so that no complete
+`.state.json.tmp` is left to pair with the new commit's half-written files).
 
 Resume is exact on the CPU: each client's batches and dropout are seeded per (seed, round, client)
 (`derive_seed`), the round's clients are a seeded draw, the restored global adapter is bit for bit the
@@ -84,6 +85,7 @@ class Checkpoint:
         """Commit this checkpoint to `run_dir/checkpoint/` (`run_dir` exists), replacing the one there."""
         folder = Path(run_dir) / CHECKPOINT_DIR
         folder.mkdir(exist_ok=True)
+        _finish_interrupted_commit(folder)
         method_state = self.server["aggregator"]
         server_json = {k: v for k, v in self.server.items() if k not in ("global_weights", "aggregator")}
         server_json["aggregator"] = {k: v for k, v in method_state.items() if not isinstance(v, Tensor)}
@@ -302,6 +304,18 @@ def _commit(folder: Path, files: Mapping[str, bytes]) -> None:
             os.fsync(f.fileno())
     for name in files:
         os.replace(_tmp(folder / name), folder / name)
+
+
+def _finish_interrupted_commit(folder: Path) -> None:
+    """Do the renames a kill left undone, so that the commit's `.state.json.tmp` is gone before the
+    next commit overwrites the temporary tensor files it names."""
+    found = _interrupted_commit(folder)
+    if found is None:
+        return
+    for name, path in found[1].items():
+        if path != folder / name:
+            os.replace(path, folder / name)
+    os.replace(_tmp(folder / STATE_FILE), folder / STATE_FILE)
 
 
 def _round_of(path: Path) -> int | None:
