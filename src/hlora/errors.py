@@ -37,3 +37,7 @@ class RunDirError(HloraError):
 
 class ExportError(HloraError):
     """An export destination that is not a new or empty folder, or an adapter that does not fit its model."""
+
+
+class CheckpointError(HloraError):
+    """A run's checkpoint that is damaged or does not belong to the run's config."""

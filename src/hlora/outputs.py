@@ -2,6 +2,7 @@
 
 `metrics.jsonl` holds one JSON object per round and is appended and flushed as each round ends, so a
 run that dies keeps every finished round; `summary.json` and `accuracy.png` are written at the end.
+`checkpoint/` (`hlora.checkpoint`) holds what a resumed run continues from.
 """
 
 from __future__ import annotations
@@ -53,9 +54,12 @@ def write_text_atomic(path: Path, text: str) -> None:
 class MetricsLog:
     """Appends one JSON object per round to `metrics.jsonl`."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, rows: Sequence[dict[str, Any]] = ()) -> None:
+        """Start `metrics.jsonl` afresh with `rows` (a resumed run's, from its checkpoint), replacing what
+        the file held: a row appended after the checkpoint was made is dropped, not repeated."""
         self.path = run_dir / METRICS_FILE
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = list(rows)
+        write_text_atomic(self.path, "".join(json.dumps(row, sort_keys=False) + "\n" for row in self.rows))
 
     def append(self, row: dict[str, Any]) -> None:
         self.rows.append(row)

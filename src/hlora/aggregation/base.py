@@ -16,7 +16,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel
@@ -119,6 +119,18 @@ class Aggregator(ABC):
     @abstractmethod
     def aggregate(self, global_weights: AdapterWeights, updates: Sequence[ClientUpdate]) -> AdapterWeights:
         """The next global adapter (at `bank_rank`) from this round's client updates."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What this method has gathered over the rounds beyond the global adapter, for a checkpoint:
+        name -> a tensor or a JSON value. By default nothing: a method's settings come from the config,
+        and `initial` is rebuilt from the seed."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what `state_dict()` returned, into a method built from the same config. Raises
+        ValueError for a state this method cannot have written."""
+        if state:
+            raise ValueError(f"method {self.name!r} keeps no state, got {', '.join(sorted(state)[:3])}")
 
 
 class LayerwiseAggregator(Aggregator):

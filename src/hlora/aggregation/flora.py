@@ -9,7 +9,8 @@ every stack it lacks. The global adapter the server keeps is the fresh one with 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from hlora.aggregation.base import (
     Aggregator,
@@ -50,3 +51,20 @@ class FLoRA(Aggregator):
         self.deltas.append(BaseDelta(len(self.deltas) + 1, AdapterWeights(stack)))
         # The global adapter stays the fresh one (the round-0 init, B = 0): the update lives in the base.
         return AdapterWeights(global_weights.factors, average_dense(updates, p))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every round's stack: their number (`deltas`) and each tensor as `deltas.<version>.<name>`."""
+        state: dict[str, Any] = {"deltas": len(self.deltas)}
+        for delta in self.deltas:
+            state.update({f"deltas.{delta.version}.{k}": t for k, t in delta.weights.tensors().items()})
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        deltas = []
+        for version in range(1, int(state.get("deltas", 0)) + 1):
+            prefix = f"deltas.{version}."
+            tensors = {k.removeprefix(prefix): t for k, t in state.items() if k.startswith(prefix)}
+            if not tensors:
+                raise ValueError(f"{self.name} state lacks base delta {version}")
+            deltas.append(BaseDelta(version, AdapterWeights.from_tensors(tensors)))
+        self.deltas = deltas

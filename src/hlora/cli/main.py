@@ -49,24 +49,37 @@ def run(
     data_dir: Annotated[
         Path | None, typer.Option("--data-dir", help="GLUE TSV folder (overrides data.data_dir).")
     ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="Continue the run in this directory after its last checkpoint, with its own config "
+            "(--set federation.rounds=N may extend it).",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or info lines.")] = False,
 ) -> None:
-    """Run a federated (or centralised) fine-tuning job and write its run directory."""
+    """Run a federated (or centralised) fine-tuning job and write its run directory, or go on with a
+    stopped one (--resume)."""
     from hlora.config import load_settings
     from hlora.federation import simulation
     from hlora.outputs import create_run_dir, default_run_dir, failures_line
 
     _setup_logging(quiet)
-    settings = load_settings(config, list(set_ or []))
-    if data_dir is not None:
-        settings.data.data_dir = str(data_dir)
-    if out is not None and out.exists():  # fail before the slow part, and again atomically below
-        create_run_dir(out)
-    experiment = simulation.prepare(settings)
-    s = experiment.settings
-    run_dir = create_run_dir(out or default_run_dir(s.data.task, s.federation.method, s.run.name))
-    logging.getLogger("hlora").info("run directory: %s", run_dir)
-    summary = simulation.run(experiment, run_dir, progress=not quiet)
+    if resume is not None:
+        summary = _resume(resume, list(set_ or []), quiet, refused=(config, out, data_dir))
+        run_dir = resume
+    else:
+        settings = load_settings(config, list(set_ or []))
+        if data_dir is not None:
+            settings.data.data_dir = str(data_dir)
+        if out is not None and out.exists():  # fail before the slow part, and again atomically below
+            create_run_dir(out)
+        experiment = simulation.prepare(settings)
+        s = experiment.settings
+        run_dir = create_run_dir(out or default_run_dir(s.data.task, s.federation.method, s.run.name))
+        logging.getLogger("hlora").info("run directory: %s", run_dir)
+        summary = simulation.run(experiment, run_dir, progress=not quiet)
     f1 = f", final F1 {summary['final_f1']:.4f}" if "final_f1" in summary else ""
     typer.echo(
         f"done: final accuracy {summary['final_accuracy']:.4f}{f1}, best {summary['best_accuracy']:.4f} "
@@ -75,6 +88,27 @@ def run(
     failures = failures_line(summary)
     if failures:
         typer.echo(f"faults: {failures}")
+
+
+def _resume(run_dir: Path, overrides: list[str], quiet: bool, refused: tuple[Path | None, ...]) -> dict:
+    """`hlora run --resume`: every check before the slow part, then the rounds after the checkpoint."""
+    from hlora import checkpoint
+    from hlora.errors import ConfigError
+    from hlora.federation import simulation
+
+    if any(option is not None for option in refused):
+        raise ConfigError(
+            "--resume continues a run in its own directory with its own config.toml: "
+            "it takes no --config, --out or --data-dir"
+        )
+    settings, ckpt = checkpoint.open_resume(run_dir, overrides)
+    experiment = simulation.prepare(settings)
+    log = logging.getLogger("hlora")
+    if ckpt is None:
+        log.info("%s has no checkpoint yet (no round had finished): starting again from round 1", run_dir)
+    else:
+        log.info("resuming %s after round %d of %d", run_dir, ckpt.round, settings.federation.rounds)
+    return simulation.run(experiment, run_dir, progress=not quiet, resume=ckpt)
 
 
 @app.command()

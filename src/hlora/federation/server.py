@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -118,6 +119,41 @@ class FederatedServer:
         return self.aggregator.plan_for(
             self.global_weights, rank if rank is not None else self.aggregator.bank_rank, synced=0
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the rounds so far have changed, for a checkpoint: the global adapter (`global_weights`,
+        name -> tensor), `version`, the version each client last received (`synced`, keyed by the client
+        id as a string) and the aggregator's own state (`aggregator`). The rest comes from the config."""
+        return {
+            "global_weights": self.global_weights.tensors(),
+            "version": self.version,
+            "synced": {str(cid): version for cid, version in sorted(self._synced.items())},
+            "aggregator": self.aggregator.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore `state_dict()`'s output into a server built from the same config (so the same method,
+        clients and round-0 adapter). Raises ValueError for a state that does not fit it."""
+        current = self.global_weights.tensors()
+        saved = state["global_weights"]
+        if saved.keys() != current.keys():
+            raise ValueError(
+                f"the global adapter's tensors differ: {sorted(saved.keys() ^ current.keys())[:3]}"
+            )
+        for name, t in current.items():
+            if saved[name].shape != t.shape or saved[name].dtype != t.dtype:
+                raise ValueError(
+                    f"global adapter tensor {name} is {saved[name].dtype} {tuple(saved[name].shape)}, "
+                    f"this run's is {t.dtype} {tuple(t.shape)}"
+                )
+        synced = {int(cid): int(version) for cid, version in state["synced"].items()}
+        if not synced.keys() <= self.client_ranks.keys():
+            raise ValueError(f"unknown clients {sorted(synced.keys() - self.client_ranks.keys())}")
+        self.aggregator.load_state_dict(state["aggregator"])
+        # In this run's order of names: what iterates over the adapter sees it as before.
+        self.global_weights = AdapterWeights.from_tensors({name: saved[name] for name in current})
+        self.version = int(state["version"])
+        self._synced = synced
 
     def aggregate(self, rnd: int, updates: Sequence[ClientUpdate]) -> RoundOutcome:
         """Validate this round's updates against their plans and, if at least `min_clients` are valid,

@@ -1,7 +1,8 @@
 """The embedded runtime: every client in this process, sharing one base model.
 
 `prepare()` does everything that can fail on the user's input (config, data, model) before anything
-is written; `run()` then owns a fresh run directory and plays the rounds.
+is written; `run()` then owns a fresh run directory and plays the rounds, committing a checkpoint after
+each; given that checkpoint, `run()` goes on from it in the same directory (`hlora.checkpoint`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import set_seed
 
+from hlora import checkpoint
 from hlora.aggregation import registry
 from hlora.aggregation.base import ClientPlan, ClientUpdate
 from hlora.client.client import FederatedClient, merge_base
@@ -118,7 +121,9 @@ def prepare(settings: Settings) -> Experiment:
     bank_rank = resolve_bank_rank(settings.lora, client_ranks)
     aggregator = registry.create(fed.method, bank_rank, settings.run.seed, settings.method_options)
     t1 = time.perf_counter()
-    torch.manual_seed(settings.run.seed)
+    # Every global RNG (Python's, numpy's, torch's) from the run's seed, so that a checkpoint's RNG states
+    # depend on the run alone, not on what the process did before it.
+    set_seed(settings.run.seed)
     base, tokenizer = load_base_model(settings.model, task.num_labels, seed=settings.run.seed)
     device = pick_device(settings.run.device)
     model = LoraModel(base, settings.lora, device)
@@ -159,10 +164,16 @@ def prepare(settings: Settings) -> Experiment:
     )
 
 
-def run(exp: Experiment, run_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """Play every round in-process, writing the run's files into the (new, empty) `run_dir`."""
+def run(
+    exp: Experiment, run_dir: Path, progress: bool = True, resume: checkpoint.Checkpoint | None = None
+) -> dict[str, Any]:
+    """Play every round in-process, writing the run's files into the (new, empty) `run_dir`; with
+    `resume` (`checkpoint.open_resume`), the run's own directory, going on after the checkpoint's round
+    as if the run had never stopped. Returns the summary."""
     s = exp.settings
     fed = s.federation
+    # Restored and checked before anything is written: a checkpoint that does not fit changes nothing.
+    first = checkpoint.restore(exp, resume) + 1 if resume is not None else 1
     write_text_atomic(run_dir / CONFIG_FILE, settings_to_toml(s))
     write_partition_csv(exp.partition_rows, run_dir / PARTITION_FILE)
     log.info("data: %s (%d train rows, %d dev rows)", exp.data_source, len(exp.train), len(exp.dev))
@@ -178,10 +189,17 @@ def run(exp: Experiment, run_dir: Path, progress: bool = True) -> dict[str, Any]
     faults = FaultInjector(s.faults, s.run.seed)
     if faults.active:
         log.info("injected faults per sampled client and round: %s", faults)
-    metrics = MetricsLog(run_dir)
+    metrics = MetricsLog(run_dir, resume.metrics if resume is not None else ())
     rounds = tqdm(
-        range(1, fed.rounds + 1), desc=f"{exp.task.name} {fed.method}", unit="round", disable=not progress
+        range(first, fed.rounds + 1),
+        initial=first - 1,
+        total=fed.rounds,
+        desc=f"{exp.task.name} {fed.method}",
+        unit="round",
+        disable=not progress,
     )
+    if resume is not None:
+        checkpoint.set_rng_state(resume.rng)  # last: nothing may draw from them before the rounds
     for rnd in rounds:
         t0 = time.perf_counter()
         plans = server.configure(rnd)
@@ -212,6 +230,7 @@ def run(exp: Experiment, run_dir: Path, progress: bool = True) -> dict[str, Any]
         row = round_row(rnd, scores, tiers, results, traffic(plans, updates), exp.client_ranks, timings)
         row.update(reliability_fields(outcome, lost, faults.corrupted(rnd, plans)))
         metrics.append(row)
+        checkpoint.save_checkpoint(run_dir, exp, rnd, metrics.rows)
         rounds.write(_round_line(row, fed.rounds))
 
     summary = summarise(

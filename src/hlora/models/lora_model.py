@@ -172,11 +172,16 @@ class LoraModel:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         if rank not in self._slots:
             name = f"rank{rank}"
+            # PEFT draws a new slot's init from the global RNG, and load() overwrites it anyway: keep the
+            # global RNG out of it, so that its state does not depend on the round a slot first appears in
+            # (a resumed run creates its slots later than the run it continues).
+            devices = [self.device] if self.device.type == "cuda" else []
             try:
-                if self._peft is None:
-                    self._peft = get_peft_model(self._base, self._config(rank), adapter_name=name)
-                else:
-                    self._peft.add_adapter(name, self._config(rank))
+                with torch.random.fork_rng(devices=devices):
+                    if self._peft is None:
+                        self._peft = get_peft_model(self._base, self._config(rank), adapter_name=name)
+                    else:
+                        self._peft.add_adapter(name, self._config(rank))
             except ValueError as e:
                 raise ModelError(f"cannot add a LoRA adapter to this model: {e}") from None
             self._peft.to(self.device)

@@ -1,0 +1,366 @@
+"""A checkpoint after every round, and resume that gives the run that never stopped.
+
+`RUN_DIR/checkpoint/` holds the state at the end of the last finished round:
+
+- `adapter.safetensors`: the global adapter, `FederatedServer.global_weights.tensors()` (LoRA factors
+  and head);
+- `aggregator.safetensors`: the aggregation method's tensors (FLoRA's base deltas; empty for most);
+- `state.json`: the round, the server's `version` and `synced`, the method's other state, the client
+  ranks, the bank rank, the partition's sizes and hash, a fingerprint of the config, every global RNG
+  state, and the metrics rows so far.
+
+Each safetensors file names its round in its metadata (`hlora_round`). A save writes all three files
+beside their final names (`.NAME.tmp`), then renames them into place, `state.json` last: `state.json`
+is the commit point, and a load takes only tensors that carry the round it names. A kill between the
+renames leaves a complete `.state.json.tmp` whose tensor files all exist, renamed or not: a load reads
+that newer checkpoint, and the next save first finishes its renames (so that no complete
+`.state.json.tmp` is left to pair with the new commit's half-written files).
+
+Resume is exact on the CPU: each client's batches and dropout are seeded per (seed, round, client)
+(`derive_seed`), the round's clients are a seeded draw, the restored global adapter is bit for bit the
+saved one, and FLoRA's base deltas are merged into the fresh base model in the order the run merged them.
+The global RNG states are restored too, for whatever draws from them (the dev loader's base seed).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor
+
+from hlora.client.client import apply_plan, merge_base
+from hlora.config import Settings, load_settings
+from hlora.errors import CheckpointError, ConfigError, RunDirError
+from hlora.outputs import CONFIG_FILE, SUMMARY_FILE
+
+if TYPE_CHECKING:
+    from hlora.federation.simulation import Experiment
+
+log = logging.getLogger("hlora")
+
+CHECKPOINT_DIR = "checkpoint"
+ADAPTER_FILE = "adapter.safetensors"
+AGGREGATOR_FILE = "aggregator.safetensors"
+STATE_FILE = "state.json"
+FORMAT = 1  # of state.json; a checkpoint of another format is refused, not guessed at
+_ROUND_KEY = "hlora_round"  # safetensors metadata: the round a tensor file belongs to
+_TENSOR_FILES = (ADAPTER_FILE, AGGREGATOR_FILE)
+# What a resume may change in the run's config: the number of rounds, to extend a run.
+RESUME_OVERRIDES = ("federation.rounds",)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The state at the end of round `round`, in memory."""
+
+    round: int
+    server: dict[str, Any]  # FederatedServer.state_dict()
+    run: dict[str, Any]  # the runtime's part: fingerprint, client_ranks, bank_rank, partition, rng, metrics
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        """The metrics rows of rounds 1 to `round`."""
+        return self.run["metrics"]
+
+    @property
+    def rng(self) -> dict[str, Any]:
+        """The global RNG states at the end of the round (`rng_state()`)."""
+        return self.run["rng"]
+
+    def write(self, run_dir: Path) -> None:
+        """Commit this checkpoint to `run_dir/checkpoint/` (`run_dir` exists), replacing the one there."""
+        folder = Path(run_dir) / CHECKPOINT_DIR
+        folder.mkdir(exist_ok=True)
+        _finish_interrupted_commit(folder)
+        method_state = self.server["aggregator"]
+        server_json = {k: v for k, v in self.server.items() if k not in ("global_weights", "aggregator")}
+        server_json["aggregator"] = {k: v for k, v in method_state.items() if not isinstance(v, Tensor)}
+        state = {"format": FORMAT, "round": self.round, "server": server_json, **self.run}
+        method_tensors = {k: v for k, v in method_state.items() if isinstance(v, Tensor)}
+        _commit(
+            folder,
+            {
+                ADAPTER_FILE: _tensor_file(self.server["global_weights"], self.round),
+                AGGREGATOR_FILE: _tensor_file(method_tensors, self.round),
+                STATE_FILE: (json.dumps(state, indent=1) + "\n").encode("utf-8"),
+            },
+        )
+
+    @classmethod
+    def read(cls, run_dir: Path) -> Checkpoint | None:
+        """The checkpoint in `run_dir/checkpoint/`; None where there is none yet (no round finished).
+        Raises CheckpointError for a damaged one. Reads only."""
+        folder = Path(run_dir) / CHECKPOINT_DIR
+        found = _interrupted_commit(folder) or _committed(folder)
+        if found is None:
+            return None
+        state, paths = found
+        if state.get("format") != FORMAT:
+            raise CheckpointError(
+                f"{folder / STATE_FILE} is of format {state.get('format')!r}; this hlora reads {FORMAT}"
+            )
+        try:
+            adapter = load_file(paths[ADAPTER_FILE])
+            method_tensors = load_file(paths[AGGREGATOR_FILE])
+        except (OSError, SafetensorError) as e:
+            raise CheckpointError(f"cannot read the checkpoint in {folder}: {e}") from None
+        server = dict(state["server"])
+        server["aggregator"] = {**server["aggregator"], **method_tensors}
+        server["global_weights"] = adapter
+        run = {k: v for k, v in state.items() if k not in ("format", "round", "server")}
+        return cls(int(state["round"]), server, run)
+
+
+def save_checkpoint(run_dir: Path, exp: Experiment, rnd: int, metrics: Sequence[dict[str, Any]]) -> None:
+    """Commit the state at the end of round `rnd`, whose metrics row is the last of `metrics`."""
+    Checkpoint(
+        rnd,
+        exp.server.state_dict(),
+        {
+            "fingerprint": fingerprint(exp.settings),
+            "bank_rank": exp.bank_rank,
+            "client_ranks": {str(cid): r for cid, r in sorted(exp.client_ranks.items())},
+            "partition": partition_record(exp.partitions),
+            "rng": rng_state(),
+            "metrics": list(metrics),
+        },
+    ).write(run_dir)
+
+
+def restore(exp: Experiment, ckpt: Checkpoint) -> int:
+    """Put a freshly prepared `exp` in its state at the end of round `ckpt.round`: the server's state,
+    and the base deltas of the global model merged into the model. Checks first that the checkpoint
+    belongs to this config, ranks and partition (CheckpointError if not). The RNG states are left to
+    `set_rng_state(ckpt.rng)`, just before the rounds. Returns the checkpoint's round."""
+    check_config(ckpt, exp.settings)
+    expected = {
+        "bank_rank": exp.bank_rank,
+        "client_ranks": {str(cid): r for cid, r in sorted(exp.client_ranks.items())},
+        "partition": partition_record(exp.partitions),
+    }
+    for key, value in expected.items():
+        if ckpt.run.get(key) != value:
+            raise CheckpointError(
+                f"the checkpoint does not match this run's {key.replace('_', ' ')}: the data, or the code "
+                "that splits it, changed since the run started"
+            )
+    try:
+        exp.server.load_state_dict(ckpt.server)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"the checkpoint's server state does not fit this run: {e}") from None
+    merge_base(exp.model, exp.server.model_plan())  # the model is fresh: it holds no delta yet
+    return ckpt.round
+
+
+def open_resume(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[Settings, Checkpoint | None]:
+    """Check that the run in `run_dir` can go on, and say what from: its `config.toml` (with the
+    `overrides` a resume allows, `federation.rounds=N`) and its last checkpoint (None: no round had
+    finished, so the run starts again from round 1 in `run_dir`). Reads only; raises RunDirError,
+    ConfigError or CheckpointError."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key not in RESUME_OVERRIDES:
+            raise ConfigError(
+                f"--resume continues a run with its own {CONFIG_FILE}; --set may change only "
+                f"{', '.join(RESUME_OVERRIDES)} (got {item!r})"
+            )
+    settings = _run_config(Path(run_dir), overrides)
+    ckpt = Checkpoint.read(run_dir)
+    if ckpt is not None:
+        check_config(ckpt, settings)
+    done = ckpt.round if ckpt is not None else 0
+    rounds = settings.federation.rounds
+    if done > rounds:
+        raise ConfigError(f"federation.rounds={rounds} is below the {done} rounds {run_dir} has finished")
+    if (Path(run_dir) / SUMMARY_FILE).exists() and (done == rounds or ckpt is None):
+        raise RunDirError(
+            f"run {run_dir} is complete ({done or 'all'} of {rounds} rounds); nothing to resume "
+            "(--set federation.rounds=N extends it)"
+        )
+    return settings, ckpt
+
+
+def restore_run(run_dir: Path) -> Experiment:
+    """The run in `run_dir` as its last checkpoint left it: prepared from its `config.toml`, the server
+    restored, FLoRA's base deltas merged, and the global adapter loaded into the model, so that
+    `exp.model.module` is the global model. Raises RunDirError or CheckpointError (none yet, damaged,
+    another config)."""
+    from hlora.federation import simulation
+
+    run_dir = Path(run_dir)
+    settings = _run_config(run_dir)
+    ckpt = Checkpoint.read(run_dir)
+    if ckpt is None:
+        raise CheckpointError(f"run {run_dir} has no checkpoint yet: no round has finished")
+    check_config(ckpt, settings)
+    exp = simulation.prepare(settings)
+    restore(exp, ckpt)
+    apply_plan(exp.model, exp.server.model_plan())
+    return exp
+
+
+def check_config(ckpt: Checkpoint, settings: Settings) -> None:
+    """Raise CheckpointError unless `ckpt` was made by a run of `settings` (rounds aside)."""
+    from hlora.federation.simulation import effective_settings
+
+    if ckpt.run.get("fingerprint") != fingerprint(effective_settings(settings)):
+        raise CheckpointError(
+            f"the checkpoint (round {ckpt.round}) was made with another config than this {CONFIG_FILE}; "
+            "was the file edited? Restore it, or start a new run"
+        )
+
+
+def fingerprint(settings: Settings) -> str:
+    """sha256 of the resolved config, less what a resume may change (`federation.rounds`) and what does
+    not change results (`run.name`)."""
+    data = settings.model_dump()
+    del data["federation"]["rounds"], data["run"]["name"]
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def partition_record(partitions: Sequence[np.ndarray]) -> dict[str, Any]:
+    """Enough to recognise a partition again: each client's size, and a sha256 of every client's rows."""
+    digest = hashlib.sha256()
+    for rows in partitions:
+        digest.update(np.asarray(rows, dtype=np.int64).tobytes())
+        digest.update(b"|")
+    return {"sizes": [len(rows) for rows in partitions], "sha256": digest.hexdigest()}
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG state (Python's, numpy's, torch's CPU and, once initialised, CUDA's) as JSON."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(mt), gauss],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": _b64(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore `rng_state()`'s output. CUDA's states are restored where as many devices are present."""
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_unb64(state["torch"]))
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all([_unb64(s) for s in cuda])
+    elif cuda:
+        log.warning("the checkpoint holds CUDA RNG states for %d devices; not restored here", len(cuda))
+
+
+def _b64(t: Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode("ascii")
+
+
+def _unb64(text: str) -> Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def _run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Settings:
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: no such run directory")
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise RunDirError(f"{run_dir} is not a run directory: it has no {CONFIG_FILE}")
+    return load_settings(run_dir / CONFIG_FILE, list(overrides))
+
+
+def _tensor_file(tensors: Mapping[str, Tensor], rnd: int) -> bytes:
+    # Own contiguous CPU copies: safetensors refuses views (a truncated B) and tensors sharing memory.
+    own = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}
+    return safetensors_bytes(own, metadata={_ROUND_KEY: str(rnd)})
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _commit(folder: Path, files: Mapping[str, bytes]) -> None:
+    """Write every file beside its final name, then rename them in order (the last is the commit)."""
+    for name, data in files.items():
+        with _tmp(folder / name).open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    for name in files:
+        os.replace(_tmp(folder / name), folder / name)
+
+
+def _finish_interrupted_commit(folder: Path) -> None:
+    """Do the renames a kill left undone, so that the commit's `.state.json.tmp` is gone before the
+    next commit overwrites the temporary tensor files it names."""
+    found = _interrupted_commit(folder)
+    if found is None:
+        return
+    for name, path in found[1].items():
+        if path != folder / name:
+            os.replace(path, folder / name)
+    os.replace(_tmp(folder / STATE_FILE), folder / STATE_FILE)
+
+
+def _round_of(path: Path) -> int | None:
+    """The round a tensor file names in its metadata; None for a missing or unreadable file."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return int((f.metadata() or {})[_ROUND_KEY])
+    except (OSError, SafetensorError, KeyError, ValueError):
+        return None
+
+
+def _committed(folder: Path) -> tuple[dict[str, Any], dict[str, Path]] | None:
+    """The committed checkpoint: `state.json` and the tensor files, which must carry its round."""
+    path = folder / STATE_FILE
+    if not path.exists():
+        return None
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    paths = {name: folder / name for name in _TENSOR_FILES}
+    for file in paths.values():
+        found = _round_of(file)
+        if found != state.get("round"):
+            held = "is missing or unreadable" if found is None else f"holds round {found}"
+            raise CheckpointError(
+                f"{file} {held}, but {STATE_FILE} names round {state.get('round')}: the checkpoint is damaged"
+            )
+    return state, paths
+
+
+def _interrupted_commit(folder: Path) -> tuple[dict[str, Any], dict[str, Path]] | None:
+    """A commit that a kill stopped between its renames: a complete `.state.json.tmp`, and for each
+    tensor file its final or its temporary version carrying that round. None where there is none (a
+    kill while the temporary files were written leaves the previous commit whole)."""
+    try:
+        state = json.loads(_tmp(folder / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    paths = {}
+    for name in _TENSOR_FILES:
+        for candidate in (folder / name, _tmp(folder / name)):
+            if _round_of(candidate) == state.get("round"):
+                paths[name] = candidate
+                break
+        else:
+            return None
+    return state, paths

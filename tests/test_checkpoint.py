@@ -1,0 +1,487 @@
+"""Checkpoints and resume: a run stopped anywhere and resumed ends as the run that never stopped.
+
+The server's state round-trips through the checkpoint files for every method; runs crashed in-process
+mid-round, or killed with SIGKILL in a subprocess, resume to the same metrics (timings aside) and the
+bit-identical global adapter; a resume that cannot go on says why in one line and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import hlora
+from hlora import checkpoint
+from hlora.aggregation import registry
+from hlora.aggregation.base import ClientUpdate
+from hlora.checkpoint import Checkpoint
+from hlora.cli.main import main
+from hlora.config import Settings, load_settings, settings_to_toml, validate_settings
+from hlora.federation import simulation
+from hlora.federation.server import FederatedServer
+from hlora.outputs import create_run_dir, read_metrics
+from hlora.weights import AdapterWeights, LoraFactors
+
+# --- the server's state, without a model --------------------------------------------------------------
+
+
+def toy_server(method: str, client_ranks: dict[int, int]) -> FederatedServer:
+    """A server over two adapted 6 x 5 weights and a head, two of three clients a round."""
+    bank_rank = max(client_ranks.values())
+    g = torch.Generator().manual_seed(1)
+    factors = {
+        f"layer{i}": LoraFactors(torch.zeros(6, bank_rank), torch.randn(bank_rank, 5, generator=g))
+        for i in range(2)
+    }
+    initial = AdapterWeights(factors, {"head.weight": torch.randn(2, 6, generator=g)})
+    return FederatedServer(registry.create(method, bank_rank, seed=0), initial, client_ranks, 2, seed=0)
+
+
+def toy_round(server: FederatedServer, rnd: int) -> None:
+    """One round whose clients 'train' by adding seeded noise to what they were sent."""
+    updates = []
+    for cid, plan in server.configure(rnd).items():
+        g = torch.Generator().manual_seed(100 * rnd + cid)
+        start = plan.adapter
+        factors = {
+            name: LoraFactors(
+                f.B + torch.randn(f.B.shape, generator=g),
+                f.A + torch.randn(f.A.shape, generator=g) if plan.train_a else f.A,
+            )
+            for name, f in start.factors.items()
+        }
+        dense = {name: t + torch.randn(t.shape, generator=g) for name, t in start.dense.items()}
+        updates.append(ClientUpdate(cid, 10 + cid, AdapterWeights(factors, dense)))
+    server.aggregate(rnd, updates)
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+        elif isinstance(a[key], dict):
+            assert_same_state(a[key], b[key])
+        else:
+            assert a[key] == b[key], key
+
+
+@pytest.mark.parametrize("method", registry.names())
+def test_server_state_round_trips_through_the_checkpoint_files(method, tmp_path):
+    ranks = {0: 4, 1: 4, 2: 4} if method == "fedit" else {0: 2, 1: 4, 2: 3}
+    server = toy_server(method, ranks)
+    for rnd in (1, 2, 3):
+        toy_round(server, rnd)
+    Checkpoint(3, server.state_dict(), {"metrics": []}).write(tmp_path)
+    read = Checkpoint.read(tmp_path)
+    assert read is not None and read.round == 3
+    fresh = toy_server(method, ranks)
+    fresh.load_state_dict(read.server)
+    assert_same_state(fresh.state_dict(), server.state_dict())
+    assert fresh.version == 3 and fresh._synced == server._synced
+    # and both go on alike: the same plans (FLoRA: the stacks a client lacks), the same next aggregate
+    plans, again = server.configure(4), fresh.configure(4)
+    assert plans.keys() == again.keys()
+    for cid in plans:
+        assert_same_state(plans[cid].downlink(), again[cid].downlink())
+    toy_round(server, 5)
+    toy_round(fresh, 5)
+    assert_same_state(fresh.state_dict(), server.state_dict())
+
+
+def test_flora_keeps_every_stack_in_the_aggregator_file(tmp_path):
+    server = toy_server("flora", {0: 2, 1: 4, 2: 3})
+    for rnd in (1, 2, 3):
+        toy_round(server, rnd)
+    Checkpoint(3, server.state_dict(), {"metrics": []}).write(tmp_path)
+    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    assert state["server"]["aggregator"] == {"deltas": 3}
+    stacks = load_file(tmp_path / "checkpoint" / "aggregator.safetensors")
+    assert {name.split(".")[1] for name in stacks} == {"1", "2", "3"}
+    # a stack's rank is the round's total client rank (two clients a round)
+    for version, delta in enumerate(server.aggregator.deltas, start=1):
+        saved = stacks[f"deltas.{version}.layer0.lora_A"]
+        assert torch.equal(saved, delta.weights.factors["layer0"].A)
+
+
+def test_a_state_that_does_not_fit_is_refused():
+    server = toy_server("hlora", {0: 2, 1: 4, 2: 4})
+    toy_round(server, 1)
+    state = server.state_dict()
+    with pytest.raises(ValueError, match="keeps no state"):
+        toy_server("hlora", {0: 2, 1: 4, 2: 4}).load_state_dict({**state, "aggregator": {"deltas": 1}})
+    with pytest.raises(ValueError, match="layer0.lora_A"):
+        toy_server("hlora", {0: 2, 1: 8, 2: 8}).load_state_dict(state)  # another bank rank
+
+
+# --- the commit point ---------------------------------------------------------------------------------
+
+
+def test_a_commit_stopped_between_its_renames_is_read_whole(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "next").mkdir()
+    server = toy_server("flora", {0: 2, 1: 4, 2: 3})
+    toy_round(server, 1)
+    Checkpoint(1, server.state_dict(), {"metrics": [{"round": 1}]}).write(tmp_path / "run")
+    toy_round(server, 2)
+    Checkpoint(2, server.state_dict(), {"metrics": [{"round": 1}, {"round": 2}]}).write(tmp_path / "next")
+    run, nxt = tmp_path / "run" / "checkpoint", tmp_path / "next" / "checkpoint"
+    # killed after the first rename of round 2's commit: the adapter is in place, the rest still .tmp
+    shutil.copy(nxt / "adapter.safetensors", run / "adapter.safetensors")
+    shutil.copy(nxt / "aggregator.safetensors", run / ".aggregator.safetensors.tmp")
+    shutil.copy(nxt / "state.json", run / ".state.json.tmp")
+    read = Checkpoint.read(tmp_path / "run")
+    assert read.round == 2 and read.metrics == [{"round": 1}, {"round": 2}]
+    assert_same_state(read.server, Checkpoint.read(tmp_path / "next").server)
+
+
+def test_the_next_save_finishes_a_stopped_commit_before_it_writes(tmp_path, monkeypatch):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "next").mkdir()
+    server = toy_server("flora", {0: 2, 1: 4, 2: 3})
+    toy_round(server, 1)
+    Checkpoint(1, server.state_dict(), {"metrics": []}).write(tmp_path / "run")
+    toy_round(server, 2)
+    Checkpoint(2, server.state_dict(), {"metrics": []}).write(tmp_path / "next")
+    run, nxt = tmp_path / "run" / "checkpoint", tmp_path / "next" / "checkpoint"
+    shutil.copy(nxt / "adapter.safetensors", run / "adapter.safetensors")  # stopped as above
+    shutil.copy(nxt / "aggregator.safetensors", run / ".aggregator.safetensors.tmp")
+    shutil.copy(nxt / "state.json", run / ".state.json.tmp")
+    # Round 3's commit is killed once its aggregator file is written (the second fsync): the round-2
+    # .state.json.tmp must not pair with it, so the save had finished round 2's renames first.
+    fsyncs = []
+
+    def killed_at_the_second(fd, fsync=os.fsync):
+        fsyncs.append(fd)
+        if len(fsyncs) == 2:
+            raise Crash
+        fsync(fd)
+
+    toy_round(server, 3)
+    monkeypatch.setattr(os, "fsync", killed_at_the_second)
+    with pytest.raises(Crash):
+        Checkpoint(3, server.state_dict(), {"metrics": []}).write(tmp_path / "run")
+    monkeypatch.undo()
+    assert Checkpoint.read(tmp_path / "run").round == 2
+    assert json.loads((run / "state.json").read_text())["round"] == 2
+    Checkpoint(3, server.state_dict(), {"metrics": []}).write(tmp_path / "run")
+    assert Checkpoint.read(tmp_path / "run").round == 3
+    names = ["adapter.safetensors", "aggregator.safetensors", "state.json"]
+    assert sorted(p.name for p in run.iterdir()) == names  # no temporary file left
+
+
+def test_a_commit_killed_while_writing_leaves_the_last_one(tmp_path):
+    server = toy_server("hlora", {0: 2, 1: 4, 2: 4})
+    toy_round(server, 1)
+    Checkpoint(1, server.state_dict(), {"metrics": []}).write(tmp_path)
+    folder = tmp_path / "checkpoint"
+    (folder / ".adapter.safetensors.tmp").write_bytes((folder / "adapter.safetensors").read_bytes()[:50])
+    (folder / ".state.json.tmp").write_text('{"format": 1, "round": 2, "ser')
+    assert Checkpoint.read(tmp_path).round == 1
+
+
+def test_tensors_of_another_round_than_the_state_are_a_damaged_checkpoint(tmp_path):
+    server = toy_server("hlora", {0: 2, 1: 4, 2: 4})
+    toy_round(server, 1)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    Checkpoint(1, server.state_dict(), {"metrics": []}).write(tmp_path / "a")
+    Checkpoint(2, server.state_dict(), {"metrics": []}).write(tmp_path / "b")
+    shutil.copy(tmp_path / "b/checkpoint/adapter.safetensors", tmp_path / "a/checkpoint/adapter.safetensors")
+    with pytest.raises(hlora.errors.CheckpointError, match="holds round 2, but state.json names round 1"):
+        Checkpoint.read(tmp_path / "a")
+
+
+# --- whole runs on the tiny model ---------------------------------------------------------------------
+
+
+def configured(settings: Settings, method: str, **sections) -> Settings:
+    """`settings` with `federation.method = method`, mixed ranks 2/4 for the methods that take them,
+    and any `section={key: value}` updates."""
+    raw = settings.model_dump()
+    raw["federation"].update(method=method, clients_per_round=2, rounds=3)
+    if method != "fedit":
+        raw["lora"].update(rank_policy="tiers", tiers=[2, 4])
+    for section, values in sections.items():
+        raw[section].update(values)
+    return validate_settings(raw)
+
+
+def without_timings(rows):
+    return [{k: v for k, v in row.items() if not k.endswith("_s")} for row in rows]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """The same metrics (timings aside), the bit-identical checkpoint, summary and plot."""
+    assert without_timings(read_metrics(b)) == without_timings(read_metrics(a))
+    for name in ("adapter.safetensors", "aggregator.safetensors"):
+        assert_same_state(load_file(a / "checkpoint" / name), load_file(b / "checkpoint" / name))
+    state_a, state_b = (json.loads((d / "checkpoint" / "state.json").read_text()) for d in (a, b))
+    assert state_b["rng"] == state_a["rng"] and state_b["server"] == state_a["server"]
+    summary_a, summary_b = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    assert {k: v for k, v in summary_b.items() if not k.endswith("_s")} == {
+        k: v for k, v in summary_a.items() if not k.endswith("_s")
+    }
+    assert (a / "accuracy.png").read_bytes() == (b / "accuracy.png").read_bytes()
+
+
+class Crash(Exception):
+    pass
+
+
+def resume_in_process(run_dir: Path) -> None:
+    settings, ckpt = checkpoint.open_resume(run_dir)
+    simulation.run(simulation.prepare(settings), run_dir, progress=False, resume=ckpt)
+
+
+@pytest.mark.parametrize(
+    ("method", "crash"),
+    [
+        ("fedit", "aggregate"),
+        ("hlora", "aggregate"),
+        ("hlora", "commit"),
+        ("flora", "aggregate"),
+        ("ffa", "aggregate"),
+    ],
+)
+def test_a_run_crashed_in_round_2_resumes_to_the_uninterrupted_run(
+    tiny_settings, tmp_path, monkeypatch, method, crash
+):
+    settings = configured(tiny_settings, method)
+    simulation.run(simulation.prepare(settings), create_run_dir(tmp_path / "whole"), progress=False)
+
+    def aggregate(server, rnd, updates, original=FederatedServer.aggregate):
+        if rnd == 2:
+            raise Crash
+        original(server, rnd, updates)
+
+    def save_checkpoint(run_dir, exp, rnd, metrics, original=checkpoint.save_checkpoint):
+        if rnd == 2:
+            raise Crash
+        original(run_dir, exp, rnd, metrics)
+
+    run_dir = create_run_dir(tmp_path / "crashed")
+    exp = simulation.prepare(settings)
+    with monkeypatch.context() as patch:
+        if crash == "aggregate":  # mid-round: the clients have trained, the server has not aggregated
+            patch.setattr(FederatedServer, "aggregate", aggregate)
+        else:  # round 2's metrics row appended, its checkpoint not yet committed
+            patch.setattr(checkpoint, "save_checkpoint", save_checkpoint)
+        with pytest.raises(Crash):
+            simulation.run(exp, run_dir, progress=False)
+    assert len(read_metrics(run_dir)) == (1 if crash == "aggregate" else 2)
+    assert not (run_dir / "summary.json").exists()
+
+    resume_in_process(run_dir)
+    assert [row["round"] for row in read_metrics(run_dir)] == [1, 2, 3]
+    assert_same_run(tmp_path / "whole", run_dir)
+
+
+def test_restore_run_rebuilds_the_global_model(tiny_settings, tmp_path):
+    settings = configured(tiny_settings, "flora")
+    exp = simulation.prepare(settings)
+    simulation.run(exp, create_run_dir(tmp_path / "run"), progress=False)
+    restored = checkpoint.restore_run(tmp_path / "run")
+    assert restored.server.version == 3 and restored.model.merged_version == 3
+    assert_same_state(restored.server.state_dict(), exp.server.state_dict())
+    assert_same_state(restored.model.read(4).tensors(), exp.server.global_weights.tensors())
+    # the merged base weights are the run's, bit for bit
+    base = dict(exp.model.module.named_parameters())
+    for name, p in restored.model.module.named_parameters():
+        if "base_layer" in name:
+            assert torch.equal(p, base[name]), name
+
+
+# --- hlora run --resume -------------------------------------------------------------------------------
+
+
+def files_of(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under `folder` with its bytes and mtime: what "nothing changed" compares."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir, glue_dir) -> Path:
+    """A complete two-round FedIT run on the tiny model."""
+    settings = validate_settings(
+        {
+            "run": {"seed": 0, "device": "cpu"},
+            "data": {
+                "task": "mrpc",
+                "data_dir": str(glue_dir),
+                "max_length": 48,
+                "max_train_samples": 48,
+                "max_eval_samples": 32,
+            },
+            "model": {"name_or_path": str(tiny_model_dir)},
+            "lora": {"rank": 4},
+            "federation": {"num_clients": 3, "clients_per_round": 2, "rounds": 2, "min_client_size": 4},
+            "train": {"lr": 5e-3, "batch_size": 8, "local_steps": 2},
+            "eval": {"batch_size": 16},
+        }
+    )
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    simulation.run(simulation.prepare(settings), create_run_dir(run_dir), progress=False)
+    return run_dir
+
+
+def copy_run(run_dir: Path, to: Path) -> Path:
+    shutil.copytree(run_dir, to)  # copy2: contents and mtimes
+    return to
+
+
+def cli_error(capsys, *args: str) -> str:
+    """Run `hlora` in-process; expect exit status 2 and one line on stderr, and return that line."""
+    with pytest.raises(SystemExit) as info:
+        main(list(args))
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hlora: error: ") and "\n" not in err, err
+    return err
+
+
+def edit_config(run_dir: Path) -> None:
+    text = (run_dir / "config.toml").read_text()
+    (run_dir / "config.toml").write_text(text.replace("lr = 0.005", "lr = 0.001"))
+
+
+def damage_adapter(run_dir: Path) -> None:
+    path = run_dir / "checkpoint" / "adapter.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def forge_ranks(run_dir: Path) -> None:
+    (run_dir / "summary.json").unlink()  # not complete, so that the resume gets as far as the restore
+    path = run_dir / "checkpoint" / "state.json"
+    state = json.loads(path.read_text())
+    state["client_ranks"]["0"] = 2
+    path.write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize(
+    ("prepare_dir", "args", "message"),
+    [
+        (None, [], "is complete (2 of 2 rounds); nothing to resume"),
+        (edit_config, [], "made with another config than this config.toml"),
+        (damage_adapter, [], "adapter.safetensors is missing or unreadable, but state.json names round 2"),
+        (forge_ranks, [], "the checkpoint does not match this run's client ranks"),
+        (None, ["--set", "federation.rounds=1"], "federation.rounds=1 is below the 2 rounds"),
+        (None, ["--set", "train.lr=0.1"], "--set may change only federation.rounds (got 'train.lr=0.1')"),
+        (None, ["--config", "configs/mrpc.toml"], "it takes no --config, --out or --data-dir"),
+    ],
+)
+def test_a_resume_that_cannot_go_on_says_why_and_changes_nothing(
+    finished_run, tmp_path, capsys, prepare_dir, args, message
+):
+    run_dir = copy_run(finished_run, tmp_path / "run")
+    if prepare_dir is not None:
+        prepare_dir(run_dir)
+    before = files_of(run_dir)
+    err = cli_error(capsys, "run", "--resume", str(run_dir), "-q", *args)
+    assert message in err, err
+    assert files_of(run_dir) == before
+
+
+def test_resume_of_a_missing_or_foreign_directory(tmp_path, capsys):
+    assert "no such run directory" in cli_error(capsys, "run", "--resume", str(tmp_path / "nope"))
+    (tmp_path / "notes.txt").write_text("not a run")
+    before = files_of(tmp_path)
+    assert "not a run directory: it has no config.toml" in cli_error(capsys, "run", "--resume", str(tmp_path))
+    assert files_of(tmp_path) == before
+
+
+def test_a_run_without_a_checkpoint_starts_again_from_round_1(finished_run, tmp_path, capsys):
+    run_dir = copy_run(finished_run, tmp_path / "run")
+    shutil.rmtree(run_dir / "checkpoint")
+    (run_dir / "summary.json").unlink()
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    (run_dir / "metrics.jsonl").write_text(metrics.splitlines()[0] + "\n")  # round 1, never committed
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--resume", str(run_dir), "-q"])
+    assert info.value.code == 0
+    assert "done: final accuracy" in capsys.readouterr().out
+    assert_same_run(finished_run, run_dir)
+
+
+def test_resume_extends_a_finished_run(finished_run, tiny_model_dir, tmp_path, capsys):
+    run_dir = copy_run(finished_run, tmp_path / "run")
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--resume", str(run_dir), "-q", "--set", "federation.rounds=3"])
+    assert info.value.code == 0
+    assert "rounds = 3" in (run_dir / "config.toml").read_text()  # a later resume sees the new length
+    settings = load_settings(run_dir / "config.toml")  # the same config, 3 rounds
+    whole = create_run_dir(tmp_path / "whole")
+    simulation.run(simulation.prepare(settings), whole, progress=False)
+    assert_same_run(whole, run_dir)
+
+
+# --- THE test: SIGKILL mid-round, then hlora run --resume ---------------------------------------------
+
+
+def hlora_process(args: list[str], log: Path) -> subprocess.Popen:
+    """`python -m hlora ARGS` on the code under test, its output in `log`, with this process's number of
+    torch threads (a float sum split over other threads may round otherwise)."""
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=str(Path(hlora.__file__).parents[1]),
+        OMP_NUM_THREADS=str(torch.get_num_threads()),
+    )
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "hlora", *args], stdout=out, stderr=out, env=env)
+
+
+def checkpoint_round(run_dir: Path) -> int:
+    try:
+        return json.loads((run_dir / "checkpoint" / "state.json").read_text())["round"]
+    except (OSError, ValueError):
+        return 0
+
+
+def test_sigkill_mid_round_then_resume_ends_as_the_run_that_never_stopped(tiny_settings, tmp_path):
+    # FLoRA with mixed ranks and two of three clients a round: base deltas, a client that misses rounds,
+    # and enough local steps that a round lasts a while.
+    settings = configured(tiny_settings, "flora", train={"local_steps": 8})
+    config = tmp_path / "config.toml"
+    config.write_text(settings_to_toml(settings))
+    run_dir = tmp_path / "killed"
+    proc = hlora_process(["run", "-c", str(config), "--out", str(run_dir), "-q"], tmp_path / "run.log")
+    try:
+        deadline = time.monotonic() + 120
+        while checkpoint_round(run_dir) < 1 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, (tmp_path / "run.log").read_text()
+        time.sleep(0.1)  # into round 2
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # Killed inside round 2, unless a loaded machine held this process back for a whole round: then a
+    # later round, still before the end.
+    assert 1 <= checkpoint_round(run_dir) < settings.federation.rounds
+    assert not (run_dir / "summary.json").exists()
+
+    # The same command in this process: a second interpreter start would double the test's time, and
+    # what a resume restores (RNG states included) does not depend on the process it runs in.
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--resume", str(run_dir), "-q"])
+    assert info.value.code == 0
+
+    simulation.run(simulation.prepare(settings), create_run_dir(tmp_path / "whole"), progress=False)
+    assert_same_run(tmp_path / "whole", run_dir)
