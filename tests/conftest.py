@@ -8,6 +8,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread: the tiny models gain nothing from more, and on a shared machine torch's threads contend
+# (a tiny round took ~9 s with 2 threads beside other jobs, 0.4 s with 1). Subprocesses inherit it, so
+# bitwise comparisons across processes run with one thread count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pathlib import Path  # noqa: E402
 

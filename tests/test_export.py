@@ -295,3 +295,95 @@ def test_export_never_overwrites(tiny_settings, tmp_path):
     os.umask(umask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask  # a folder like any other, not a private temp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "full"]  # no temporary left
+
+
+@pytest.fixture(scope="module")
+def flora_run(tiny_model_dir, glue_dir, tmp_path_factory):
+    """A finished two-round FLoRA run with ranks 2 and 4, each tier scored every round."""
+    from hlora.outputs import create_run_dir
+
+    settings = validate_settings(
+        {
+            "run": {"seed": 5, "device": "cpu"},
+            "data": {
+                "task": "mrpc",
+                "data_dir": str(glue_dir),
+                "max_length": 48,
+                "max_train_samples": 48,
+                "max_eval_samples": 32,
+            },
+            "model": {"name_or_path": str(tiny_model_dir)},
+            "lora": MIXED,
+            "federation": {
+                "method": "flora",
+                "num_clients": 3,
+                "clients_per_round": 3,
+                "rounds": 2,
+                "min_client_size": 4,
+            },
+            "train": {"lr": 3e-2, "batch_size": 8, "local_steps": 3},
+            "eval": {"batch_size": 16},
+        }
+    )
+    run_dir = create_run_dir(tmp_path_factory.mktemp("flora") / "run")
+    exp = simulation.prepare(settings)
+    simulation.run(exp, run_dir, progress=False)
+    return run_dir, exp
+
+
+@pytest.mark.parametrize("rank", [None, 2])
+def test_hlora_export_of_a_run_scores_as_the_run_did(flora_run, tmp_path, glue_dir, capsys, rank):
+    """`hlora export RUN OUT [--rank R]` rebuilds the model from the run's checkpoint alone; `hlora eval`
+    then gives the run's own last scores for it (the global model, or the tier of rank R)."""
+    run_dir, exp = flora_run
+    out = tmp_path / "export"
+    with pytest.raises(SystemExit) as info:
+        main(["export", str(run_dir), str(out), "-q"] + (["--rank", str(rank)] if rank else []))
+    assert info.value.code == 0
+    info_file = json.loads((out / EXPORT_INFO_FILE).read_text())
+    assert (info_file["round"], info_file["held_rank"]) == (2, rank or 4)
+    stacked = sum(exp.client_ranks.values())  # every client reports each round: one stack of that rank
+    assert info_file["base_delta_ranks"] == [stacked, stacked]
+    expected = export_model(exp.server.model_plan(rank), exp.settings, tmp_path / "in-process")
+    with (
+        safe_open(out / "adapter_model.safetensors", "pt") as got,
+        safe_open(expected / "adapter_model.safetensors", "pt") as want,
+    ):
+        assert set(got.keys()) == set(want.keys())
+        for key in want.keys():
+            assert torch.equal(got.get_tensor(key), want.get_tensor(key)), key
+
+    with pytest.raises(SystemExit) as info:
+        main(
+            ["eval", "-a", str(out), "--data-dir", str(glue_dir), "--max-samples", "32", "--device", "cpu"]
+            + ["--batch-size", "16", "--json", str(tmp_path / "scores.json"), "-q"]
+        )
+    assert info.value.code == 0
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    want_acc = last["tier_accuracy"][str(rank)] if rank else last["accuracy"]
+    want_f1 = last["tier_f1"][str(rank)] if rank else last["f1"]
+    assert (scores["accuracy"], scores["f1"]) == (want_acc, want_f1)
+
+
+def test_hlora_export_refuses_what_it_cannot_do(flora_run, tmp_path, capsys):
+    run_dir, _ = flora_run
+    cases = {
+        "above the run's bank rank 4": [str(run_dir), str(tmp_path / "a"), "--rank", "5"],
+        "no checkpoint": [str(tmp_path), str(tmp_path / "b")],
+    }
+    (tmp_path / "config.toml").write_text((run_dir / "config.toml").read_text())
+    for expected, args in cases.items():
+        with pytest.raises(SystemExit) as info:
+            main(["export", *args, "-q"])
+        assert info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("hlora: error: ") and "\n" not in err and expected in err, err
+        assert not (tmp_path / args[1]).exists()
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit) as info:
+        main(["export", str(run_dir), str(taken), "-q"])
+    assert info.value.code == 2
+    assert [p.name for p in taken.iterdir()] == ["keep.txt"]

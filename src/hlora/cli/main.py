@@ -200,6 +200,48 @@ def eval_(
         )
 
 
+@app.command("export")
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory with at least one finished round.")],
+    out_dir: Annotated[Path, typer.Argument(help="A new (or empty) folder to write.")],
+    rank: Annotated[
+        int | None,
+        typer.Option(min=1, help="Export what a client of this rank holds (default: the bank rank)."),
+    ] = None,
+    merged: Annotated[
+        bool, typer.Option(help="Write a plain transformers model with the adapter merged in.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No info lines.")] = False,
+) -> None:
+    """Export a run's global model at its last checkpoint as a PEFT adapter folder (or a merged model)."""
+    from hlora.checkpoint import Checkpoint, restore_run
+    from hlora.errors import ExportError
+    from hlora.export import check_out_dir, export_model
+
+    _setup_logging(quiet)
+    check_out_dir(out_dir)  # before the slow part; export_model checks again
+    exp = restore_run(run_dir)
+    if rank is not None and rank > exp.bank_rank:
+        raise ExportError(f"--rank {rank} is above the run's bank rank {exp.bank_rank}")
+    ckpt = Checkpoint.read(run_dir)
+    assert ckpt is not None  # restore_run refuses a run without one
+    held = rank if rank is not None else exp.bank_rank
+    path = export_model(
+        exp.server.model_plan(held),
+        exp.settings,
+        out_dir,
+        merged=merged,
+        provenance={
+            "run_dir": str(run_dir.resolve()),
+            "round": ckpt.round,
+            "method": exp.settings.federation.method,
+            "held_rank": held,
+        },
+    )
+    kind = "merged model" if merged else "PEFT adapter"
+    typer.echo(f"{kind} of {run_dir} at round {ckpt.round}, as a rank-{held} client holds it: {path}")
+
+
 bench_app = typer.Typer(
     help="Measure hlora's own costs, side by side in one process (results in BENCHMARKS.md).",
     no_args_is_help=True,
