@@ -263,7 +263,7 @@ def test_a_run_crashed_in_round_2_resumes_to_the_uninterrupted_run(
     def aggregate(server, rnd, updates, original=FederatedServer.aggregate):
         if rnd == 2:
             raise Crash
-        original(server, rnd, updates)
+        return original(server, rnd, updates)
 
     def save_checkpoint(run_dir, exp, rnd, metrics, original=checkpoint.save_checkpoint):
         if rnd == 2:
