@@ -350,7 +350,7 @@ def test_hlora_export_of_a_run_scores_as_the_run_did(flora_run, tmp_path, glue_d
         safe_open(expected / "adapter_model.safetensors", "pt") as want,
     ):
         assert set(got.keys()) == set(want.keys())
-        for key in want.keys():
+        for key in want.keys():  # noqa: SIM118 (safe_open is not iterable)
             assert torch.equal(got.get_tensor(key), want.get_tensor(key)), key
 
     with pytest.raises(SystemExit) as info:
