@@ -83,6 +83,13 @@ def test_malformed_override_and_file_errors(tmp_path):
         load_settings(bad)
 
 
+def test_an_override_that_is_not_utf8_is_a_config_error():
+    # What Python makes of argv bytes that are not UTF-8: lone surrogates, which no file can hold.
+    arg = b"run.name=caf\xe9".decode("utf-8", "surrogateescape")
+    with pytest.raises(ConfigError, match="not valid UTF-8"):
+        load_settings(None, [arg])
+
+
 def test_errors_are_one_line():
     for overrides in (["train.batch_size=-1"], ["data.task=sst2"], ["x.y=1"]):
         with pytest.raises(ConfigError) as info:

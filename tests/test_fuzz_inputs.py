@@ -182,7 +182,7 @@ field_text = st.text(
 ) | st.sampled_from(['"', '""quoted""', "\ufeff", "a\x00b", "don't", "\\t"])
 usable_text = field_text.filter(lambda t: t.strip() != "")
 empty_text = st.sampled_from(["", " ", "  \u3000", "\x1f"])
-ROW_KINDS = ("good", "short", "long", "bad_label", "empty_text")
+ROW_KINDS = ("good", "short", "long", "bad_label", "empty_text", "blank")  # blank: an empty line, not a row
 
 
 @st.composite
@@ -198,6 +198,9 @@ def glue_files(draw):
     expected: list[tuple[list[str], int]] = []
     kinds = draw(st.lists(st.sampled_from(ROW_KINDS), max_size=12))
     for kind in kinds:
+        if kind == "blank":
+            rows.append([])
+            continue
         row = [draw(field_text) for _ in header]
         for col in task.text_columns:
             row[header.index(col)] = draw(usable_text)
@@ -218,7 +221,7 @@ def glue_files(draw):
     newline = draw(st.sampled_from(["\n", "\r\n"]))
     text = newline.join("\t".join(r) for r in [header, *rows]) + draw(st.sampled_from(["", newline]))
     bom = draw(st.booleans())
-    return task, ("\ufeff" if bom else "") + text, expected, len(kinds) - len(expected)
+    return task, ("\ufeff" if bom else "") + text, expected, len(kinds) - len(expected) - kinds.count("blank")
 
 
 class _Counter(logging.Handler):

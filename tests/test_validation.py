@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from hlora.aggregation import registry
 from hlora.aggregation.base import ClientPlan, ClientUpdate
-from hlora.federation.server import FederatedServer
+from hlora.federation.server import FederatedServer, traffic
 from hlora.federation.validation import REASONS, Rejection, update_norm, validate_update
-from hlora.weights import AdapterWeights, LoraFactors
+from hlora.weights import AdapterWeights, LoraFactors, tensor_bytes
 
 LAYERS = ("layer.0.query", "layer.0.value")
 M, N = 6, 5  # every adapted weight is M x N
@@ -337,6 +337,10 @@ def test_updates_from_clients_not_asked_or_sent_twice_are_refused():
     assert outcome.rejected[absent].code == "unplanned"
     assert outcome.rejected[first].code == "duplicate"
     assert len(outcome.accepted) == 2 and first not in outcome.accepted
+    # What the stranger sent still crossed the wire: counted whole, not a KeyError.
+    sent = traffic(plans, [*updates.values(), stranger])
+    assert sent.uplink_bytes_by_client[absent] == tensor_bytes(stranger.weights.tensors().values())
+    assert absent not in sent.downlink_bytes_by_client
 
 
 def test_aggregate_needs_the_round_configured():

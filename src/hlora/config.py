@@ -243,6 +243,10 @@ def validate_settings(raw: dict[str, Any]) -> Settings:
 def apply_override(raw: dict[str, Any], item: str) -> None:
     """Apply one `section.key=value` override; the value is read as a TOML value when it parses as
     one (numbers, booleans, lists, quoted strings, inf) and as a bare string otherwise."""
+    try:
+        item.encode("utf-8")
+    except UnicodeEncodeError:  # argv bytes that were not UTF-8 arrive as lone surrogates
+        raise ConfigError(f"override {item!r} is not valid UTF-8 text") from None
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key or "." not in key:

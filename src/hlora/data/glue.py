@@ -177,6 +177,8 @@ def read_glue_tsv(path: Path, task: TaskSpec) -> TextPairs:
             text_idx = [header.index(name) for name in task.text_columns]
             label_idx = header.index(task.label_column)
             for row in reader:
+                if not row:  # a blank line (a trailing newline too many): nothing to skip or count
+                    continue
                 total += 1
                 problem = _row_problem(row, len(header), text_idx, label_idx, task)
                 if problem:

@@ -220,10 +220,16 @@ def _finite(weights: AdapterWeights) -> bool:
 
 def traffic(plans: Mapping[int, ClientPlan], updates: Sequence[ClientUpdate]) -> RoundTraffic:
     """Bytes of tensor data sent down (plans) and up (updates) in one round, per client: only the
-    tensors each plan says travel (FFA-LoRA's frozen `A` does not; FLoRA's stacks do)."""
+    tensors each plan says travel (FFA-LoRA's frozen `A` does not; FLoRA's stacks do). An update from a
+    client without a plan (refused as unplanned) is counted as every tensor it sent."""
     return RoundTraffic(
         uplink_bytes_by_client={
-            u.client_id: tensor_bytes(plans[u.client_id].uplink(u.weights).values()) for u in updates
+            u.client_id: tensor_bytes(
+                plans[u.client_id].uplink(u.weights).values()
+                if u.client_id in plans
+                else u.weights.tensors().values()
+            )
+            for u in updates
         },
         downlink_bytes_by_client={cid: tensor_bytes(p.downlink().values()) for cid, p in plans.items()},
     )
