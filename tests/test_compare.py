@@ -23,6 +23,8 @@ from hlora.experiments import report
 from hlora.federation import simulation
 from hlora.outputs import read_metrics
 
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
+
 # --- planning, without a model ------------------------------------------------------------------------
 
 
@@ -393,3 +395,17 @@ def test_bad_method_is_one_line_exit_2_and_nothing_written(config_file, tmp_path
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "unknown method 'nope'" in proc.stderr
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.toml")), ids=lambda p: p.name)
+def test_experiment_configs_load_and_fill_every_tier(path, glue_dir):
+    settings = load_settings(path, [f"data.data_dir='{glue_dir}'"])
+    assert (
+        settings.run.mode == "federated"
+        and settings.federation.clients_per_round < settings.federation.num_clients
+    )
+    for seed in (0, 1, 2):
+        ranks = cmp.client_ranks(
+            settings.model_copy(update={"run": settings.run.model_copy(update={"seed": seed})})
+        )
+        assert sorted(set(ranks.values())) == [2, 4, 8, 16]
