@@ -196,7 +196,8 @@ def test_compare_runs_every_method_and_reference_per_seed(compared):
     # identical partitions and rank tiers across methods of a seed, another draw for another seed
     partition = {p: (out / "runs" / p / "partition.csv").read_text() for p in runs}
     assert partition["hlora-s0"] == partition["zeropad-s0"] != partition["hlora-s1"]
-    assert "federation.method" not in partition  # (a reminder: the file is the partition, not a config)
+    clients = {p: [r["clients"] for r in read_metrics(out / "runs" / p)] for p in runs}
+    assert clients["hlora-s0"] == clients["zeropad-s0"] == clients["fedit-r2-s0"]  # each round's draw
     central = load_settings(out / "runs" / "central-s0" / "config.toml")
     assert central.run.mode == "centralized" and central.federation.num_clients == 1
     assert central.lora.rank == 4  # the bank rank
