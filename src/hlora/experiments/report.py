@@ -436,10 +436,15 @@ def _curves(runs: Sequence[SeedRun], key) -> dict[str, tuple[np.ndarray, np.ndar
     return curves
 
 
+# matplotlib's default cycle without its grey (C7), which the majority-class line uses
+_COLOURS = ("C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9", "black", "navy", "darkred")
+
+
 def _style(group: str, index: int) -> dict[str, Any]:
+    colour = _COLOURS[index % len(_COLOURS)]
     if is_reference(group):
-        return {"linestyle": "--", "linewidth": 1.3, "color": f"C{index % 10}"}
-    return {"linestyle": "-", "linewidth": 2.0, "marker": "o", "markersize": 3.5, "color": f"C{index % 10}"}
+        return {"linestyle": "--", "linewidth": 1.3, "color": colour}
+    return {"linestyle": "-", "linewidth": 2.0, "marker": "o", "markersize": 3.5, "color": colour}
 
 
 def plot_all(runs: Sequence[SeedRun], folder: Path, settings: dict[str, Any]) -> list[Path]:
@@ -476,7 +481,7 @@ def plot_all(runs: Sequence[SeedRun], folder: Path, settings: dict[str, Any]) ->
         style = _style(group, colours[group])
         ax.plot(x, mean, label=label(group), **style)
         if seeds > 1 and not is_reference(group):  # references: the mean line alone, not to crowd the chart
-            ax.fill_between(x, low, high, color=style["color"], alpha=0.2)
+            ax.fill_between(x, low, high, color=style["color"], alpha=0.12)
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("dev accuracy")
@@ -492,7 +497,7 @@ def plot_all(runs: Sequence[SeedRun], folder: Path, settings: dict[str, Any]) ->
         style = _style(group, colours[group])
         ax.plot(x, mean, label=label(group), **style)
         if seeds > 1 and not is_reference(group):
-            ax.fill_between(x, low, high, color=style["color"], alpha=0.2)
+            ax.fill_between(x, low, high, color=style["color"], alpha=0.12)
     for group, (_, mean, _, _) in _curves(
         [r for r in runs if not r.communicates], lambda rows: [0] * len(rows)
     ).items():
@@ -519,7 +524,18 @@ def plot_all(runs: Sequence[SeedRun], folder: Path, settings: dict[str, Any]) ->
             xs.append(i - 0.4 + width * (j + 0.5))
             heights.append(tier["final_accuracy_mean"])
             errors.append(tier["final_accuracy_std"] or 0.0)
-        ax.bar(xs, heights, width, yerr=errors if seeds > 1 else None, capsize=2, label=f"rank {rank}")
+        colour = plt.cm.viridis(
+            0.15 + 0.7 * j / max(1, len(ranks) - 1)
+        )  # ranks: light to dark, not methods' hues
+        ax.bar(
+            xs,
+            heights,
+            width,
+            yerr=errors if seeds > 1 else None,
+            capsize=2,
+            color=colour,
+            label=f"rank {rank}",
+        )
     central = next((row for row in table if row["group"] == CENTRAL), None)
     if central is not None:
         ax.axhline(central["final_accuracy_mean"], label=label(CENTRAL), **_style(CENTRAL, colours[CENTRAL]))
