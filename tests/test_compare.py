@@ -110,6 +110,19 @@ def test_local_mode_needs_a_client_id(tiny_settings):
         validate_settings(raw)
 
 
+@pytest.mark.parametrize(
+    "lora", [{"rank_policy": "tiers", "tiers": [1, 2, 4]}, {"rank_policy": "data_size", "rank": 4}]
+)
+def test_client_ranks_are_the_ones_prepare_gives(tiny_settings, lora):
+    raw = tiny_settings.model_dump()
+    raw["lora"].update(lora)
+    raw["federation"].update(method="hlora", alpha=0.5)
+    for seed in (0, 1):
+        raw["run"]["seed"] = seed
+        settings = validate_settings(raw)
+        assert cmp.client_ranks(settings) == simulation.prepare(settings).client_ranks
+
+
 # --- end to end on the tiny model ---------------------------------------------------------------------
 
 

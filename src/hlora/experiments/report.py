@@ -368,9 +368,9 @@ def markdown(table: Sequence[dict[str, Any]], loaded: Loaded, target: float | No
         "Aggregation s: the server's aggregation time summed over the rounds.",
         "",
         "References: centralised = one client holding all the training data at the bank rank, the same "
-        "rounds and local work per round; FedIT r=... = every client at that one rank (the smallest and "
-        "the largest tier); local alone = each client training on its own data at its own rank with no "
-        "federation, the mean over "
+        "rounds and local epochs (or steps) a round; FedIT r=... = every client at that one rank (the "
+        "smallest and the largest tier); local alone = each client training on its own data at its own "
+        "rank with no federation, the mean over "
         + (f"{local['clients']} clients" if local else "the clients")
         + " (per tier: over that tier's clients). The centralised and the local runs exchange nothing, "
         "so they have no MB or aggregation time.",
