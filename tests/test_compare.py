@@ -271,6 +271,9 @@ def test_summary_csv_agrees_with_the_run_directories(compared):
     assert target == pytest.approx(0.95 * float(table["central"]["final_accuracy_mean"]))
     reached = [next((r["round"] for r in rows if r["accuracy"] >= target), None) for rows in hlora_runs]
     assert table["hlora"]["reached_target"] == str(sum(x is not None for x in reached))
+    walls = [sum(r["wall_s"] for r in rows[:x]) for rows, x in zip(hlora_runs, reached, strict=True) if x]
+    if walls:
+        assert float(table["hlora"]["wall_to_target_s_mean"]) == pytest.approx(statistics.mean(walls))
 
 
 def test_summary_md_and_charts_are_written(compared):

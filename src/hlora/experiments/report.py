@@ -170,14 +170,17 @@ def seed_figures(run: SeedRun, target: float | None) -> dict[str, Any]:
     rows = run.rows
     final = rows[-1]
     tier_acc = final.get("tier_accuracy") or {}
-    ranks = sorted({*tier_acc, *final.get("tier_step_s", {})}, key=int)
+    # every tier scored at the end, and every tier that trained in some round (a round samples a few)
+    ranks = sorted({*tier_acc, *(rank for row in rows for rank in row.get("tier_step_s", {}))}, key=int)
+    reached = rounds_to_target(rows, target) if target is not None else None
     figures: dict[str, Any] = {
         "rounds": len(rows),
         "final_accuracy": final["accuracy"],
         "best_accuracy": max(r["accuracy"] for r in rows),
         "final_f1": final.get("f1"),
         "best_f1": max(r["f1"] for r in rows) if "f1" in final else None,
-        "rounds_to_target": rounds_to_target(rows, target) if target is not None else None,
+        "rounds_to_target": reached,
+        "wall_to_target_s": sum(r["wall_s"] for r in rows if r["round"] <= reached) if reached else None,
         "uplink_mb": sum(r["uplink_bytes"] for r in rows) / 1e6 if run.communicates else None,
         "downlink_mb": sum(r["downlink_bytes"] for r in rows) / 1e6 if run.communicates else None,
         "wall_s": sum(r["wall_s"] for r in rows),
@@ -230,6 +233,8 @@ def group_table(runs: Sequence[SeedRun], target: float | None) -> list[dict[str,
         reached = [f["rounds_to_target"] for f in figures if f["rounds_to_target"] is not None]
         row["reached_target"] = len(reached) if target is not None else None
         row["rounds_to_target_mean"] = float(np.mean(reached)) if reached else None
+        walls = [f["wall_to_target_s"] for f in figures if f["wall_to_target_s"] is not None]
+        row["wall_to_target_s_mean"] = float(np.mean(walls)) if walls else None
         ranks = sorted({rank for f in figures for rank in f["tiers"]})
         row["tiers"] = {}
         for rank in ranks:
@@ -326,6 +331,8 @@ def markdown(table: Sequence[dict[str, Any]], loaded: Loaded, target: float | No
         to_target = "-"
         if row["reached_target"] is not None:
             to_target = f"{_num(row['rounds_to_target_mean'])} ({row['reached_target']}/{row['seeds']})"
+            if row["wall_to_target_s_mean"] is not None:
+                to_target += f", {row['wall_to_target_s_mean']:.0f} s"
         lines.append(
             _cells(
                 label(row["group"]),
@@ -363,9 +370,9 @@ def markdown(table: Sequence[dict[str, Any]], loaded: Loaded, target: float | No
         "",
         "Mean ± sample standard deviation over seeds (no ± with one seed). Rounds to target: the first "
         "round whose dev accuracy reaches the target, mean over the seeds that reach it (how many do, of "
-        "all). MB: total bytes of the tensors sent over the run / 1e6. Wall s: the rounds' wall time "
-        "(for the local reference, summed over its clients' runs). "
-        "Aggregation s: the server's aggregation time summed over the rounds.",
+        "all), and the wall time of the rounds up to it. MB: total bytes of the tensors sent over the "
+        "run / 1e6. Wall s: the rounds' wall time (for the local reference, summed over its clients' "
+        "runs). Aggregation s: the server's aggregation time summed over the rounds.",
         "",
         "References: centralised = one client holding all the training data at the bank rank, the same "
         "rounds and local epochs (or steps) a round; FedIT r=... = every client at that one rank (the "
@@ -399,6 +406,7 @@ def write_csv(table: Sequence[dict[str, Any]], target: float | None, path: Path)
         "target_accuracy",
         "reached_target",
         "rounds_to_target_mean",
+        "wall_to_target_s_mean",
         *[f"tier{r}_{k}" for r in ranks for k in tier_keys],
     ]
     lines = []
