@@ -466,7 +466,7 @@ def plot_all(runs: Sequence[SeedRun], folder: Path, settings: dict[str, Any]) ->
     baseline = next((r.majority_baseline for r in runs if r.majority_baseline is not None), None)
     colours = {g: i for i, g in enumerate(sorted({r.group for r in runs}, key=group_order))}
     seeds = len(_seeds(runs))
-    band = "min-max over seeds" if seeds > 1 else "one seed"
+    band = "mean; band: min-max over seeds" if seeds > 1 else "one seed"
     paths = []
 
     def finish(fig, ax, name: str, title: str) -> None:
@@ -493,7 +493,7 @@ def plot_all(runs: Sequence[SeedRun], folder: Path, settings: dict[str, Any]) ->
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("dev accuracy")
-    finish(fig, ax, PLOT_ROUNDS, f"{task} dev accuracy per round (mean; band: {band})")
+    finish(fig, ax, PLOT_ROUNDS, f"{task} dev accuracy per round ({band})")
 
     # 2. accuracy against traffic
     fig, ax = plt.subplots(figsize=(10, 5), dpi=120)
@@ -515,7 +515,7 @@ def plot_all(runs: Sequence[SeedRun], folder: Path, settings: dict[str, Any]) ->
         ax.set_xscale("log")
     ax.set_xlabel("MB communicated, up + down, cumulative")
     ax.set_ylabel("dev accuracy")
-    finish(fig, ax, PLOT_TRAFFIC, f"{task} dev accuracy against traffic (mean; band: {band})")
+    finish(fig, ax, PLOT_TRAFFIC, f"{task} dev accuracy against traffic ({band})")
 
     # 3. final accuracy per rank tier, grouped bars
     table = group_table(runs, None)
