@@ -25,7 +25,10 @@ class _Section(BaseModel):
 
 class RunSettings(_Section):
     seed: int = 0
-    mode: Literal["federated", "centralized"] = "federated"
+    # "centralized": one client holding all the data (the upper reference); "local": client `client` of
+    # the federated partition training alone on its own data at its own rank (the lower reference).
+    mode: Literal["federated", "centralized", "local"] = "federated"
+    client: int | None = Field(None, ge=0)  # "local" mode only: the client id, 0 .. num_clients - 1
     device: str = "auto"  # "auto" picks CUDA when present, else CPU; or any torch device string
     name: str | None = None  # run directory name under runs/ when --out is not given
 
@@ -195,6 +198,17 @@ class Settings(_Section):
     # The chosen method's options (its `Options` model says which keys it takes); kept as written, so
     # that the saved config round-trips, and validated here and again when the method is created.
     method_options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _local_client(self) -> Settings:
+        if self.run.mode == "local" and self.run.client is None:
+            raise ValueError('run.mode "local" needs run.client, the id of the client that trains alone')
+        if self.run.client is not None and self.run.client >= self.federation.num_clients:
+            raise ValueError(
+                f"run.client ({self.run.client}) is not a client id: ids run from 0 to "
+                f"federation.num_clients - 1 ({self.federation.num_clients - 1})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _known_method(self) -> Settings:

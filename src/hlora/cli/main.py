@@ -242,6 +242,86 @@ def export(
     typer.echo(f"{kind} of {run_dir} at round {ckpt.round}, as a rank-{held} client holds it: {path}")
 
 
+@app.command()
+def compare(
+    config: Annotated[Path, typer.Argument(help="The TOML config every run starts from (a federated one).")],
+    methods: Annotated[
+        str,
+        typer.Option(
+            help="Methods to compare, comma-separated. With mixed ranks fedit stands for FedIT at the "
+            "smallest and at the largest client rank."
+        ),
+    ] = "hlora,flexlora,zeropad,flora,ffa,fedit",
+    seeds: Annotated[
+        str, typer.Option(help="Seeds, comma-separated: each gives its own partition and tiers.")
+    ] = "0",
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Results folder (default results/<config name>).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config value for every run: section.key=value (repeatable)."),
+    ] = None,
+    references: Annotated[
+        bool,
+        typer.Option(
+            help="Also run the references: centralised, FedIT at the smallest and largest rank, local."
+        ),
+    ] = True,
+    local_clients: Annotated[
+        int | None,
+        typer.Option(min=0, help="Clients of the local reference, ids 0..N-1 (default: every client)."),
+    ] = None,
+    target_accuracy: Annotated[
+        float | None,
+        typer.Option(help="Accuracy whose first round the table shows (default: 0.95 x centralised final)."),
+    ] = None,
+    report_only: Annotated[
+        bool, typer.Option("--report-only", help="Train nothing: tables and charts from the runs there.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or info lines.")] = False,
+) -> None:
+    """Run every method and seed on the same partitions and rank tiers, beside the references, skipping
+    complete runs and resuming stopped ones; then write summary.md, summary.csv and charts."""
+    from hlora.experiments import compare as cmp
+    from hlora.experiments.report import write_report
+
+    _setup_logging(quiet)
+    out = out if out is not None else Path("results") / config.stem
+    if not report_only:
+        planned = cmp.prepare_comparison(
+            config,
+            list(set_ or []),
+            cmp.parse_methods(methods),
+            cmp.parse_seeds(seeds),
+            out,
+            references=references,
+            local_clients=local_clients,
+        )
+        todo = sum(run.state != "complete" for run in planned)
+        typer.echo(f"{len(planned)} runs in {out / cmp.RUNS_DIR}, {todo} to train")
+        cmp.run_comparison(planned, typer.echo, progress=not quiet)
+    _echo_report(write_report(out, target_accuracy))
+
+
+@app.command()
+def report(
+    results_dir: Annotated[Path, typer.Argument(help="A results folder of hlora compare.")],
+    target_accuracy: Annotated[
+        float | None,
+        typer.Option(help="Accuracy whose first round the table shows (default: 0.95 x centralised final)."),
+    ] = None,
+) -> None:
+    """Write a comparison's summary.md, summary.csv and charts again from its run directories."""
+    from hlora.experiments.report import write_report
+
+    _echo_report(write_report(results_dir, target_accuracy))
+
+
+def _echo_report(paths: list[Path]) -> None:
+    typer.echo(f"report: {', '.join(str(p) for p in paths)}")
+
+
 bench_app = typer.Typer(
     help="Measure hlora's own costs, side by side in one process (results in BENCHMARKS.md).",
     no_args_is_help=True,

@@ -62,7 +62,23 @@ def pick_device(name: str) -> torch.device:
 def effective_settings(settings: Settings) -> Settings:
     """The centralised reference is the federated loop with one client that holds all the data (the
     aggregate of one update is that update), so it needs no loop of its own. It trains at the rank the
-    federated run's server holds (`bank_rank`, else the largest rank the policy gives)."""
+    federated run's server holds (`bank_rank`, else the largest rank the policy gives).
+
+    The local reference (`run.mode = "local"`) is the same loop with one client too: `prepare` splits the
+    data as the federated run does (`num_clients`, `alpha`, seed), then keeps client `run.client`'s part
+    and rank alone. Here only what needs no data changes: FedIT (the identity on one update), one client a
+    round, no bank rank above the client's own."""
+    if settings.run.mode == "local":
+        fed = settings.federation.model_copy(
+            update={"method": "fedit", "clients_per_round": 1, "min_clients": 1}
+        )
+        return settings.model_copy(
+            update={
+                "federation": fed,
+                "lora": settings.lora.model_copy(update={"bank_rank": None}),
+                "method_options": {},
+            }
+        )
     if settings.run.mode != "centralized":
         return settings
     lora = settings.lora
@@ -118,6 +134,9 @@ def prepare(settings: Settings) -> Experiment:
         seed=settings.run.seed,
     )
     client_ranks = assign_ranks(settings.lora, [len(idx) for idx in parts], settings.run.seed)
+    local = settings.run.client if settings.run.mode == "local" else None
+    if local is not None:  # the lower reference: this client's part and rank, and no other client
+        parts, client_ranks = [parts[local]], {0: client_ranks[local]}
     bank_rank = resolve_bank_rank(settings.lora, client_ranks)
     aggregator = registry.create(fed.method, bank_rank, settings.run.seed, settings.method_options)
     t1 = time.perf_counter()
@@ -146,6 +165,8 @@ def prepare(settings: Settings) -> Experiment:
     counts = np.bincount(dev.labels, minlength=task.num_labels)
     rows = partition_table(parts, np.asarray(train_rows.labels), list(task.label_names))
     rows = [{"client": r["client"], "size": r["size"], "rank": client_ranks[r["client"]], **r} for r in rows]
+    if local is not None:  # partition.csv names the client by its id in the federated partition
+        rows = [{**r, "client": local} for r in rows]
     return Experiment(
         settings=settings,
         task=task,
@@ -241,6 +262,7 @@ def run(
             "mode": s.run.mode,
             "seed": s.run.seed,
             "num_clients": fed.num_clients,
+            **({"client": s.run.client} if s.run.mode == "local" else {}),
             "client_ranks": sorted(set(exp.client_ranks.values())),
             "bank_rank": exp.bank_rank,
             "majority_baseline": exp.majority_baseline,

@@ -1,0 +1,300 @@
+"""`hlora compare`: every method and seed on the same partitions and rank tiers, beside references.
+
+A comparison is a results folder with one ordinary run directory per (method or reference, seed) under
+`runs/`, named `<name>-s<seed>`. Each run is the base config with a few overrides (the method, the seed,
+a reference's mode or rank), so the partition and the rank map, which depend on the config and the seed
+alone, are the same for every method of a seed. A comparison started again skips the runs that are
+complete, resumes the ones that were stopped (`hlora.checkpoint`), and refuses a run directory that holds
+a run of another config.
+
+The references (on by default):
+
+- `central`: centralised LoRA, one client holding all the data at the bank rank (`run.mode =
+  "centralized"`); the upper reference.
+- `fedit-r<r>`: FedIT with every client at one rank (`lora.rank_policy = "fixed"`), at the smallest and at
+  the largest client rank of the tiers: the homogeneous federation each end of the tiers could run.
+- `local-c<k>`: client `k` alone on its own part of the federated partition at its own rank, the same
+  rounds and local work per round (`run.mode = "local"`); the lower reference is the mean over clients.
+
+FedIT needs equal ranks, so with mixed tiers `fedit` in the methods stands for the two `fedit-r<r>` runs
+(with references on they are the same run directories, run once).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from hlora.config import Settings, apply_override, load_settings, validate_settings
+from hlora.errors import ConfigError, RunDirError
+from hlora.outputs import CONFIG_FILE, SUMMARY_FILE
+
+log = logging.getLogger("hlora")
+
+RUNS_DIR = "runs"
+CENTRAL = "central"
+LOCAL = "local"
+# What a run may differ in from another of the same comparison and still be the same run: its name, and
+# its number of rounds (a shorter one is extended by resuming it).
+_IGNORED_KEYS = ("run.name", "federation.rounds")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a comparison: the base config with `overrides` (`section.key=value`) at `seed`."""
+
+    name: str  # "hlora", "fedit-r2", "central", "local-c3"
+    seed: int
+    overrides: tuple[str, ...] = ()
+    reference: bool = False
+
+    @property
+    def group(self) -> str:
+        """The row of the tables and the line of the charts: the name, `local` for every `local-c<k>`."""
+        return LOCAL if self.name.startswith(f"{LOCAL}-c") else self.name
+
+    @property
+    def dir_name(self) -> str:
+        return f"{self.name}-s{self.seed}"
+
+
+def parse_methods(text: str) -> list[str]:
+    """`"hlora,zeropad"` as a list of registered method names; ConfigError naming an unknown one."""
+    from hlora.aggregation import registry
+
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    if not methods:
+        raise ConfigError("--methods names no method; allowed: " + ", ".join(registry.names()))
+    for method in methods:
+        if method not in registry.names():
+            raise ConfigError(f"--methods: unknown method {method!r}; allowed: {', '.join(registry.names())}")
+    return list(dict.fromkeys(methods))  # in the order given, once each
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`"0,1,2"` as a list of distinct integer seeds; ConfigError otherwise."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds: expected comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise ConfigError("--seeds names no seed")
+    return list(dict.fromkeys(seeds))
+
+
+def plan_runs(
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    ranks_of_seed: Callable[[int], dict[int, int]],
+    references: bool = True,
+    local_clients: Iterable[int] = (),
+) -> list[RunSpec]:
+    """Every run of the comparison, seed by seed: the methods, then the references.
+
+    `ranks_of_seed(seed)` gives the clients' ranks `{client id: r_k}` that the base config gives at that
+    seed; with more than one distinct rank, `fedit` becomes FedIT at the smallest and the largest.
+    `local_clients` are the client ids of the local reference."""
+    specs: list[RunSpec] = []
+    for seed in seeds:
+        ranks = sorted(set(ranks_of_seed(seed).values()))
+        fedit_ranks = [ranks[0], ranks[-1]] if len(ranks) > 1 else ranks
+        fedit_refs = [
+            RunSpec(
+                f"fedit-r{r}",
+                seed,
+                (
+                    "federation.method=fedit",
+                    "lora.rank_policy=fixed",
+                    f"lora.rank={r}",
+                    f"lora.bank_rank={r}",
+                ),
+                reference=True,
+            )
+            for r in dict.fromkeys(fedit_ranks)
+        ]
+        for method in methods:
+            if method == "fedit" and len(ranks) > 1:
+                specs.extend(fedit_refs)
+            else:
+                specs.append(RunSpec(method, seed, (f"federation.method={method}",)))
+        if references:
+            specs.append(RunSpec(CENTRAL, seed, ("run.mode=centralized",), reference=True))
+            if not (len(ranks) == 1 and "fedit" in methods):  # equal ranks: plain fedit is that reference
+                specs.extend(fedit_refs)
+            specs.extend(
+                RunSpec(f"{LOCAL}-c{k}", seed, ("run.mode=local", f"run.client={k}"), reference=True)
+                for k in local_clients
+            )
+    return list(dict.fromkeys(specs))  # fedit in the methods and as reference: one run
+
+
+def spec_settings(base: Settings, spec: RunSpec) -> Settings:
+    """The settings of one run: `base` with the spec's overrides and seed. `[method_options]` belong to
+    the base config's method, so a run of another method goes without them."""
+    raw = base.model_dump()
+    for item in spec.overrides:
+        apply_override(raw, item)
+    if raw["federation"]["method"] != base.federation.method:
+        raw["method_options"] = {}
+    raw["run"]["seed"] = spec.seed
+    return validate_settings(raw)
+
+
+def client_ranks(settings: Settings) -> dict[int, int]:
+    """The clients' ranks that `simulation.prepare(settings)` will give, without loading the model: the
+    same partition of the same rows (`hlora.data.partition`), the same rank policy."""
+    import numpy as np
+
+    from hlora.data.glue import get_task, load_split
+    from hlora.data.partition import dirichlet_partition
+    from hlora.federation.ranks import assign_ranks
+
+    task = get_task(settings.data.task)
+    rows = load_split(task, "train", settings.data.data_dir).head(settings.data.max_train_samples)
+    fed = settings.federation
+    parts = dirichlet_partition(
+        np.asarray(rows.labels),
+        fed.num_clients,
+        fed.alpha,
+        min_size=fed.min_client_size,
+        seed=settings.run.seed,
+    )
+    return assign_ranks(settings.lora, [len(idx) for idx in parts], settings.run.seed)
+
+
+RunState = Literal["new", "complete", "resume"]
+
+
+def run_state(run_dir: Path, settings: Settings) -> RunState:
+    """What to do with `run_dir` for a run of `settings`: `new` (absent or empty), `complete` (finished
+    with this config), or `resume` (stopped, or finished with fewer rounds: it goes on from its last
+    checkpoint). RunDirError for a folder that is not a run directory or holds a run of another config,
+    naming the first key that differs. Reads only."""
+    from hlora.federation.simulation import effective_settings
+
+    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+        return "new"
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise RunDirError(f"{run_dir} exists but is not a run directory (no {CONFIG_FILE}): move it away")
+    saved = effective_settings(load_settings(run_dir / CONFIG_FILE))
+    wanted = effective_settings(settings)
+    differs = first_difference(saved, wanted)
+    if differs is not None:
+        key, was, now = differs
+        raise RunDirError(
+            f"{run_dir} holds a run with {key} = {was!r}, this comparison asks for {now!r}: "
+            "move it away or choose another --out"
+        )
+    have, want = saved.federation.rounds, wanted.federation.rounds
+    if have > want:
+        raise RunDirError(
+            f"{run_dir} holds a run of {have} rounds, this comparison asks for {want}: "
+            "move it away or choose another --out"
+        )
+    if have == want and (run_dir / SUMMARY_FILE).is_file():
+        return "complete"
+    return "resume"
+
+
+def first_difference(a: Settings, b: Settings) -> tuple[str, Any, Any] | None:
+    """The first `section.key` (in config order) whose values differ, with both values; None if the two
+    differ at most in what a run of a comparison may (`run.name`, `federation.rounds`)."""
+    da, db = _flat(a.model_dump()), _flat(b.model_dump())
+    for key in list(da) + [k for k in db if k not in da]:
+        if key not in _IGNORED_KEYS and da.get(key) != db.get(key):
+            return key, da.get(key), db.get(key)
+    return None
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value and prefix == "":
+            out.update(_flat(value, f"{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def execute(run_dir: Path, settings: Settings, state: RunState, progress: bool = False) -> dict[str, Any]:
+    """Bring one run to completion: nothing for `complete` (its summary is read), the rounds after the
+    checkpoint for `resume`, the whole run in a new directory for `new`. Returns the run's summary."""
+    from hlora import checkpoint
+    from hlora.federation import simulation
+    from hlora.outputs import create_run_dir
+
+    if state == "complete":
+        return json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+    if state == "resume":
+        resumed, ckpt = checkpoint.open_resume(run_dir, [f"federation.rounds={settings.federation.rounds}"])
+        exp = simulation.prepare(resumed)
+        return simulation.run(exp, run_dir, progress=progress, resume=ckpt)
+    exp = simulation.prepare(settings)
+    if run_dir.is_dir():
+        run_dir.rmdir()  # empty (run_state): create_run_dir makes it again, and refuses a race
+    create_run_dir(run_dir)
+    return simulation.run(exp, run_dir, progress=progress)
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    spec: RunSpec
+    settings: Settings
+    run_dir: Path
+    state: RunState
+
+
+def prepare_comparison(
+    config: Path | None,
+    overrides: Sequence[str],
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    out: Path,
+    references: bool = True,
+    local_clients: int | None = None,
+    ranks_of: Callable[[Settings], dict[int, int]] = client_ranks,
+) -> list[PlannedRun]:
+    """Every run with its settings, directory and state, all checked before any is trained: a bad
+    config, override or run directory fails here with one error. `local_clients`: how many clients the
+    local reference trains alone (ids 0 .. N-1, a fair sample: client ids carry no order; None: all)."""
+    base = load_settings(config, list(overrides))
+    if base.run.mode != "federated":
+        raise ConfigError(f"hlora compare needs a federated config (run.mode = {base.run.mode!r})")
+    num = base.federation.num_clients
+    if local_clients is not None and not 0 <= local_clients <= num:
+        raise ConfigError(f"--local-clients {local_clients}: the config has {num} clients")
+
+    def ranks_of_seed(seed: int) -> dict[int, int]:
+        return ranks_of(spec_settings(base, RunSpec("base", seed)))
+
+    specs = plan_runs(
+        methods, seeds, ranks_of_seed, references, range(num if local_clients is None else local_clients)
+    )
+    planned = []
+    for spec in specs:
+        settings = spec_settings(base, spec)
+        run_dir = out / RUNS_DIR / spec.dir_name
+        planned.append(PlannedRun(spec, settings, run_dir, run_state(run_dir, settings)))
+    return planned
+
+
+def run_comparison(
+    planned: Sequence[PlannedRun], echo: Callable[[str], None], progress: bool = False
+) -> None:
+    """Run the planned runs one after another in this process, saying what happens to each."""
+    width = len(str(len(planned)))
+    for i, run in enumerate(planned, 1):
+        head = f"[{i:>{width}}/{len(planned)}] {run.spec.name} seed {run.spec.seed} ({run.run_dir})"
+        if run.state == "complete":
+            echo(f"{head}: complete, skipped")
+            continue
+        echo(f"{head}: {'resuming' if run.state == 'resume' else 'running'}")
+        summary = execute(run.run_dir, run.settings, run.state, progress=progress)
+        echo(
+            f"{head}: done, final accuracy {summary['final_accuracy']:.4f}, "
+            f"{summary['total_wall_s']:.0f} s of rounds"
+        )

@@ -1,0 +1,428 @@
+"""`hlora compare` and `hlora report` on the tiny model: the plan of runs, the local reference, the tables
+checked against the run directories, skipping, resuming, refusing, and regenerating the report."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hlora.cli.main import main
+from hlora.config import load_settings, validate_settings
+from hlora.errors import ConfigError, RunDirError
+from hlora.experiments import compare as cmp
+from hlora.experiments import report
+from hlora.federation import simulation
+from hlora.outputs import read_metrics
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
+
+# --- planning, without a model ------------------------------------------------------------------------
+
+
+def names(specs) -> list[str]:
+    return [s.dir_name for s in specs]
+
+
+def test_mixed_ranks_make_fedit_the_two_fedit_references_once():
+    specs = cmp.plan_runs(
+        ["hlora", "fedit"], [0], lambda seed: {0: 2, 1: 16, 2: 8}, references=True, local_clients=[0, 1]
+    )
+    assert names(specs) == [
+        "hlora-s0",
+        "fedit-r2-s0",
+        "fedit-r16-s0",
+        "central-s0",
+        "local-c0-s0",
+        "local-c1-s0",
+    ]
+    fedit = specs[1]
+    assert fedit.reference and fedit.group == "fedit-r2"
+    assert "lora.rank=2" in fedit.overrides and "lora.bank_rank=2" in fedit.overrides
+    assert specs[-1].group == "local" and "run.client=1" in specs[-1].overrides
+
+
+def test_without_references_mixed_fedit_still_runs_at_both_ends():
+    specs = cmp.plan_runs(["fedit", "ffa"], [0, 1], lambda seed: {0: 2, 1: 4}, references=False)
+    assert names(specs) == ["fedit-r2-s0", "fedit-r4-s0", "ffa-s0", "fedit-r2-s1", "fedit-r4-s1", "ffa-s1"]
+
+
+def test_equal_ranks_fedit_is_a_plain_method_and_its_own_reference():
+    specs = cmp.plan_runs(["fedit", "hlora"], [3], lambda seed: {0: 8, 1: 8}, local_clients=[])
+    assert names(specs) == ["fedit-s3", "hlora-s3", "central-s3"]
+    specs = cmp.plan_runs(["hlora"], [3], lambda seed: {0: 8, 1: 8}, local_clients=[])
+    assert names(specs) == ["hlora-s3", "central-s3", "fedit-r8-s3"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("hlora,nope", "unknown method 'nope'"), (" , ", "names no method")],
+)
+def test_bad_methods_are_config_errors(text, message):
+    with pytest.raises(ConfigError, match=message):
+        cmp.parse_methods(text)
+
+
+def test_seeds_parse_and_refuse():
+    assert cmp.parse_seeds("0, 1,1,2") == [0, 1, 2]
+    with pytest.raises(ConfigError, match="integers"):
+        cmp.parse_seeds("0,x")
+
+
+def test_mean_rows_average_clients_per_rank():
+    run = [
+        {
+            "round": 1,
+            "accuracy": a,
+            "tier_accuracy": {str(r): a},
+            "tier_step_s": {str(r): s},
+            "tier_peak_bytes": {str(r): p},
+            "wall_s": 1.0,
+        }
+        for a, r, s, p in ((0.5, 2, 0.1, 10), (0.7, 2, 0.3, 30), (0.9, 4, 0.2, 20))
+    ]
+    (row,) = report.mean_rows([[r] for r in run])
+    assert row["accuracy"] == pytest.approx(0.7)
+    assert row["tier_accuracy"] == pytest.approx({"2": 0.6, "4": 0.9})
+    assert row["tier_step_s"] == pytest.approx({"2": 0.2, "4": 0.2})
+    assert row["tier_peak_bytes"] == {"2": 30, "4": 20}
+    assert row["wall_s"] == 3.0 and row["uplink_bytes"] == 0
+
+
+# --- the local reference ------------------------------------------------------------------------------
+
+
+def test_local_mode_needs_a_client_id(tiny_settings):
+    raw = tiny_settings.model_dump()
+    raw["run"]["mode"] = "local"
+    with pytest.raises(ConfigError, match="needs run.client"):
+        validate_settings(raw)
+    raw["run"]["client"] = 3
+    with pytest.raises(ConfigError, match=r"run.client \(3\) is not a client id"):
+        validate_settings(raw)
+
+
+@pytest.mark.parametrize(
+    "lora", [{"rank_policy": "tiers", "tiers": [1, 2, 4]}, {"rank_policy": "data_size", "rank": 4}]
+)
+def test_client_ranks_are_the_ones_prepare_gives(tiny_settings, lora):
+    raw = tiny_settings.model_dump()
+    raw["lora"].update(lora)
+    raw["federation"].update(method="hlora", alpha=0.5)
+    for seed in (0, 1):
+        raw["run"]["seed"] = seed
+        settings = validate_settings(raw)
+        assert cmp.client_ranks(settings) == simulation.prepare(settings).client_ranks
+
+
+# --- end to end on the tiny model ---------------------------------------------------------------------
+
+
+def hlora(*args: str) -> tuple[int, str, str]:
+    """`hlora ARGS` in this process: exit status, stdout, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(args))
+        except SystemExit as e:
+            code = int(e.code or 0)
+    return code, out.getvalue(), err.getvalue()
+
+
+CONFIG = """
+[run]
+seed = 0
+device = "cpu"
+
+[data]
+task = "mrpc"
+data_dir = "{glue}"
+max_length = 48
+max_train_samples = 48
+max_eval_samples = 32
+
+[model]
+name_or_path = "{model}"
+
+[lora]
+rank_policy = "tiers"
+tiers = [2, 4]
+
+[federation]
+method = "hlora"
+num_clients = 3
+clients_per_round = 2
+rounds = 2
+alpha = 1.0
+min_client_size = 4
+
+[train]
+lr = 3e-2
+batch_size = 8
+local_steps = 2
+
+[eval]
+batch_size = 16
+"""
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory, tiny_model_dir, glue_dir) -> Path:
+    path = tmp_path_factory.mktemp("compare-config") / "tiny.toml"
+    path.write_text(CONFIG.format(glue=glue_dir, model=tiny_model_dir), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, config_file) -> tuple[Path, str]:
+    """hlora and zeropad, seeds 0 and 1, 2 rounds, with the references (local: clients 0 and 1)."""
+    out = tmp_path_factory.mktemp("compare") / "results"
+    code, stdout, stderr = hlora(
+        "compare", str(config_file), "--methods", "hlora,zeropad", "--seeds", "0,1",
+        "--out", str(out), "--local-clients", "2", "-q",
+    )  # fmt: skip
+    assert code == 0, stderr
+    return out, stdout
+
+
+def read_csv(path: Path) -> dict[str, dict[str, str]]:
+    with path.open(encoding="utf-8") as f:
+        return {row["group"]: row for row in csv.DictReader(f)}
+
+
+def test_compare_runs_every_method_and_reference_per_seed(compared):
+    out, stdout = compared
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    per_seed = ["central", "fedit-r2", "fedit-r4", "hlora", "local-c0", "local-c1", "zeropad"]
+    assert runs == sorted(f"{name}-s{seed}" for name in per_seed for seed in (0, 1))
+    assert "14 runs in" in stdout and "14 to train" in stdout
+    assert stdout.count(": running") == 14 and stdout.count(": done, final accuracy") == 14
+    # identical partitions and rank tiers across methods of a seed, another draw for another seed
+    partition = {p: (out / "runs" / p / "partition.csv").read_text() for p in runs}
+    assert partition["hlora-s0"] == partition["zeropad-s0"] != partition["hlora-s1"]
+    clients = {p: [r["clients"] for r in read_metrics(out / "runs" / p)] for p in runs}
+    assert clients["hlora-s0"] == clients["zeropad-s0"] == clients["fedit-r2-s0"]  # each round's draw
+    central = load_settings(out / "runs" / "central-s0" / "config.toml")
+    assert central.run.mode == "centralized" and central.federation.num_clients == 1
+    assert central.lora.rank == 4  # the bank rank
+    fedit = load_settings(out / "runs" / "fedit-r2-s1" / "config.toml")
+    assert (fedit.federation.method, fedit.lora.rank_policy, fedit.lora.rank) == ("fedit", "fixed", 2)
+    assert fedit.run.seed == 1
+
+
+def test_local_reference_is_one_client_of_the_partition_alone(compared):
+    out, _ = compared
+    fed = (out / "runs" / "hlora-s0" / "partition.csv").read_text().splitlines()
+    alone = (out / "runs" / "local-c1-s0" / "partition.csv").read_text().splitlines()
+    assert alone[0] == fed[0] and alone[1] == fed[2]  # header, then client 1's size, rank and labels
+    rows = read_metrics(out / "runs" / "local-c1-s0")
+    assert all(row["clients"] == [0] for row in rows)
+    settings = load_settings(out / "runs" / "local-c1-s0" / "config.toml")
+    assert (settings.run.mode, settings.run.client, settings.federation.method) == ("local", 1, "fedit")
+
+
+def test_summary_csv_agrees_with_the_run_directories(compared):
+    out, _ = compared
+    table = read_csv(out / "summary.csv")
+    assert set(table) == {"hlora", "zeropad", "central", "fedit-r2", "fedit-r4", "local"}
+    for group in ("hlora", "central"):
+        runs = [read_metrics(out / "runs" / f"{group}-s{seed}") for seed in (0, 1)]
+        final = [rows[-1]["accuracy"] for rows in runs]
+        best = [max(r["accuracy"] for r in rows) for rows in runs]
+        row = table[group]
+        assert row["seeds"] == "2"
+        assert float(row["final_accuracy_mean"]) == pytest.approx(statistics.mean(final))
+        assert float(row["final_accuracy_std"]) == pytest.approx(statistics.stdev(final))
+        assert float(row["best_accuracy_mean"]) == pytest.approx(statistics.mean(best))
+        assert float(row["final_f1_mean"]) == pytest.approx(statistics.mean(r[-1]["f1"] for r in runs))
+    hlora_runs = [read_metrics(out / "runs" / f"hlora-s{seed}") for seed in (0, 1)]
+    row = table["hlora"]
+    up = [sum(r["uplink_bytes"] for r in rows) / 1e6 for rows in hlora_runs]
+    assert float(row["uplink_mb_mean"]) == pytest.approx(statistics.mean(up))
+    agg = [sum(r["aggregate_s"] for r in rows) for rows in hlora_runs]
+    assert float(row["aggregate_s_mean"]) == pytest.approx(statistics.mean(agg))
+    for rank in ("2", "4"):
+        tier = [rows[-1]["tier_accuracy"][rank] for rows in hlora_runs]
+        assert float(row[f"tier{rank}_final_accuracy_mean"]) == pytest.approx(statistics.mean(tier))
+        peak = max(
+            r["tier_peak_bytes"][rank] for rows in hlora_runs for r in rows if rank in r["tier_peak_bytes"]
+        )
+        assert float(row[f"tier{rank}_peak_mib"]) == pytest.approx(peak / 2**20)
+    # the centralised and local runs exchange nothing: no traffic, no aggregation time
+    assert table["central"]["uplink_mb_mean"] == "" and table["local"]["aggregate_s_mean"] == ""
+    # the local reference: per seed the mean over its clients, then mean over seeds
+    local = [
+        statistics.mean(read_metrics(out / "runs" / f"local-c{c}-s{seed}")[-1]["accuracy"] for c in (0, 1))
+        for seed in (0, 1)
+    ]
+    assert float(table["local"]["final_accuracy_mean"]) == pytest.approx(statistics.mean(local))
+    assert table["local"]["clients"] == "2"
+    # the target: 0.95 x the centralised mean final accuracy, and the first round reaching it
+    target = float(table["hlora"]["target_accuracy"])
+    assert target == pytest.approx(0.95 * float(table["central"]["final_accuracy_mean"]))
+    reached = [next((r["round"] for r in rows if r["accuracy"] >= target), None) for rows in hlora_runs]
+    assert table["hlora"]["reached_target"] == str(sum(x is not None for x in reached))
+    walls = [sum(r["wall_s"] for r in rows[:x]) for rows, x in zip(hlora_runs, reached, strict=True) if x]
+    if walls:
+        assert float(table["hlora"]["wall_to_target_s_mean"]) == pytest.approx(statistics.mean(walls))
+
+
+def test_summary_md_and_charts_are_written(compared):
+    out, _ = compared
+    text = (out / "summary.md").read_text(encoding="utf-8")
+    for name in (
+        "| hlora |",
+        "| zeropad |",
+        "centralised (upper ref.)",
+        "FedIT r=2 (ref.)",
+        "FedIT r=4 (ref.)",
+    ):
+        assert name in text
+    assert "local alone (lower ref.)" in text and "mean over 2 clients" in text
+    assert "0.95 x the centralised reference's mean final accuracy" in text
+    for name in (report.PLOT_ROUNDS, report.PLOT_TRAFFIC, report.PLOT_TIERS):
+        data = (out / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 10_000
+
+
+@pytest.fixture
+def results_copy(compared, tmp_path) -> Path:
+    copy = tmp_path / "results"
+    shutil.copytree(compared[0], copy)
+    return copy
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("trained, but every run was complete")
+
+    monkeypatch.setattr(simulation, "prepare", refuse)
+
+
+def test_a_second_compare_skips_every_complete_run(results_copy, config_file, no_training):
+    stamps = {p: p.stat().st_mtime_ns for p in results_copy.glob("runs/*/metrics.jsonl")}
+    code, stdout, stderr = hlora(
+        "compare", str(config_file), "--methods", "hlora,zeropad", "--seeds", "0,1",
+        "--out", str(results_copy), "--local-clients", "2", "-q",
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert "0 to train" in stdout and stdout.count("complete, skipped") == 14
+    assert stamps == {p: p.stat().st_mtime_ns for p in results_copy.glob("runs/*/metrics.jsonl")}
+
+
+def test_a_finished_run_of_another_config_is_refused_in_one_line(results_copy, config_file, no_training):
+    code, stdout, stderr = hlora(
+        "compare", str(config_file), "--methods", "hlora", "--out", str(results_copy), "-q",
+        "--set", "train.lr=0.1",
+    )  # fmt: skip
+    assert code == 2
+    assert (
+        stderr.count("\n") == 1
+        and "train.lr = 0.03, this comparison asks for 0.1" in stderr
+        and "move it away" in stderr
+    )
+    assert "runs in" not in stdout  # refused before anything ran
+
+
+def test_report_regenerates_tables_and_charts(results_copy, no_training):
+    before = (results_copy / "summary.csv").read_text()
+    for name in ("summary.md", "summary.csv", report.PLOT_ROUNDS, report.PLOT_TRAFFIC, report.PLOT_TIERS):
+        (results_copy / name).unlink()
+    code, stdout, stderr = hlora("report", str(results_copy))
+    assert code == 0, stderr
+    assert (results_copy / "summary.csv").read_text() == before
+    assert (results_copy / report.PLOT_TIERS).is_file() and "summary.md" in stdout
+    code, _, stderr = hlora("compare", "unused.toml", "--report-only", "--out", str(results_copy),
+                            "--target-accuracy", "0.6")  # fmt: skip
+    assert code == 0, stderr
+    assert (
+        "Target accuracy 0.6000 (given with --target-accuracy)" in (results_copy / "summary.md").read_text()
+    )
+
+
+def test_report_leaves_out_incomplete_runs_and_refuses_an_empty_folder(results_copy, tmp_path):
+    (results_copy / "runs" / "zeropad-s1" / "summary.json").unlink()
+    report.write_report(results_copy)
+    assert read_csv(results_copy / "summary.csv")["zeropad"]["seeds"] == "1"
+    assert "Not complete, left out: zeropad-s1." in (results_copy / "summary.md").read_text()
+    with pytest.raises(RunDirError, match="no complete run"):
+        report.write_report(tmp_path / "nothing")
+
+
+def test_a_stopped_run_resumes_to_the_run_that_never_stopped(compared, config_file, tmp_path, monkeypatch):
+    """A comparison killed in round 2 of its only run; the next invocation resumes it from round 1's
+    checkpoint and ends where the uninterrupted run of the same config ended."""
+    out = tmp_path / "results"
+    args = ("compare", str(config_file), "--methods", "hlora", "--out", str(out), "--no-references", "-q")
+    real_save = simulation.checkpoint.save_checkpoint
+
+    def killed_in_round_2(run_dir, exp, rnd, metrics):
+        if rnd == 2:
+            raise KeyboardInterrupt
+        real_save(run_dir, exp, rnd, metrics)
+
+    monkeypatch.setattr(simulation.checkpoint, "save_checkpoint", killed_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        cmp.run_comparison(
+            cmp.prepare_comparison(config_file, [], ["hlora"], [0], out, references=False), lambda line: None
+        )
+    run_dir = out / "runs" / "hlora-s0"
+    assert not (run_dir / "summary.json").exists()
+    monkeypatch.setattr(simulation.checkpoint, "save_checkpoint", real_save)
+    code, stdout, stderr = hlora(*args)
+    assert code == 0, stderr
+    assert "hlora seed 0" in stdout and ": resuming" in stdout
+    resumed = read_metrics(run_dir)
+    never_stopped = read_metrics(compared[0] / "runs" / "hlora-s0")
+    assert [r["accuracy"] for r in resumed] == [r["accuracy"] for r in never_stopped]
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in never_stopped]
+    assert (out / "summary.md").is_file()
+
+
+def test_more_rounds_extend_complete_runs(results_copy, config_file):
+    code, stdout, stderr = hlora(
+        "compare", str(config_file), "--methods", "zeropad", "--seeds", "1", "--no-references",
+        "--out", str(results_copy), "-q", "--set", "federation.rounds=3",
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert ": resuming" in stdout
+    rows = read_metrics(results_copy / "runs" / "zeropad-s1")
+    assert [r["round"] for r in rows] == [1, 2, 3]
+
+
+def test_bad_method_is_one_line_exit_2_and_nothing_written(config_file, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "hlora", "compare", str(config_file), "--methods", "hlora,nope",
+         "--out", str(tmp_path / "results")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "unknown method 'nope'" in proc.stderr
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.toml")), ids=lambda p: p.name)
+def test_experiment_configs_load_and_fill_every_tier(path, glue_dir):
+    settings = load_settings(path, [f"data.data_dir='{glue_dir}'"])
+    assert (
+        settings.run.mode == "federated"
+        and settings.federation.clients_per_round < settings.federation.num_clients
+    )
+    for seed in (0, 1, 2):
+        ranks = cmp.client_ranks(
+            settings.model_copy(update={"run": settings.run.model_copy(update={"seed": seed})})
+        )
+        assert sorted(set(ranks.values())) == [2, 4, 8, 16]
