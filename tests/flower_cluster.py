@@ -38,6 +38,7 @@ class Cluster:
         self.tls = tls
         self.port = free_port()
         self.procs: dict[str, subprocess.Popen] = {}
+        self.run_id: str | None = None
         self.logs: dict[str, Path] = {}
         self.home = self.root / "home"
         self.home.mkdir(parents=True, exist_ok=True)
@@ -107,13 +108,14 @@ class Cluster:
         )
 
     def submit(self, run_config: dict[str, object]) -> str:
-        """`flwr run flower-app test` with these run config values; returns flwr's output."""
+        """`flwr run flower-app test` with these run config values; returns the run's id."""
         items = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
         done = None
         for _ in range(30):  # the SuperLink takes a moment to listen
             done = self.flwr("run", str(APP_DIR), "test", "--run-config", items)
             if done.returncode == 0:
-                return done.stdout
+                self.run_id = done.stdout.split("started run")[-1].split()[0]
+                return self.run_id
             time.sleep(1)
         raise RuntimeError(f"flwr run failed:\n{done.stdout}\n{done.stderr}\n{self.tail()}")
 
@@ -128,7 +130,14 @@ class Cluster:
         return self.procs[name].poll() is None
 
     def tail(self, lines: int = 40) -> str:
+        """The last lines of every process's log, and of the run's (the ServerApp's) log."""
         out = []
+        if self.run_id is not None:
+            try:
+                shown = self.flwr("log", self.run_id, "test", "--show", timeout=30).stdout.splitlines()
+            except subprocess.TimeoutExpired:
+                shown = ["(flwr log timed out)"]
+            out.append("--- run log ---\n" + "\n".join(shown[-lines:]))
         for name, path in self.logs.items():
             text = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []
             out.append(f"--- {name} ---\n" + "\n".join(text[-lines:]))

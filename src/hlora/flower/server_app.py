@@ -27,8 +27,9 @@ from hlora import checkpoint
 from hlora.config import load_settings
 from hlora.errors import HloraError
 from hlora.federation.simulation import RoundLoop, prepare
+from hlora.flower.client_app import NODE_RECORD
 from hlora.flower.strategy import HloraStrategy
-from hlora.flower.wire import NODE_RECORD, to_record
+from hlora.flower.wire import to_record
 from hlora.outputs import create_run_dir, default_run_dir
 
 log = logging.getLogger("hlora.flower")
@@ -58,11 +59,12 @@ def main(grid: Grid, context: Context) -> None:
     else:
         settings = load_settings(str(cfg.get("config", "")) or None, overrides)
     exp = prepare(settings)
+    # The nodes before the run directory: a run that cannot start writes nothing.
+    nodes = find_nodes(grid, exp.settings.federation.num_clients, float(cfg.get("node-timeout", 600)))
     if not resume:
         s = exp.settings
         run_dir = create_run_dir(out or default_run_dir(s.data.task, s.federation.method, s.run.name))
     log.info("run directory: %s", run_dir)
-    nodes = find_nodes(grid, exp.settings.federation.num_clients, float(cfg.get("node-timeout", 600)))
     loop = RoundLoop(exp, run_dir, ckpt)
     strategy = HloraStrategy(loop, nodes, first_round=loop.first)
     if ckpt is not None:

@@ -34,7 +34,6 @@ PLAN_CONFIG = "hlora.plan"
 UPDATE_ARRAYS = "hlora.uplink"  # and of its reply
 UPDATE_METRICS = "hlora.train"
 RUN_CONFIG = "hlora.config"  # in every train message: the run's resolved config, as TOML text
-NODE_RECORD = "hlora.node"  # a query reply: which partition the node holds
 _MERGE = "merge."  # prefix of a base delta's tensors in `ClientPlan.downlink()`: merge.<version>.<name>
 _DTYPES = {
     str(dtype).removeprefix("torch."): dtype
