@@ -31,9 +31,12 @@ def free_port() -> int:
 class Cluster:
     """A SuperLink and `nodes` SuperNodes (`nodes[i]` is node i's config, e.g. "partition-id=0
     num-partitions=3"), all under `root`. `tls` is None (insecure) or a folder made by
-    scripts/make_test_certs.py."""
+    scripts/make_test_certs.py; with `auth` (TLS only) the SuperLink admits only the SuperNodes whose
+    public keys (`tls/nodeK.pub`) were registered with `flwr supernode register`, which it does."""
 
-    def __init__(self, root: Path, nodes: Sequence[str], tls: Path | None = None) -> None:
+    def __init__(
+        self, root: Path, nodes: Sequence[str], tls: Path | None = None, auth: bool = False
+    ) -> None:
         self.root = Path(root)
         self.tls = tls
         self.port = free_port()
@@ -56,9 +59,20 @@ class Cluster:
         link = [str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port)]
         link += ["--disable-runtime-dependency-installation"]
         link += self._link_tls()
-        self._start("superlink", link)
-        for i, node_config in enumerate(nodes):
-            self.start_node(i, node_config)
+        self.auth = auth
+        if auth:
+            assert tls is not None, "SuperNode authentication needs TLS"
+            link += ["--enable-supernode-auth"]
+        try:
+            self._start("superlink", link)
+            if auth:
+                for i in range(len(nodes)):
+                    self._retry("supernode", "register", str(tls / f"node{i}.pub"), "test")
+            for i, node_config in enumerate(nodes):
+                self.start_node(i, node_config)
+        except BaseException:
+            self.close()
+            raise
 
     def _write_flwr_config(self) -> None:
         flwr_home = self.home / ".flwr"
@@ -87,9 +101,8 @@ class Cluster:
             args += ["--insecure"]
         else:
             args += ["--root-certificates", str(self.tls / "ca.crt")]
-            key = self.tls / f"node{i}"
-            if key.exists():
-                args += ["--auth-supernode-private-key", str(key)]
+            if self.auth:
+                args += ["--auth-supernode-private-key", str(self.tls / f"node{i}")]
         self._start(f"node{i}", args)
 
     def _start(self, name: str, args: list[str]) -> None:
@@ -110,14 +123,19 @@ class Cluster:
     def submit(self, run_config: dict[str, object]) -> str:
         """`flwr run flower-app test` with these run config values; returns the run's id."""
         items = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
+        out = self._retry("run", str(APP_DIR), "test", "--run-config", items)
+        self.run_id = out.split("started run")[-1].split()[0]
+        return self.run_id
+
+    def _retry(self, *args: str, tries: int = 60) -> str:
+        """`flwr *args`, again every 2 s while it fails (the SuperLink takes a moment to listen)."""
         done = None
-        for _ in range(30):  # the SuperLink takes a moment to listen
-            done = self.flwr("run", str(APP_DIR), "test", "--run-config", items)
+        for _ in range(tries):
+            done = self.flwr(*args)
             if done.returncode == 0:
-                self.run_id = done.stdout.split("started run")[-1].split()[0]
-                return self.run_id
-            time.sleep(1)
-        raise RuntimeError(f"flwr run failed:\n{done.stdout}\n{done.stderr}\n{self.tail()}")
+                return done.stdout
+            time.sleep(2)
+        raise RuntimeError(f"flwr {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}\n{self.tail()}")
 
     def kill(self, name: str) -> None:
         """SIGKILL the process group of `name` (a node: its SuperExec and ClientApps die with it)."""
