@@ -175,3 +175,22 @@ def test_nodes_that_do_not_cover_the_partitions_are_refused(tiny_settings, tmp_p
     with pytest.raises(NodeError, match=r"no node holds partition\(s\) \[1, 2\]"):
         run_server(LoopbackGrid(missing), mixed(tiny_settings), tmp_path, **{"node-timeout": 0.0})
     assert not (tmp_path / "flower-run").exists()  # a run that cannot start writes nothing
+
+
+def test_a_resumed_flower_run_ends_as_the_run_that_never_stopped(tiny_settings, tmp_path):
+    """FLoRA, whose nodes must hold every base delta: the resumed run is a new Flower run, whose nodes
+    start with empty state (a new grid here), so the server sends them every delta again (without
+    that, round 3's nodes would lack round 1's delta and fail)."""
+    settings = mixed(tiny_settings, method="flora", rounds=3)
+    whole = tmp_path / "whole"
+    simulation.run(simulation.prepare(settings), create_run_dir(whole), progress=False)
+    out = run_server(LoopbackGrid(node_configs()), mixed(tiny_settings, method="flora"), tmp_path)
+    assert len(read_metrics(out)) == 2
+    run_server(LoopbackGrid(node_configs()), settings, tmp_path, resume=True, set="federation.rounds=3")
+    rows = read_metrics(out)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert rows[2]["aggregated_clients"] == [0, 1, 2] and rows[2]["failed_clients"] == {}
+    for name in ("adapter.safetensors", "aggregator.safetensors"):
+        a, b = load_file(out / "checkpoint" / name), load_file(whole / "checkpoint" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert rows[2]["downlink_bytes"] > read_metrics(whole)[2]["downlink_bytes"]  # round 1's delta again

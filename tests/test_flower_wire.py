@@ -80,9 +80,8 @@ def test_an_update_comes_out_as_it_went_in_and_its_bytes_are_the_uplink(tiny_set
     for cid, plan in plans.items():
         weights = trained(plan.adapter, 0.5)
         if not plan.train_a:  # a frozen A comes back as it was sent
-            weights = AdapterWeights(
-                {k: type(f)(f.B, plan.adapter.factors[k].A) for k, f in weights.factors.items()}, weights.dense
-            )
+            factors = {k: type(f)(f.B, plan.adapter.factors[k].A) for k, f in weights.factors.items()}
+            weights = AdapterWeights(factors, weights.dense)
         content = encode_update(plan, result_of(weights, 12))
         update, result = decode_update(content, cid, plan)
         assert update.client_id == cid and update.num_samples == 12

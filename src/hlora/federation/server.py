@@ -155,6 +155,12 @@ class FederatedServer:
         self.version = int(state["version"])
         self._synced = synced
 
+    def forget_clients(self) -> None:
+        """Assume no client holds anything from earlier rounds: each is next sent its plan from scratch
+        (FLoRA: every base delta). For a runtime whose clients start afresh though the server does not
+        (a resumed Flower run: a SuperNode keeps its state for one run only)."""
+        self._synced = {}
+
     def aggregate(self, rnd: int, updates: Sequence[ClientUpdate]) -> RoundOutcome:
         """Validate this round's updates against their plans and, if at least `min_clients` are valid,
         replace the global adapter by the method's aggregate of those. A refused update is logged (one

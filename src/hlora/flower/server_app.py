@@ -66,6 +66,8 @@ def main(grid: Grid, context: Context) -> None:
         run_dir = create_run_dir(out or default_run_dir(s.data.task, s.federation.method, s.run.name))
     log.info("run directory: %s", run_dir)
     loop = RoundLoop(exp, run_dir, ckpt)
+    if ckpt is not None:
+        exp.server.forget_clients()  # a new Flower run: the nodes' state (FLoRA's deltas) starts empty
     strategy = HloraStrategy(loop, nodes, first_round=loop.first)
     if ckpt is not None:
         checkpoint.set_rng_state(ckpt.rng)  # last: nothing may draw from them before the rounds
