@@ -194,3 +194,25 @@ def test_a_resumed_flower_run_ends_as_the_run_that_never_stopped(tiny_settings, 
         a, b = load_file(out / "checkpoint" / name), load_file(whole / "checkpoint" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert rows[2]["downlink_bytes"] > read_metrics(whole)[2]["downlink_bytes"]  # round 1's delta again
+
+
+def test_a_restarted_node_takes_its_partition_back_and_is_sent_everything(tiny_settings, tmp_path):
+    """After round 2 the node of partition 2 goes and comes back under a new id with empty state (a
+    SuperNode restarted): round 3 asks the new node its partition and sends it FLoRA's every delta."""
+    grid = LoopbackGrid(node_configs())
+    old = node_of(grid, 2)
+
+    def restarts_after_round_2(msg, reply):
+        answer = reply()
+        if msg.metadata.group_id == "2":
+            config = grid.contexts.pop(old).node_config
+            grid.contexts[4242] = Context(run_id=1, node_id=4242, node_config=config, state=RecordDict(),
+                                          run_config={})
+        return answer
+
+    grid.behaviour = {old: restarts_after_round_2}
+    rows = read_metrics(run_server(grid, mixed(tiny_settings, method="flora", rounds=3), tmp_path))
+    assert [r["aggregated_clients"] for r in rows] == [[0, 1, 2]] * 3
+    assert all(r["failed_clients"] == {} for r in rows)
+    to_new = [m for m in grid.sent if m.metadata.dst_node_id == 4242 and m.metadata.message_type == "train"]
+    assert [list(m.content.config_records["hlora.plan"]["merge"]) for m in to_new] == [[1, 2]]

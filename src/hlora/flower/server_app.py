@@ -10,7 +10,8 @@ Its run config (`[tool.flwr.app.config]` in `flower-app/pyproject.toml`, overrid
   with `resume = true` the run directory to go on in;
 - `reply-timeout`: seconds a round waits for its replies; a node that has not replied by then is
   recorded as lost (`failed_clients`) and the round aggregates what came;
-- `node-timeout`: seconds to wait at the start for a node of every partition.
+- `node-timeout`: seconds to wait at the start for a node of every partition (and, up to 60, for a
+  node that joins later, such as a restarted SuperNode, to say its partition).
 """
 
 from __future__ import annotations
@@ -20,15 +21,14 @@ import sys
 import time
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from hlora import checkpoint
 from hlora.config import load_settings
 from hlora.errors import HloraError
 from hlora.federation.simulation import RoundLoop, prepare
-from hlora.flower.client_app import NODE_RECORD
-from hlora.flower.strategy import HloraStrategy
+from hlora.flower.strategy import HloraStrategy, ask_partitions
 from hlora.flower.wire import to_record
 from hlora.outputs import create_run_dir, default_run_dir
 
@@ -60,7 +60,8 @@ def main(grid: Grid, context: Context) -> None:
         settings = load_settings(str(cfg.get("config", "")) or None, overrides)
     exp = prepare(settings)
     # The nodes before the run directory: a run that cannot start writes nothing.
-    nodes = find_nodes(grid, exp.settings.federation.num_clients, float(cfg.get("node-timeout", 600)))
+    node_timeout = float(cfg.get("node-timeout", 600))
+    nodes = find_nodes(grid, exp.settings.federation.num_clients, node_timeout)
     if not resume:
         s = exp.settings
         run_dir = create_run_dir(out or default_run_dir(s.data.task, s.federation.method, s.run.name))
@@ -68,7 +69,7 @@ def main(grid: Grid, context: Context) -> None:
     loop = RoundLoop(exp, run_dir, ckpt)
     if ckpt is not None:
         exp.server.forget_clients()  # a new Flower run: the nodes' state (FLoRA's deltas) starts empty
-    strategy = HloraStrategy(loop, nodes, first_round=loop.first)
+    strategy = HloraStrategy(loop, nodes, first_round=loop.first, query_timeout=min(node_timeout, 60.0))
     if ckpt is not None:
         checkpoint.set_rng_state(ckpt.rng)  # last: nothing may draw from them before the rounds
     strategy.start(
@@ -92,18 +93,8 @@ def find_nodes(grid: Grid, num_partitions: int, timeout: float) -> dict[int, int
     while True:
         new = [node for node in grid.get_node_ids() if node not in answered]
         if new:
-            messages = [
-                Message(RecordDict({}), dst_node_id=node, message_type=MessageType.QUERY, group_id="nodes")
-                for node in new
-            ]
             wait = max(1.0, min(60.0, deadline - time.monotonic()))
-            for reply in grid.send_and_receive(messages, timeout=wait):
-                node = reply.metadata.src_node_id
-                if reply.has_error():
-                    log.warning("node %d did not say its partition: %s", node, reply.error.reason)
-                    continue
-                record: ConfigRecord = reply.content.config_records[NODE_RECORD]
-                pid, num = int(record["partition-id"]), int(record["num-partitions"])
+            for node, (pid, num) in ask_partitions(grid, new, wait).items():
                 answered.add(node)
                 if num != num_partitions:
                     raise NodeError(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -27,6 +27,7 @@ from hlora.config import settings_to_toml
 from hlora.federation.server import RoundTraffic, derive_seed
 from hlora.federation.simulation import Replies, RoundLoop, round_line
 from hlora.federation.validation import Rejection
+from hlora.flower.client_app import NODE_RECORD
 from hlora.flower.wire import (
     PLAN_ARRAYS,
     RUN_CONFIG,
@@ -56,9 +57,13 @@ class HloraStrategy(Strategy):
     """Plays the rounds of `loop` over Flower. `nodes` maps each client id (a partition) to the id of
     the SuperNode that holds it; `first_round` is the loop's next round (after a resume, not 1)."""
 
-    def __init__(self, loop: RoundLoop, nodes: Mapping[int, int], first_round: int = 1) -> None:
+    def __init__(
+        self, loop: RoundLoop, nodes: Mapping[int, int], first_round: int = 1, query_timeout: float = 60.0
+    ) -> None:
         self.loop = loop
         self.nodes = dict(nodes)
+        self.query_timeout = query_timeout  # how long a round waits for new nodes to say their partition
+        self._strangers: set[int] = set()  # connected nodes that hold no partition of this run
         self.offset = first_round - 1  # Flower counts this process's rounds from 1
         settings = loop.exp.settings
         self.rounds = settings.federation.rounds
@@ -84,9 +89,10 @@ class HloraStrategy(Strategy):
         """One train message per planned client, to the node of its partition, holding only what its
         plan sends down. A node the SuperLink no longer lists is not sent anything."""
         rnd = server_round + self.offset
+        online = set(grid.get_node_ids())
+        self._adopt(grid, online, rnd)  # before the plans: an adopted node's plan starts from scratch
         self._plans = self.loop.configure(rnd)
         self._sent, self._down, self._lost = {}, {}, {}
-        online = set(grid.get_node_ids())
         for cid, plan in self._plans.items():
             node = self.nodes.get(cid)
             if node is None or node not in online:
@@ -101,6 +107,24 @@ class HloraStrategy(Strategy):
                 content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(rnd)
             )
         return list(self._sent.values())
+
+    def _adopt(self, grid: Grid, online: set[int], rnd: int) -> None:
+        """A node the SuperLink lists that this run does not know (a SuperNode that restarted gets a new
+        id) is asked its partition; if that partition's node is gone, the new node takes its place and
+        is sent everything from scratch (`FederatedServer.forget_clients`)."""
+        new = sorted(online - set(self.nodes.values()) - self._strangers)
+        if not new:
+            return
+        for node, (pid, num) in ask_partitions(grid, new, self.query_timeout).items():
+            old = self.nodes.get(pid)
+            if num != len(self.loop.exp.client_ranks) or (old is not None and old in online):
+                self._strangers.add(node)
+                log.warning("round %d: node %d (partition %d of %d) is not used: it fits no free partition",
+                            rnd, node, pid, num)
+                continue
+            self.nodes[pid] = node
+            self.loop.exp.server.forget_clients([pid])
+            log.info("round %d: partition %d is now on node %d", rnd, pid, node)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -156,3 +180,24 @@ class HloraStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return None
+
+
+def ask_partitions(grid: Grid, node_ids: Iterable[int], timeout: float) -> dict[int, tuple[int, int]]:
+    """`{node id: (partition-id, num-partitions)}` of the given nodes that answer a `query` message
+    within `timeout` seconds (the ClientApp's `query`)."""
+    messages = [
+        Message(RecordDict({}), dst_node_id=node, message_type=MessageType.QUERY, group_id="nodes")
+        for node in node_ids
+    ]
+    found = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log.warning("node %d did not say its partition: %s", node, reply.error.reason)
+            continue
+        try:
+            record = reply.content.config_records[NODE_RECORD]
+            found[node] = (int(record["partition-id"]), int(record["num-partitions"]))
+        except (KeyError, TypeError, ValueError):
+            log.warning("node %d answered the partition query with something else", node)
+    return found
