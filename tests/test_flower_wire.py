@@ -121,6 +121,9 @@ def test_what_is_not_an_update_raises_wire_error(tiny_settings):
     del arrays[name]  # a B without its A
     with pytest.raises(WireError, match="adapter"):
         decode_update(content, 0, plan)
+    content.metric_records["hlora.train"]["steps"] = [1.0, 2.0]  # a list where a count belongs
+    with pytest.raises(WireError, match="not an update"):
+        decode_update(content, 0, plan)
     del content.metric_records["hlora.train"]
     with pytest.raises(WireError, match="not an update"):
         decode_update(content, 0, plan)

@@ -151,6 +151,9 @@ class HloraStrategy(Strategy):
                 update, result = decode_update(reply.content, cid, self._plans[cid])
             except WireError as e:
                 unreadable[cid] = Rejection("malformed", f"the reply does not decode: {e}")
+                arrays = reply.content.array_records.get(UPDATE_ARRAYS)
+                if arrays is not None:  # it travelled all the same
+                    up[cid] = record_bytes(arrays)
                 continue
             updates.append(update)
             results[cid] = result

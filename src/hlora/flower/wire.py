@@ -176,9 +176,10 @@ def decode_update(content: RecordDict, client_id: int, plan: ClientPlan) -> tupl
     try:
         received = from_record(content.array_records[UPDATE_ARRAYS])
         m = content.metric_records[UPDATE_METRICS]
-        figures = {key: m[key] for key in ("num-samples", "steps", "samples-seen", "peak-bytes")}
+        num_samples = m["num-samples"]  # as sent (a float, a negative number): validation judges it
+        counts = {key: int(m[key]) for key in ("steps", "samples-seen", "peak-bytes")}
         floats = {key: float(m[key]) for key in ("mean-loss", "wall-s", "step-s")}
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise WireError(f"not an update: {e}") from None
     kept = {name: t for name, t in plan.adapter.tensors().items() if name not in plan.uplink(plan.adapter)}
     try:
@@ -187,13 +188,12 @@ def decode_update(content: RecordDict, client_id: int, plan: ClientPlan) -> tupl
         raise WireError(f"not an adapter: {e}") from None
     result = TrainResult(
         weights=weights,
-        num_samples=figures["num-samples"],
-        steps=int(figures["steps"]),
-        samples_seen=int(figures["samples-seen"]),
+        num_samples=num_samples,
+        steps=counts["steps"],
+        samples_seen=counts["samples-seen"],
         mean_loss=floats["mean-loss"],
         wall_s=floats["wall-s"],
         step_s=floats["step-s"],
-        peak_bytes=int(figures["peak-bytes"]),
+        peak_bytes=counts["peak-bytes"],
     )
-    # num_samples as sent (a float or a negative number included): validation judges it
-    return ClientUpdate(client_id, figures["num-samples"], weights), result
+    return ClientUpdate(client_id, num_samples, weights), result
