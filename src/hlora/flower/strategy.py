@@ -110,17 +110,22 @@ class HloraStrategy(Strategy):
 
     def _adopt(self, grid: Grid, online: set[int], rnd: int) -> None:
         """A node the SuperLink lists that this run does not know (a SuperNode that restarted gets a new
-        id) is asked its partition; if that partition's node is gone, the new node takes its place and
-        is sent everything from scratch (`FederatedServer.forget_clients`)."""
+        id) is asked its partition. It takes that partition's place if the partition's node is gone or
+        sent nothing last round (the SuperLink lists a dead node for a while), and is sent everything
+        from scratch (`FederatedServer.forget_clients`). One that fits no partition is not asked again;
+        one whose partition's node is well is asked again next round."""
         new = sorted(online - set(self.nodes.values()) - self._strangers)
         if not new:
             return
         for node, (pid, num) in ask_partitions(grid, new, self.query_timeout).items():
-            old = self.nodes.get(pid)
-            if num != len(self.loop.exp.client_ranks) or (old is not None and old in online):
+            if num != len(self.loop.exp.client_ranks) or not 0 <= pid < num:
                 self._strangers.add(node)
-                log.warning("round %d: node %d (partition %d of %d) is not used: it fits no free partition",
-                            rnd, node, pid, num)
+                log.warning("round %d: node %d holds partition %d of %d: not this run's", rnd, node, pid, num)
+                continue
+            old = self.nodes.get(pid)
+            if old is not None and old in online and pid not in self._lost:
+                log.warning("round %d: node %d also says it holds partition %d; node %d keeps it",
+                            rnd, node, pid, old)
                 continue
             self.nodes[pid] = node
             self.loop.exp.server.forget_clients([pid])
