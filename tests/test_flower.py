@@ -3,8 +3,9 @@ the apps submitted with `flwr run`, the tiny model.
 
 - parity: 2 rounds of HLoRA at ranks 1, 2 and 4 end with the simulation's global adapter, and the
   traffic counted from the real messages is the simulation's;
-- a SuperNode killed after round 1: the run finishes, round 2 aggregates the two replies it got
-  (min_clients 2) and records the dead node in failed_clients;
+- a SuperNode killed after round 1 and started again: round 2 aggregates the two replies it got
+  (min_clients 2) and records the dead node in failed_clients; in round 3 the restarted node (a new
+  node id) holds its partition again;
 - TLS and SuperNode authentication: a CA and keys from scripts/make_test_certs.py, 2 nodes, 1 round.
 
 Slow: every message starts a ClientApp process (torch and transformers imported each time), and Flower
@@ -76,8 +77,8 @@ def test_a_flower_run_ends_with_the_simulations_adapter_and_traffic(tiny_setting
         assert row["train_loss"] == pytest.approx(sim_row["train_loss"], rel=1e-5)
 
 
-def test_a_node_killed_mid_run_is_recorded_and_the_run_aggregates_the_others(tiny_settings, tmp_path):
-    settings = mixed(tiny_settings, min_clients=2)
+def test_a_node_killed_mid_run_is_recorded_and_its_restart_takes_its_partition_back(tiny_settings, tmp_path):
+    settings = mixed(tiny_settings, min_clients=2, rounds=3)
     out = tmp_path / "flower-run"
     with Cluster(tmp_path / "cluster", nodes(3)) as cluster:
         submit(cluster, settings, out, **{"reply-timeout": 120.0})
@@ -87,15 +88,16 @@ def test_a_node_killed_mid_run_is_recorded_and_the_run_aggregates_the_others(tin
             assert time.monotonic() < deadline, cluster.tail()
             time.sleep(0.1)
         cluster.kill("node2")  # round 1 is written: round 2's message reaches a dead node
+        cluster.start_node(2, nodes(3)[2])  # back under a new node id, with empty state
         wait_for(out / SUMMARY_FILE, cluster, RUN_TIMEOUT_S)
     rows = read_metrics(out)
     assert rows[0]["failed_clients"] == {} and rows[0]["aggregated_clients"] == [0, 1, 2]
-    last = rows[1]
-    assert set(last["failed_clients"]) == {"2"}
-    assert last["failed_clients"]["2"] in ("timeout", "unavailable")
-    assert last["aggregated_clients"] == [0, 1] and not last["round_failed"]
+    assert set(rows[1]["failed_clients"]) == {"2"}
+    assert rows[1]["failed_clients"]["2"] in ("timeout", "unavailable")
+    assert rows[1]["aggregated_clients"] == [0, 1] and not rows[1]["round_failed"]
+    assert rows[2]["failed_clients"] == {} and rows[2]["aggregated_clients"] == [0, 1, 2]
     summary = json.loads((out / SUMMARY_FILE).read_text(encoding="utf-8"))
-    assert summary["rounds"] == 2 and sum(summary["failed_clients_by_kind"].values()) == 1
+    assert summary["rounds"] == 3 and sum(summary["failed_clients_by_kind"].values()) == 1
 
 
 def _make_certs(folder: Path, nodes: int) -> None:
