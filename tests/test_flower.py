@@ -9,7 +9,9 @@ the apps submitted with `flwr run`, the tiny model.
 - TLS and SuperNode authentication: a CA and keys from scripts/make_test_certs.py, 2 nodes, 1 round.
 
 Slow: every message starts a ClientApp process (torch and transformers imported each time), and Flower
-polls every few seconds, so each run takes 1.5 to 3 minutes on 2 idle cores (more on a busy machine).
+polls every few seconds: 46 s, 106 s and 26 s on 2 idle cores, several times that on a busy machine,
+where Flower can also drop a starved ClientApp's task (its runtime token expires) and a round then
+records timeouts.
 `pytest -m slow tests/test_flower.py` runs them; tests/test_flower_strategy.py covers the same logic
 in one process in the default suite.
 """
