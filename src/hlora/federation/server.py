@@ -9,7 +9,7 @@ Flower's messages.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,6 +154,13 @@ class FederatedServer:
         self.global_weights = AdapterWeights.from_tensors({name: saved[name] for name in current})
         self.version = int(state["version"])
         self._synced = synced
+
+    def forget_clients(self, client_ids: Iterable[int] | None = None) -> None:
+        """Assume these clients (default: all) hold nothing from earlier rounds: each is next sent its
+        plan from scratch (FLoRA: every base delta). For a runtime whose clients can start afresh though
+        the server does not (a resumed Flower run, a SuperNode that restarted)."""
+        for cid in list(self._synced) if client_ids is None else client_ids:
+            self._synced.pop(cid, None)
 
     def aggregate(self, rnd: int, updates: Sequence[ClientUpdate]) -> RoundOutcome:
         """Validate this round's updates against their plans and, if at least `min_clients` are valid,

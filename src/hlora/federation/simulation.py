@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from hlora.evaluation import evaluate
 from hlora.federation.faults import ClientFailure, FaultInjector
 from hlora.federation.ranks import assign_ranks, resolve_bank_rank
 from hlora.federation.server import FederatedServer, RoundOutcome, RoundTraffic, derive_seed, traffic
+from hlora.federation.validation import Rejection
 from hlora.models.lora_model import LoraModel, load_base_model
 from hlora.outputs import (
     CONFIG_FILE,
@@ -185,6 +186,111 @@ def prepare(settings: Settings) -> Experiment:
     )
 
 
+@dataclass
+class Replies:
+    """What came back from a round's clients, however it travelled: the part of a round in which the
+    runtimes differ (in-process calls here, Flower messages in `hlora.flower`)."""
+
+    updates: list[ClientUpdate]
+    results: dict[int, TrainResult]  # client id -> its training's loss and cost, for each update
+    lost: dict[int, str] = field(default_factory=dict)  # client id -> why no reply came ("crash", ...)
+    # client id -> why a reply that came could not be read as an update at all (it is refused as the
+    # server refuses an invalid update, and counted with them)
+    unreadable: dict[int, Rejection] = field(default_factory=dict)
+    corrupted: dict[int, str] = field(default_factory=dict)  # client id -> injected corruption ([faults])
+    # Bytes counted from the messages that travelled; None: from the plans and updates (`traffic`)
+    sent: RoundTraffic | None = None
+
+
+class RoundLoop:
+    """The body of a round that every runtime shares: `configure` (the plans), then the runtime's
+    exchange, then `finish` (aggregate, evaluate, metrics row, checkpoint). A runtime decides only how
+    plans reach the clients and what comes back (`Replies`)."""
+
+    def __init__(self, exp: Experiment, run_dir: Path, resume: checkpoint.Checkpoint | None = None) -> None:
+        """Own `run_dir` (new and empty, or with `resume` the run's own directory): restore the
+        checkpoint (before anything is written: one that does not fit changes nothing), then write the
+        config and partition. `first` is the round to play next. The caller restores the RNG states
+        (`checkpoint.set_rng_state(resume.rng)`) just before the first round."""
+        s = exp.settings
+        fed = s.federation
+        self.exp = exp
+        self.run_dir = run_dir
+        self.first = checkpoint.restore(exp, resume) + 1 if resume is not None else 1
+        write_text_atomic(run_dir / CONFIG_FILE, settings_to_toml(s))
+        write_partition_csv(exp.partition_rows, run_dir / PARTITION_FILE)
+        log.info("data: %s (%d train rows, %d dev rows)", exp.data_source, len(exp.train), len(exp.dev))
+        log.info("clients, their ranks and label mix:\n%s", format_partition_table(exp.partition_rows))
+        log.info(
+            "%s at bank rank %d, client ranks %s", fed.method, exp.bank_rank, _rank_counts(exp.client_ranks)
+        )
+        self.metrics = MetricsLog(run_dir, resume.metrics if resume is not None else ())
+        self._t0 = 0.0
+
+    def configure(self, rnd: int) -> dict[int, ClientPlan]:
+        """The round's plans, by client id (`FederatedServer.configure`); the round's clock starts."""
+        self._t0 = time.perf_counter()
+        return self.exp.server.configure(rnd)
+
+    def finish(self, rnd: int, plans: dict[int, ClientPlan], replies: Replies) -> dict[str, Any]:
+        """Aggregate what came back, evaluate the global model (and each tier's), append the metrics
+        row and commit the checkpoint. Returns the row."""
+        exp, s = self.exp, self.exp.settings
+        server = exp.server
+        t1 = time.perf_counter()
+        outcome = server.aggregate(rnd, replies.updates)
+        if replies.unreadable:
+            for cid, why in sorted(replies.unreadable.items()):
+                log.warning("round %d: client %s rejected (%s): %s", rnd, cid, why.code, why.detail)
+            outcome = replace(outcome, rejected={**outcome.rejected, **replies.unreadable})
+        t2 = time.perf_counter()
+        held = server.model_plan()  # the global model, as a client would hold it (FLoRA: merged stacks)
+        merge_base(exp.model, held)
+        scores = evaluate(exp.model, held.adapter, exp.dev, exp.task, s.eval.batch_size, exp.collate)
+        t3 = time.perf_counter()
+        tiers = evaluate_tiers(exp, held, scores) if s.eval.tiers else {}
+        t4 = time.perf_counter()
+        timings = {"train_s": t1 - self._t0, "aggregate_s": t2 - t1, "eval_s": t3 - t2}
+        if s.eval.tiers:
+            timings["tier_eval_s"] = t4 - t3
+        timings["wall_s"] = t4 - self._t0
+        sent = replies.sent if replies.sent is not None else traffic(plans, replies.updates)
+        row = round_row(rnd, scores, tiers, replies.results, sent, exp.client_ranks, timings)
+        row.update(reliability_fields(outcome, replies.lost, replies.corrupted))
+        self.metrics.append(row)
+        checkpoint.save_checkpoint(self.run_dir, exp, rnd, self.metrics.rows)
+        return row
+
+    def close(self) -> dict[str, Any]:
+        """Write `summary.json` and the accuracy plot; returns the summary."""
+        exp, s = self.exp, self.exp.settings
+        fed = s.federation
+        summary = summarise(
+            self.metrics.rows,
+            {
+                "task": exp.task.name,
+                "method": fed.method,
+                "mode": s.run.mode,
+                "seed": s.run.seed,
+                "num_clients": fed.num_clients,
+                **({"client": s.run.client} if s.run.mode == "local" else {}),
+                "client_ranks": sorted(set(exp.client_ranks.values())),
+                "bank_rank": exp.bank_rank,
+                "majority_baseline": exp.majority_baseline,
+                "device": str(exp.model.device),
+                **{k: round(v, 3) for k, v in exp.timings.items()},
+            },
+        )
+        write_json(self.run_dir / SUMMARY_FILE, summary)
+        plot_accuracy(
+            self.metrics.rows,
+            self.run_dir / PLOT_FILE,
+            f"{exp.task.name.upper()} dev, {fed.method}, {s.run.mode}",
+            baseline=exp.majority_baseline,
+        )
+        return summary
+
+
 def run(
     exp: Experiment, run_dir: Path, progress: bool = True, resume: checkpoint.Checkpoint | None = None
 ) -> dict[str, Any]:
@@ -193,15 +299,7 @@ def run(
     as if the run had never stopped. Returns the summary."""
     s = exp.settings
     fed = s.federation
-    # Restored and checked before anything is written: a checkpoint that does not fit changes nothing.
-    first = checkpoint.restore(exp, resume) + 1 if resume is not None else 1
-    write_text_atomic(run_dir / CONFIG_FILE, settings_to_toml(s))
-    write_partition_csv(exp.partition_rows, run_dir / PARTITION_FILE)
-    log.info("data: %s (%d train rows, %d dev rows)", exp.data_source, len(exp.train), len(exp.dev))
-    log.info("clients, their ranks and label mix:\n%s", format_partition_table(exp.partition_rows))
-    log.info("%s at bank rank %d, client ranks %s", fed.method, exp.bank_rank, _rank_counts(exp.client_ranks))
-
-    server = exp.server
+    loop = RoundLoop(exp, run_dir, resume)
     trainer = LocalTrainer(exp.model, s.train, exp.collate, progress=progress)
     clients = {
         cid: FederatedClient(cid, exp.train.subset(idx), trainer) for cid, idx in enumerate(exp.partitions)
@@ -210,10 +308,9 @@ def run(
     faults = FaultInjector(s.faults, s.run.seed)
     if faults.active:
         log.info("injected faults per sampled client and round: %s", faults)
-    metrics = MetricsLog(run_dir, resume.metrics if resume is not None else ())
     rounds = tqdm(
-        range(first, fed.rounds + 1),
-        initial=first - 1,
+        range(loop.first, fed.rounds + 1),
+        initial=loop.first - 1,
         total=fed.rounds,
         desc=f"{exp.task.name} {fed.method}",
         unit="round",
@@ -222,62 +319,21 @@ def run(
     if resume is not None:
         checkpoint.set_rng_state(resume.rng)  # last: nothing may draw from them before the rounds
     for rnd in rounds:
-        t0 = time.perf_counter()
-        plans = server.configure(rnd)
-        updates: list[ClientUpdate] = []
-        results: dict[int, TrainResult] = {}
-        lost: dict[int, str] = {}  # client id -> "crash" or "timeout": no reply reached the server
+        plans = loop.configure(rnd)
+        replies = Replies([], {}, corrupted=faults.corrupted(rnd, plans))
         for cid, plan in plans.items():
             try:
-                update, results[cid] = faults.fit(clients[cid], plan, rnd, derive_seed(s.run.seed, rnd, cid))
+                update, replies.results[cid] = faults.fit(
+                    clients[cid], plan, rnd, derive_seed(s.run.seed, rnd, cid)
+                )
             except ClientFailure as e:
-                lost[cid] = e.kind
+                replies.lost[cid] = e.kind
                 log.warning("round %d: %s", rnd, e)
                 continue
-            updates.append(update)
-        t1 = time.perf_counter()
-        outcome = server.aggregate(rnd, updates)
-        t2 = time.perf_counter()
-        held = server.model_plan()  # the global model, as a client would hold it (FLoRA: merged stacks)
-        merge_base(exp.model, held)
-        scores = evaluate(exp.model, held.adapter, exp.dev, exp.task, s.eval.batch_size, exp.collate)
-        t3 = time.perf_counter()
-        tiers = evaluate_tiers(exp, held, scores) if s.eval.tiers else {}
-        t4 = time.perf_counter()
-        timings = {"train_s": t1 - t0, "aggregate_s": t2 - t1, "eval_s": t3 - t2}
-        if s.eval.tiers:
-            timings["tier_eval_s"] = t4 - t3
-        timings["wall_s"] = t4 - t0
-        row = round_row(rnd, scores, tiers, results, traffic(plans, updates), exp.client_ranks, timings)
-        row.update(reliability_fields(outcome, lost, faults.corrupted(rnd, plans)))
-        metrics.append(row)
-        checkpoint.save_checkpoint(run_dir, exp, rnd, metrics.rows)
-        rounds.write(_round_line(row, fed.rounds))
-
-    summary = summarise(
-        metrics.rows,
-        {
-            "task": exp.task.name,
-            "method": fed.method,
-            "mode": s.run.mode,
-            "seed": s.run.seed,
-            "num_clients": fed.num_clients,
-            **({"client": s.run.client} if s.run.mode == "local" else {}),
-            "client_ranks": sorted(set(exp.client_ranks.values())),
-            "bank_rank": exp.bank_rank,
-            "majority_baseline": exp.majority_baseline,
-            "device": str(exp.model.device),
-            **{k: round(v, 3) for k, v in exp.timings.items()},
-        },
-    )
-    write_json(run_dir / SUMMARY_FILE, summary)
-    plot_accuracy(
-        metrics.rows,
-        run_dir / PLOT_FILE,
-        f"{exp.task.name.upper()} dev, {fed.method}, {s.run.mode}",
-        baseline=exp.majority_baseline,
-    )
-    return summary
+            replies.updates.append(update)
+        row = loop.finish(rnd, plans, replies)
+        rounds.write(round_line(row, fed.rounds))
+    return loop.close()
 
 
 def evaluate_tiers(
@@ -373,7 +429,8 @@ def _rank_counts(client_ranks: dict[int, int]) -> str:
     return ", ".join(f"{r} x{ranks.count(r)}" for r in sorted(set(ranks)))
 
 
-def _round_line(row: dict[str, Any], rounds: int) -> str:
+def round_line(row: dict[str, Any], rounds: int) -> str:
+    """The one line a finished round prints."""
     f1 = f"  f1 {row['f1']:.4f}" if "f1" in row else ""
     tiers = row.get("tier_accuracy", {})
     tier_acc = "  tiers " + " ".join(f"r{r} {acc:.4f}" for r, acc in tiers.items()) if len(tiers) > 1 else ""
@@ -391,3 +448,6 @@ def _round_line(row: dict[str, Any], rounds: int) -> str:
         f"up {row['uplink_bytes'] / 1e6:.2f} MB  down {row['downlink_bytes'] / 1e6:.2f} MB  "
         f"{row['wall_s']:.1f} s{trouble}"
     )
+
+
+_round_line = round_line  # the name tests knew it by

@@ -1,0 +1,123 @@
+"""The ServerApp: prepares the run as the simulation does, finds which node holds which partition, and
+plays the rounds with `HloraStrategy`.
+
+Its run config (`[tool.flwr.app.config]` in `flower-app/pyproject.toml`, overridden with
+`flwr run --run-config`):
+
+- `config`: the hlora TOML file on the SuperLink's machine ("" for the defaults);
+- `set`: `section.key=value` overrides, separated by `;` (as `hlora run --set`);
+- `out`: the run directory to create (as `hlora run --out`; "" for `runs/<task>-<method>-<time>`), or
+  with `resume = true` the run directory to go on in;
+- `reply-timeout`: seconds a round waits for its replies; a node that has not replied by then is
+  recorded as lost (`failed_clients`) and the round aggregates what came;
+- `node-timeout`: seconds to wait at the start for a node of every partition (and, up to 60, for a
+  node that joins later, such as a restarted SuperNode, to say its partition).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from hlora import checkpoint
+from hlora.config import load_settings
+from hlora.errors import HloraError
+from hlora.federation.simulation import RoundLoop, prepare
+from hlora.flower.strategy import HloraStrategy, ask_partitions
+from hlora.flower.wire import to_record
+from hlora.outputs import create_run_dir, default_run_dir
+
+log = logging.getLogger("hlora.flower")
+
+app = ServerApp()
+
+
+class NodeError(HloraError):
+    """The SuperNodes do not cover the run's partitions (missing, duplicated, or a different count)."""
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    _setup_logging()
+    cfg = context.run_config
+    overrides = [item.strip() for item in str(cfg.get("set", "")).split(";") if item.strip()]
+    out = str(cfg.get("out", ""))
+    resume = bool(cfg.get("resume", False))
+    ckpt = None
+    if resume:
+        if not out:
+            raise HloraError("resume = true needs out = the run directory to go on in")
+        run_dir = Path(out)
+        settings, ckpt = checkpoint.open_resume(run_dir, overrides)
+        if ckpt is None:
+            log.info("%s has no checkpoint yet (no round had finished): starting again from round 1", out)
+    else:
+        settings = load_settings(str(cfg.get("config", "")) or None, overrides)
+    exp = prepare(settings)
+    # The nodes before the run directory: a run that cannot start writes nothing.
+    node_timeout = float(cfg.get("node-timeout", 600))
+    nodes = find_nodes(grid, exp.settings.federation.num_clients, node_timeout)
+    if not resume:
+        s = exp.settings
+        run_dir = create_run_dir(out or default_run_dir(s.data.task, s.federation.method, s.run.name))
+    log.info("run directory: %s", run_dir)
+    loop = RoundLoop(exp, run_dir, ckpt)
+    if ckpt is not None:
+        exp.server.forget_clients()  # a new Flower run: the nodes' state (FLoRA's deltas) starts empty
+    strategy = HloraStrategy(loop, nodes, first_round=loop.first, query_timeout=min(node_timeout, 60.0))
+    if ckpt is not None:
+        checkpoint.set_rng_state(ckpt.rng)  # last: nothing may draw from them before the rounds
+    strategy.start(
+        grid,
+        to_record(exp.server.global_weights.tensors()),
+        num_rounds=exp.settings.federation.rounds - loop.first + 1,
+        timeout=float(cfg.get("reply-timeout", 600)),
+    )
+    summary = loop.close()
+    log.info("final accuracy %.4f, run directory %s", summary.get("final_accuracy", float("nan")), run_dir)
+
+
+def find_nodes(grid: Grid, num_partitions: int, timeout: float) -> dict[int, int]:
+    """`{partition id: node id}` for every partition, asking each connected node which partition it
+    holds (a `query` message). Waits up to `timeout` seconds for a node of every partition; raises
+    NodeError where nodes disagree with the run on the number of partitions, two nodes claim one, or a
+    partition has no node by then."""
+    deadline = time.monotonic() + timeout
+    found: dict[int, int] = {}  # partition id -> node id
+    answered: set[int] = set()
+    while True:
+        new = [node for node in grid.get_node_ids() if node not in answered]
+        if new:
+            wait = max(1.0, min(60.0, deadline - time.monotonic()))
+            for node, (pid, num) in ask_partitions(grid, new, wait).items():
+                answered.add(node)
+                if num != num_partitions:
+                    raise NodeError(
+                        f"node {node} holds partition {pid} of {num}, but the run has "
+                        f"federation.num_clients = {num_partitions} partitions"
+                    )
+                if pid in found and found[pid] != node:
+                    raise NodeError(f"nodes {found[pid]} and {node} both hold partition {pid}")
+                found[pid] = node
+                log.info("partition %d is on node %d", pid, node)
+        if len(found) == num_partitions:
+            return found
+        if time.monotonic() > deadline:
+            missing = sorted(set(range(num_partitions)) - found.keys())
+            raise NodeError(f"no node holds partition(s) {missing} after {timeout:g} s")
+        time.sleep(1.0)
+
+
+def _setup_logging() -> None:
+    """The run's log lines (hlora's loggers) on stderr, which Flower streams to `flwr run --stream`."""
+    logger = logging.getLogger("hlora")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)

@@ -1,0 +1,218 @@
+"""The Flower apps in one process: the ServerApp's `main` over a grid whose nodes are the ClientApp
+called directly, so the strategy, the wire format and the node's training are tested without a
+SuperLink (tests/test_flower.py runs the real thing). Nodes can stay silent, reply with an error, or
+reply with what does not decode."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors.torch import load_file
+
+from hlora.config import settings_to_toml, validate_settings
+from hlora.federation import simulation
+from hlora.flower import client_app, server_app
+from hlora.flower.server_app import NodeError
+from hlora.flower.wire import UPDATE_ARRAYS
+from hlora.outputs import create_run_dir, read_metrics
+
+# A node's behaviour: given the message and what the ClientApp would reply, the reply to deliver
+# (None: the node stays silent).
+Behaviour = Callable[[Message, Callable[[], Message]], Message | None]
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """What Flower's app runners set in a ServerApp's or ClientApp's process before a Message is made."""
+    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def honest(msg: Message, reply: Callable[[], Message]) -> Message | None:
+    return reply()
+
+
+class LoopbackGrid(Grid):
+    """A grid whose nodes are the ClientApp, each with its own node config and state, in this process."""
+
+    def __init__(self, node_configs: dict[int, dict], behaviour: dict[int, Behaviour] | None = None) -> None:
+        self.contexts = {
+            node: Context(run_id=1, node_id=node, node_config=cfg, state=RecordDict(), run_config={})
+            for node, cfg in node_configs.items()
+        }
+        self.behaviour = behaviour or {}
+        self.sent: list[Message] = []
+
+    def set_run(self, run) -> None:  # pragma: no cover - not called by the apps
+        raise NotImplementedError
+
+    @property
+    def run(self):  # pragma: no cover
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(
+            content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl
+        )
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages):  # pragma: no cover
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # pragma: no cover
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # as Flower's grids do when they push
+            self.sent.append(msg)
+            node = msg.metadata.dst_node_id
+            behaviour = self.behaviour.get(node, honest)
+            reply = behaviour(msg, lambda m=msg, n=node: client_app.app(m, self.contexts[n]))
+            if reply is not None:
+                replies.append(reply)
+        return replies
+
+
+def node_configs(n: int = 3) -> dict[int, dict]:
+    # Node ids unlike the partition ids, in another order: the server must map them.
+    return {1000 + 7 * (n - k): {"partition-id": k, "num-partitions": n} for k in range(n)}
+
+
+def node_of(grid: LoopbackGrid, partition: int) -> int:
+    return next(node for node, c in grid.contexts.items() if c.node_config["partition-id"] == partition)
+
+
+def mixed(settings, **federation):
+    raw = settings.model_dump()
+    raw["lora"].update(rank_policy="tiers", tiers=[1, 2, 4])
+    raw["federation"].update({"method": "hlora", **federation})
+    return validate_settings(raw)
+
+
+def run_server(grid: Grid, settings, tmp_path: Path, **run_config) -> Path:
+    config = tmp_path / "hlora.toml"
+    config.write_text(settings_to_toml(settings), encoding="utf-8")
+    out = tmp_path / "flower-run"
+    cfg = {"config": str(config), "out": str(out), "reply-timeout": 5.0, "node-timeout": 5.0, **run_config}
+    server_app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg))
+    return out
+
+
+@pytest.mark.parametrize("method", ["hlora", "flora", "ffa"])
+def test_the_apps_in_one_process_give_the_simulations_run(tiny_settings, tmp_path, method):
+    settings = mixed(tiny_settings, method=method)
+    out = run_server(LoopbackGrid(node_configs()), settings, tmp_path)
+    sim = tmp_path / "sim"
+    simulation.run(simulation.prepare(settings), create_run_dir(sim), progress=False)
+    a = load_file(out / "checkpoint/adapter.safetensors")
+    b = load_file(sim / "checkpoint/adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for got, want in zip(read_metrics(out), read_metrics(sim), strict=True):
+        for key in ("accuracy", "train_loss", "uplink_bytes", "downlink_bytes", "client_uplink_bytes",
+                    "client_downlink_bytes", "aggregated_clients", "failed_clients", "rejected"):
+            assert got[key] == want[key], key
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 2
+
+
+def test_lost_and_unreadable_replies_are_recorded_and_the_round_aggregates_the_rest(tiny_settings, tmp_path):
+    grid = LoopbackGrid(node_configs())
+
+    def silent_in_round_2(msg, reply):
+        return None if msg.metadata.group_id == "2" else reply()
+
+    def raises_in_round_2(msg, reply):
+        if msg.metadata.group_id == "2":
+            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "boom"), reply_to=msg)
+        return reply()
+
+    grid.behaviour = {node_of(grid, 1): raises_in_round_2, node_of(grid, 2): silent_in_round_2}
+    rows = read_metrics(run_server(grid, mixed(tiny_settings), tmp_path))
+    assert rows[0]["failed_clients"] == {} and rows[0]["aggregated_clients"] == [0, 1, 2]
+    assert rows[1]["failed_clients"] == {"1": "crash", "2": "timeout"}
+    assert rows[1]["aggregated_clients"] == [0] and not rows[1]["round_failed"]
+    assert set(rows[1]["client_uplink_bytes"]) == {"0"}
+
+
+def test_a_reply_that_does_not_decode_is_a_rejection_and_below_min_clients_the_round_fails(
+    tiny_settings, tmp_path
+):
+    grid = LoopbackGrid(node_configs())
+
+    def garbled(msg, reply):
+        answer = reply()
+        if msg.metadata.message_type == "train":
+            arrays = answer.content.array_records[UPDATE_ARRAYS]
+            del arrays[next(k for k in arrays if k.endswith(".lora_A"))]  # a B without its A
+        return answer
+
+    grid.behaviour = {node_of(grid, 0): garbled}
+    rows = read_metrics(run_server(grid, mixed(tiny_settings, min_clients=3), tmp_path))
+    for row in rows:
+        assert row["rejected"] == {"0": "malformed"}
+        assert row["round_failed"] and row["aggregated_clients"] == []
+
+
+def test_nodes_that_do_not_cover_the_partitions_are_refused(tiny_settings, tmp_path):
+    two = {1: {"partition-id": 0, "num-partitions": 3}, 2: {"partition-id": 0, "num-partitions": 3}}
+    with pytest.raises(NodeError, match="both hold partition 0"):
+        run_server(LoopbackGrid(two), mixed(tiny_settings), tmp_path)
+    other = {1: {"partition-id": 0, "num-partitions": 4}}
+    with pytest.raises(NodeError, match="num_clients = 3"):
+        run_server(LoopbackGrid(other), mixed(tiny_settings), tmp_path)
+    missing = {1: {"partition-id": 0, "num-partitions": 3}}
+    with pytest.raises(NodeError, match=r"no node holds partition\(s\) \[1, 2\]"):
+        run_server(LoopbackGrid(missing), mixed(tiny_settings), tmp_path, **{"node-timeout": 0.0})
+    assert not (tmp_path / "flower-run").exists()  # a run that cannot start writes nothing
+
+
+def test_a_resumed_flower_run_ends_as_the_run_that_never_stopped(tiny_settings, tmp_path):
+    """FLoRA, whose nodes must hold every base delta: the resumed run is a new Flower run, whose nodes
+    start with empty state (a new grid here), so the server sends them every delta again (without
+    that, round 3's nodes would lack round 1's delta and fail)."""
+    settings = mixed(tiny_settings, method="flora", rounds=3)
+    whole = tmp_path / "whole"
+    simulation.run(simulation.prepare(settings), create_run_dir(whole), progress=False)
+    out = run_server(LoopbackGrid(node_configs()), mixed(tiny_settings, method="flora"), tmp_path)
+    assert len(read_metrics(out)) == 2
+    run_server(LoopbackGrid(node_configs()), settings, tmp_path, resume=True, set="federation.rounds=3")
+    rows = read_metrics(out)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert rows[2]["aggregated_clients"] == [0, 1, 2] and rows[2]["failed_clients"] == {}
+    for name in ("adapter.safetensors", "aggregator.safetensors"):
+        a, b = load_file(out / "checkpoint" / name), load_file(whole / "checkpoint" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert rows[2]["downlink_bytes"] > read_metrics(whole)[2]["downlink_bytes"]  # round 1's delta again
+
+
+def test_a_restarted_node_takes_its_partition_back_and_is_sent_everything(tiny_settings, tmp_path):
+    """After round 2 the node of partition 2 goes and comes back under a new id with empty state (a
+    SuperNode restarted): round 3 asks the new node its partition and sends it FLoRA's every delta."""
+    grid = LoopbackGrid(node_configs())
+    old = node_of(grid, 2)
+
+    def restarts_after_round_2(msg, reply):
+        answer = reply()
+        if msg.metadata.group_id == "2":
+            config = grid.contexts.pop(old).node_config
+            grid.contexts[4242] = Context(run_id=1, node_id=4242, node_config=config, state=RecordDict(),
+                                          run_config={})
+        return answer
+
+    grid.behaviour = {old: restarts_after_round_2}
+    rows = read_metrics(run_server(grid, mixed(tiny_settings, method="flora", rounds=3), tmp_path))
+    assert [r["aggregated_clients"] for r in rows] == [[0, 1, 2]] * 3
+    assert all(r["failed_clients"] == {} for r in rows)
+    to_new = [m for m in grid.sent if m.metadata.dst_node_id == 4242 and m.metadata.message_type == "train"]
+    assert [list(m.content.config_records["hlora.plan"]["merge"]) for m in to_new] == [[1, 2]]
