@@ -257,6 +257,11 @@ def test_summary_csv_agrees_with_the_run_directories(compared):
             r["tier_peak_bytes"][rank] for rows in hlora_runs for r in rows if rank in r["tier_peak_bytes"]
         )
         assert float(row[f"tier{rank}_peak_mib"]) == pytest.approx(peak / 2**20)
+        state = max(
+            r["tier_state_bytes"][rank] for rows in hlora_runs for r in rows if rank in r["tier_state_bytes"]
+        )
+        assert float(row[f"tier{rank}_state_mib"]) == pytest.approx(state / 2**20)
+    assert float(row["tier2_state_mib"]) < float(row["tier4_state_mib"])  # the rank's own share
     # the centralised and local runs exchange nothing: no traffic, no aggregation time
     assert table["central"]["uplink_mb_mean"] == "" and table["local"]["aggregate_s_mean"] == ""
     # the local reference: per seed the mean over its clients, then mean over seeds

@@ -43,6 +43,8 @@ def test_peak_memory_grows_with_rank_for_the_same_batch():
     base = sum(p.numel() * p.element_size() for p in tiny_bert(vocab_size=100).parameters())
     trainable = tensor_storage_bytes(model.trainable_parameters())  # rank 16 is active
     assert high.fixed_bytes == base + 4 * trainable
+    # the rank's own share, apart from the data's activations: exactly the trainable state
+    assert high.state_bytes == 4 * trainable and low.state_bytes < high.state_bytes
 
 
 def test_base_bytes_leave_out_every_rank_slot_and_the_trained_head_copy():

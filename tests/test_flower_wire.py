@@ -39,7 +39,7 @@ def trained(adapter: AdapterWeights, shift: float) -> AdapterWeights:
 
 
 def result_of(weights: AdapterWeights, rows: int) -> TrainResult:
-    return TrainResult(weights, rows, 2, 16, 0.69, 0.5, 0.1, 1234)
+    return TrainResult(weights, rows, 2, 16, 0.69, 0.5, 0.1, 1234, state_bytes=567)
 
 
 def plans_after_one_round(settings, method):
@@ -86,6 +86,7 @@ def test_an_update_comes_out_as_it_went_in_and_its_bytes_are_the_uplink(tiny_set
         update, result = decode_update(content, cid, plan)
         assert update.client_id == cid and update.num_samples == 12
         assert result.mean_loss == pytest.approx(0.69) and result.peak_bytes == 1234
+        assert result.state_bytes == 567
         want, have = weights.tensors(), update.weights.tensors()
         assert want.keys() == have.keys() and all(torch.equal(want[k], have[k]) for k in want)
         up = traffic({cid: plan}, [update]).uplink_bytes_by_client[cid]

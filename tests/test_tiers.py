@@ -37,13 +37,17 @@ def test_every_tier_is_scored_and_costed_each_round(tiny_settings, tmp_path):
     summary = simulation.run(exp, create_run_dir(tmp_path / "run"), progress=False)
     rows = read_metrics(tmp_path / "run")
     for row in rows:
-        for key in ("tier_accuracy", "tier_f1", "tier_step_s", "tier_peak_bytes"):
+        for key in ("tier_accuracy", "tier_f1", "tier_step_s", "tier_peak_bytes", "tier_state_bytes"):
             assert list(row[key]) == ["1", "2", "4"], key
         # the top tier's rank is the bank rank and HLoRA sends it the global adapter as it is
         assert row["tier_accuracy"]["4"] == row["accuracy"] and row["tier_f1"]["4"] == row["f1"]
         assert all(0.0 <= acc <= 1.0 for acc in row["tier_accuracy"].values())
         assert all(s > 0 for s in row["tier_step_s"].values())
         assert all(b > 0 for b in row["tier_peak_bytes"].values())
+        # the trainable state grows with the rank, whatever each client's batches are
+        state = list(row["tier_state_bytes"].values())
+        assert state == sorted(state) and len(set(state)) == 3
+        assert all(s < p for s, p in zip(state, row["tier_peak_bytes"].values(), strict=True))
         assert row["tier_eval_s"] >= 0
     # a lower tier's score is that of the global adapter cut to its rank, scored on its own
     s = exp.settings
@@ -57,6 +61,7 @@ def test_every_tier_is_scored_and_costed_each_round(tiny_settings, tmp_path):
     assert summary["final_tier_f1"] == rows[-1]["tier_f1"]
     assert list(summary["mean_tier_step_s"]) == list(summary["max_tier_peak_bytes"]) == ["1", "2", "4"]
     assert summary["max_tier_peak_bytes"]["1"] == max(r["tier_peak_bytes"]["1"] for r in rows)
+    assert summary["max_tier_state_bytes"]["4"] == max(r["tier_state_bytes"]["4"] for r in rows)
     assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
 
 

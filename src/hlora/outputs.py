@@ -101,9 +101,10 @@ def summarise(rows: Sequence[dict[str, Any]], extra: dict[str, Any]) -> dict[str
     step_s = _per_tier(rows, "tier_step_s")
     if step_s:
         summary["mean_tier_step_s"] = {r: round(sum(v) / len(v), 6) for r, v in step_s.items()}
-    peak = _per_tier(rows, "tier_peak_bytes")
-    if peak:
-        summary["max_tier_peak_bytes"] = {r: max(v) for r, v in peak.items()}
+    for key in ("peak_bytes", "state_bytes"):
+        per_tier = _per_tier(rows, f"tier_{key}")
+        if per_tier:
+            summary[f"max_tier_{key}"] = {r: max(v) for r, v in per_tier.items()}
     if any("round_failed" in r for r in rows):  # what went wrong, totalled (hlora.federation.validation)
         summary["failed_rounds"] = sum(bool(r.get("round_failed")) for r in rows)
         summary["rejected_by_reason"] = _counts(rows, "rejected")

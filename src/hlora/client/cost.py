@@ -69,15 +69,16 @@ class PeakMemoryMeter:
     ) -> None:
         trainable = [p for p in trainable if p.requires_grad]
         self.device = trainable[0].device if trainable else torch.device("cpu")
+        # What training holds per trainable tensor (weights, gradients, optimizer state): the part of the
+        # memory that grows with the rank, on any device, apart from activations that vary with the data.
+        self.state_bytes = training_copies(optimizer, momentum) * tensor_storage_bytes(trainable)
         self.on_cuda = self.device.type == "cuda"
         if self.on_cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
             return
         params = list(module.parameters())
         self._param_ptrs = frozenset(_storage(p)[0] for p in params)
-        self.fixed_bytes = frozen_base_bytes(module) + training_copies(
-            optimizer, momentum
-        ) * tensor_storage_bytes(trainable)
+        self.fixed_bytes = frozen_base_bytes(module) + self.state_bytes
         self.saved_peak_bytes = 0
 
     @contextlib.contextmanager

@@ -33,6 +33,9 @@ class TrainResult:
     wall_s: float  # the whole call, the adapter's load and read included
     step_s: float  # mean wall seconds per optimizer step (batch, forward, backward, update), no copies
     peak_bytes: int  # peak memory of the local training (hlora.client.cost says what is counted)
+    # of which the trainable tensors with their gradients and optimizer state: what grows with the rank,
+    # apart from the activations of the client's longest batch
+    state_bytes: int = 0
 
 
 def local_steps(settings: TrainSettings, num_rows: int) -> int:
@@ -148,4 +151,5 @@ class LocalTrainer:
             wall_s=time.perf_counter() - t0,
             step_s=step_s,
             peak_bytes=memory.peak_bytes(),
+            state_bytes=memory.state_bytes,
         )

@@ -132,6 +132,7 @@ def mean_rows(runs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
                 row[f"tier_{metric}"] = _by_rank(per_run, f"tier_{metric}", np.mean, fallback=metric)
         row["tier_step_s"] = _by_rank(per_run, "tier_step_s", np.mean)
         row["tier_peak_bytes"] = _by_rank(per_run, "tier_peak_bytes", max)
+        row["tier_state_bytes"] = _by_rank(per_run, "tier_state_bytes", max)
         row.update(uplink_bytes=0, downlink_bytes=0, aggregate_s=0.0)
         row["wall_s"] = float(sum(r["wall_s"] for r in per_run))
         rows.append(row)
@@ -190,11 +191,13 @@ def seed_figures(run: SeedRun, target: float | None) -> dict[str, Any]:
     for rank in ranks:
         steps = [r["tier_step_s"][rank] for r in rows if rank in r.get("tier_step_s", {})]
         peaks = [r["tier_peak_bytes"][rank] for r in rows if rank in r.get("tier_peak_bytes", {})]
+        states = [r["tier_state_bytes"][rank] for r in rows if rank in r.get("tier_state_bytes", {})]
         figures["tiers"][int(rank)] = {
             # a run that did not score tiers, or a single-rank run: its rank holds the global model
             "final_accuracy": tier_acc.get(rank, final["accuracy"] if len(ranks) == 1 else None),
             "step_s": float(np.mean(steps)) if steps else None,
             "peak_bytes": max(peaks) if peaks else None,
+            "state_bytes": max(states) if states else None,
         }
     return figures
 
@@ -242,11 +245,13 @@ def group_table(runs: Sequence[SeedRun], target: float | None) -> list[dict[str,
             acc_mean, acc_std = mean_std([t["final_accuracy"] for t in tiers])
             steps = [t["step_s"] for t in tiers if t["step_s"] is not None]
             peaks = [t["peak_bytes"] for t in tiers if t["peak_bytes"] is not None]
+            states = [t["state_bytes"] for t in tiers if t["state_bytes"] is not None]
             row["tiers"][rank] = {
                 "final_accuracy_mean": acc_mean,
                 "final_accuracy_std": acc_std,
                 "step_ms": 1e3 * float(np.mean(steps)) if steps else None,
                 "peak_mib": max(peaks) / 2**20 if peaks else None,
+                "state_mib": max(states) / 2**20 if states else None,
             }
         table.append(row)
     return table
@@ -348,11 +353,13 @@ def markdown(table: Sequence[dict[str, Any]], loaded: Loaded, target: float | No
     lines += [
         "",
         "Per rank tier: the dev accuracy of the adapter a client of that rank holds at the end (the "
-        "global one cut to its rank), the mean seconds per local step and the largest peak memory of "
-        "local training.",
+        "global one cut to its rank), the mean seconds per local step, the largest peak memory of "
+        "local training, and of it the trainable tensors with their gradients and optimizer state (the "
+        "part that grows with the rank; the rest is the base model and the activations of the client's "
+        "longest batch).",
         "",
-        _cells("method", "rank", "final acc", "ms per step", "peak MiB"),
-        _cells(*["---"] * 5),
+        _cells("method", "rank", "final acc", "ms per step", "peak MiB", "trainable state MiB"),
+        _cells(*["---"] * 6),
     ]
     for row in table:
         for rank, tier in row["tiers"].items():
@@ -363,6 +370,7 @@ def markdown(table: Sequence[dict[str, Any]], loaded: Loaded, target: float | No
                     _pm(tier["final_accuracy_mean"], tier["final_accuracy_std"]),
                     _num(tier["step_ms"]),
                     _num(tier["peak_mib"]),
+                    _num(tier["state_mib"], 2),
                 )
             )
     local = next((row for row in table if row["group"] == LOCAL), None)
@@ -395,7 +403,7 @@ def write_csv(table: Sequence[dict[str, Any]], target: float | None, path: Path)
     """One row per group; the per-tier figures as `tier<r>_...` columns (empty where a group lacks r)."""
     ranks = sorted({rank for row in table for rank in row["tiers"]})
     scalar = [f"{k}_{stat}" for k in _SCALARS for stat in ("mean", "std")]
-    tier_keys = ("final_accuracy_mean", "final_accuracy_std", "step_ms", "peak_mib")
+    tier_keys = ("final_accuracy_mean", "final_accuracy_std", "step_ms", "peak_mib", "state_mib")
     header = [
         "group",
         "reference",

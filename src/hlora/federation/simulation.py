@@ -390,6 +390,7 @@ def round_row(
         client_downlink_bytes={str(cid): n for cid, n in sorted(sent.downlink_bytes_by_client.items())},
         tier_step_s={str(r): round(float(np.mean([x.step_s for x in xs])), 6) for r, xs in by_tier.items()},
         tier_peak_bytes={str(r): max(x.peak_bytes for x in xs) for r, xs in by_tier.items()},
+        tier_state_bytes={str(r): max(x.state_bytes for x in xs) for r, xs in by_tier.items()},
         train_samples=sum(results[c].samples_seen for c in replied),
         **{name: round(seconds, 4) for name, seconds in timings.items()},
     )

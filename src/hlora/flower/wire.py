@@ -163,6 +163,7 @@ def encode_update(plan: ClientPlan, result: TrainResult) -> RecordDict:
                     "wall-s": result.wall_s,
                     "step-s": result.step_s,
                     "peak-bytes": result.peak_bytes,
+                    "state-bytes": result.state_bytes,
                 }
             ),
         }
@@ -177,7 +178,7 @@ def decode_update(content: RecordDict, client_id: int, plan: ClientPlan) -> tupl
         received = from_record(content.array_records[UPDATE_ARRAYS])
         m = content.metric_records[UPDATE_METRICS]
         num_samples = m["num-samples"]  # as sent (a float, a negative number): validation judges it
-        counts = {key: int(m[key]) for key in ("steps", "samples-seen", "peak-bytes")}
+        counts = {key: int(m[key]) for key in ("steps", "samples-seen", "peak-bytes", "state-bytes")}
         floats = {key: float(m[key]) for key in ("mean-loss", "wall-s", "step-s")}
     except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise WireError(f"not an update: {e}") from None
@@ -195,5 +196,6 @@ def decode_update(content: RecordDict, client_id: int, plan: ClientPlan) -> tupl
         wall_s=floats["wall-s"],
         step_s=floats["step-s"],
         peak_bytes=counts["peak-bytes"],
+        state_bytes=counts["state-bytes"],
     )
     return ClientUpdate(client_id, num_samples, weights), result
