@@ -146,24 +146,13 @@ def spec_settings(base: Settings, spec: RunSpec) -> Settings:
 
 def client_ranks(settings: Settings) -> dict[int, int]:
     """The clients' ranks that `simulation.prepare(settings)` will give, without loading the model: the
-    same partition of the same rows (`hlora.data.partition`), the same rank policy."""
-    import numpy as np
-
+    same partition of the same rows, the same rank policy (`simulation.split_clients`)."""
     from hlora.data.glue import get_task, load_split
-    from hlora.data.partition import dirichlet_partition
-    from hlora.federation.ranks import assign_ranks
+    from hlora.federation.simulation import split_clients
 
     task = get_task(settings.data.task)
     rows = load_split(task, "train", settings.data.data_dir).head(settings.data.max_train_samples)
-    fed = settings.federation
-    parts = dirichlet_partition(
-        np.asarray(rows.labels),
-        fed.num_clients,
-        fed.alpha,
-        min_size=fed.min_client_size,
-        seed=settings.run.seed,
-    )
-    return assign_ranks(settings.lora, [len(idx) for idx in parts], settings.run.seed)
+    return split_clients(settings, rows.labels)[1]
 
 
 RunState = Literal["new", "complete", "resume"]

@@ -118,6 +118,17 @@ class Experiment:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def split_clients(settings: Settings, labels: Any) -> tuple[list[np.ndarray], dict[int, int]]:
+    """The clients' rows (indices into the training rows, from their `labels`) and their ranks: the
+    seeded Dirichlet partition and the rank policy, so that anything that needs them without the model
+    (`hlora compare`'s planning) gets the ones a run gets."""
+    fed = settings.federation
+    parts = dirichlet_partition(
+        np.asarray(labels), fed.num_clients, fed.alpha, min_size=fed.min_client_size, seed=settings.run.seed
+    )
+    return parts, assign_ranks(settings.lora, [len(idx) for idx in parts], settings.run.seed)
+
+
 def prepare(settings: Settings) -> Experiment:
     """Load and check the data, partitions and model. Raises HloraError on bad input; writes nothing."""
     settings = effective_settings(settings)
@@ -127,14 +138,7 @@ def prepare(settings: Settings) -> Experiment:
     dev_rows = load_split(task, "dev", settings.data.data_dir).head(settings.data.max_eval_samples)
     fed = settings.federation
     # The partition and the ranks before the model: both cheap, both fail on user input.
-    parts = dirichlet_partition(
-        np.asarray(train_rows.labels),
-        fed.num_clients,
-        fed.alpha,
-        min_size=fed.min_client_size,
-        seed=settings.run.seed,
-    )
-    client_ranks = assign_ranks(settings.lora, [len(idx) for idx in parts], settings.run.seed)
+    parts, client_ranks = split_clients(settings, train_rows.labels)
     local = settings.run.client if settings.run.mode == "local" else None
     if local is not None:  # the lower reference: this client's part and rank, and no other client
         parts, client_ranks = [parts[local]], {0: client_ranks[local]}
