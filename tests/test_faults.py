@@ -183,7 +183,7 @@ def test_a_run_with_faults_completes_and_records_them(tiny_settings, tmp_path):
         # uplink counts what arrived (refused updates too), downlink what every sampled client was sent
         assert sorted(row["client_uplink_bytes"]) == sorted(str(c) for c in (0, 1, 2) if str(c) not in lost)
         assert sorted(row["client_downlink_bytes"]) == ["0", "1", "2"]
-        line = simulation._round_line(row, 3)
+        line = simulation.round_line(row, 3)
         assert all(f"c{c} {k}" in line for c, k in {**lost, **row["rejected"]}.items())
         assert ("round failed" in line) == row["round_failed"]
     for prev, row in zip([None, *rows], rows, strict=False):

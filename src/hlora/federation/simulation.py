@@ -454,5 +454,3 @@ def round_line(row: dict[str, Any], rounds: int) -> str:
         f"{row['wall_s']:.1f} s{trouble}"
     )
 
-
-_round_line = round_line  # the name tests knew it by
