@@ -65,6 +65,20 @@ def test_mixed_ranks_run_end_to_end(tiny_settings, tmp_path, method):
     assert all(torch.isfinite(t).all() for t in trained.tensors().values())
 
 
+def test_tier_scores_in_the_last_round_only_with_eval_tiers_final(tiny_settings, tmp_path):
+    settings = mixed_rank_settings(tiny_settings, "hlora", rounds=2)
+    raw = settings.model_dump()
+    raw["eval"]["tiers"] = "final"
+    summary = simulation.run(simulation.prepare(validate_settings(raw)), create_run_dir(tmp_path / "run"))
+    first, last = read_metrics(tmp_path / "run")
+    assert "tier_accuracy" not in first and "tier_eval_s" not in first
+    assert sorted(last["tier_accuracy"], key=int) == ["1", "2", "4"] and "tier_eval_s" in last
+    assert last["tier_accuracy"]["4"] == last["accuracy"]  # the bank-rank tier holds the global adapter
+    assert summary["final_tier_accuracy"] == last["tier_accuracy"]
+    with pytest.raises(ConfigError, match="tiers"):
+        load_settings(None, ["eval.tiers=last"])
+
+
 def test_norm_weighted_zeropad_runs(tiny_settings, tmp_path):
     exp = simulation.prepare(mixed_rank_settings(tiny_settings, "zeropad", rounds=1, norm_weighting=True))
     simulation.run(exp, create_run_dir(tmp_path / "run"), progress=False)

@@ -152,9 +152,10 @@ class TrainSettings(_Section):
 
 class EvalSettings(_Section):
     batch_size: int = Field(64, ge=1)
-    # Also score the adapter each client rank tier holds (the global one cut to its rank) every round:
-    # one more pass over the dev set per tier whose adapter differs from the global one.
-    tiers: bool = True
+    # Also score the adapter each client rank tier holds (the global one cut to its rank): one more pass
+    # over the dev set per tier whose adapter differs from the global one. True: every round; "final":
+    # the last round only (what the comparison's tier table needs, for a fraction of the passes).
+    tiers: bool | Literal["final"] = True
 
 
 # The ways hlora.federation.faults can mangle an update, each one a reason validation rejects it for

@@ -252,10 +252,11 @@ class RoundLoop:
         merge_base(exp.model, held)
         scores = evaluate(exp.model, held.adapter, exp.dev, exp.task, s.eval.batch_size, exp.collate)
         t3 = time.perf_counter()
-        tiers = evaluate_tiers(exp, held, scores) if s.eval.tiers else {}
+        score_tiers = s.eval.tiers is True or (s.eval.tiers == "final" and rnd == s.federation.rounds)
+        tiers = evaluate_tiers(exp, held, scores) if score_tiers else {}
         t4 = time.perf_counter()
         timings = {"train_s": t1 - self._t0, "aggregate_s": t2 - t1, "eval_s": t3 - t2}
-        if s.eval.tiers:
+        if score_tiers:
             timings["tier_eval_s"] = t4 - t3
         timings["wall_s"] = t4 - self._t0
         sent = replies.sent if replies.sent is not None else traffic(plans, replies.updates)
