@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import os
 import shutil
 import statistics
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hlora.cli.main import main
 from hlora.config import load_settings, validate_settings
@@ -294,6 +296,12 @@ def test_summary_md_and_charts_are_written(compared):
         assert name in text
     assert "local alone (lower ref.)" in text and "mean over 2 clients" in text
     assert "0.95 x the centralised reference's mean final accuracy" in text
+    # how the numbers were made: every run records its command, code and hardware
+    env = json.loads((out / "runs" / "hlora-s0" / "summary.json").read_text())["environment"]
+    assert env["command"].startswith("hlora compare ") and "--seeds 0,1" in env["command"]
+    assert env["device"] == "cpu" and env["torch"] == torch.__version__ and env["cpu_count"] >= 1
+    assert "## How these runs were made" in text and f"`{env['command']}` (14 runs)" in text
+    assert f"- {env['commit'] or 'not a git checkout'} (14 runs)" in text
     for name in (report.PLOT_ROUNDS, report.PLOT_TRAFFIC, report.PLOT_TIERS):
         data = (out / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 10_000
@@ -403,6 +411,20 @@ def test_more_rounds_extend_complete_runs(results_copy, config_file):
     assert ": resuming" in stdout
     rows = read_metrics(results_copy / "runs" / "zeropad-s1")
     assert [r["round"] for r in rows] == [1, 2, 3]
+
+
+def test_a_committed_run_record_is_skipped_but_not_extended(results_copy, config_file, no_training):
+    """Git keeps a run's config, metrics and summary, not its checkpoint: what another machine sees."""
+    for run_dir in (results_copy / "runs").iterdir():
+        shutil.rmtree(run_dir / "checkpoint")
+    args = ["compare", str(config_file), "--methods", "hlora,zeropad", "--seeds", "0,1"]
+    args += ["--local-clients", "2"]
+    code, stdout, stderr = hlora(*args, "--out", str(results_copy), "-q")
+    assert code == 0, stderr
+    assert stdout.count("complete, skipped") == 14
+    code, stdout, stderr = hlora(*args, "--out", str(results_copy), "-q", "--set", "federation.rounds=3")
+    assert code == 2 and "without its checkpoint" in stderr and "cannot be extended to 3" in stderr
+    assert len(stderr.strip().splitlines()) == 1
 
 
 def test_bad_method_is_one_line_exit_2_and_nothing_written(config_file, tmp_path):

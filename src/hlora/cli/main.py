@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from hlora import provenance
 from hlora.errors import HloraError
 
 app = typer.Typer(
@@ -400,6 +401,7 @@ def bench_aggregation(
 
 
 def main(argv: list[str] | None = None) -> None:
+    provenance.COMMAND = ["hlora", *(sys.argv[1:] if argv is None else argv)]
     try:
         app(args=argv, standalone_mode=True)
     except HloraError as e:

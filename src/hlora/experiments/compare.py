@@ -162,7 +162,8 @@ def run_state(run_dir: Path, settings: Settings) -> RunState:
     """What to do with `run_dir` for a run of `settings`: `new` (absent or empty), `complete` (finished
     with this config), or `resume` (stopped, or finished with fewer rounds: it goes on from its last
     checkpoint). RunDirError for a folder that is not a run directory or holds a run of another config,
-    naming the first key that differs. Reads only."""
+    naming the first key that differs, or a complete run to extend that has no checkpoint. Reads only."""
+    from hlora.checkpoint import CHECKPOINT_DIR
     from hlora.federation.simulation import effective_settings
 
     if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
@@ -184,8 +185,14 @@ def run_state(run_dir: Path, settings: Settings) -> RunState:
             f"{run_dir} holds a run of {have} rounds, this comparison asks for {want}: "
             "move it away or choose another --out"
         )
-    if have == want and (run_dir / SUMMARY_FILE).is_file():
+    complete = (run_dir / SUMMARY_FILE).is_file()
+    if have == want and complete:
         return "complete"
+    if complete and not (run_dir / CHECKPOINT_DIR).is_dir():
+        raise RunDirError(
+            f"{run_dir} holds a complete run of {have} rounds without its checkpoint (a committed run "
+            f"record), so it cannot be extended to {want}: choose another --out"
+        )
     return "resume"
 
 

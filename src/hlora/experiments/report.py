@@ -12,7 +12,8 @@ from __future__ import annotations
 import csv
 import math
 import re
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,7 @@ class Loaded:
     runs: list[SeedRun]
     incomplete: list[str] = field(default_factory=list)  # run directories without a summary.json
     settings: dict[str, Any] = field(default_factory=dict)  # a method run's summary, for the header
+    environments: list[dict[str, Any] | None] = field(default_factory=list)  # per run, from summary.json
 
 
 def load_results(results_dir: Path) -> Loaded:
@@ -104,6 +106,7 @@ def load_results(results_dir: Path) -> Loaded:
             continue
         summary = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
         name, seed = match["name"], int(match["seed"])
+        loaded.environments.append(summary.get("environment"))
         rows = read_metrics(run_dir)
         baseline = summary.get("majority_baseline")
         if re.fullmatch(rf"{LOCAL}-c\d+", name):
@@ -392,7 +395,35 @@ def markdown(table: Sequence[dict[str, Any]], loaded: Loaded, target: float | No
     ]
     if loaded.incomplete:
         lines += ["", f"Not complete, left out: {', '.join(loaded.incomplete)}."]
+    lines += provenance_lines(loaded.environments)
     return "\n".join(lines) + "\n"
+
+
+def provenance_lines(environments: Sequence[dict[str, Any] | None]) -> list[str]:
+    """How the runs were made, from their summaries: each distinct commit, hardware and command with how
+    many runs it made; runs written before hlora recorded it are counted as such."""
+    recorded = [e for e in environments if e]
+    lines = ["", "## How these runs were made", ""]
+
+    def tally(values: Iterable[str]) -> list[str]:
+        return [f"- {value} ({n} run{'s' if n > 1 else ''})" for value, n in Counter(values).most_common()]
+
+    lines += ["Commits:", *tally(str(e.get("commit") or "not a git checkout") for e in recorded), ""]
+    lines += ["Hardware and libraries:", *tally(_hardware(e) for e in recorded), ""]
+    lines += ["Commands:", *tally(f"`{e.get('command')}`" for e in recorded)]
+    if len(recorded) < len(environments):
+        lines += ["", f"{len(environments) - len(recorded)} runs carry no record of this (made by an "
+                  "hlora that did not write it): see BENCHMARKS.md for them."]  # fmt: skip
+    return lines
+
+
+def _hardware(env: dict[str, Any]) -> str:
+    where = env.get("gpu") or f"{env.get('cpu') or 'unknown CPU'}, {env.get('cpu_count')} cores"
+    return (
+        f"{env.get('device')} ({where}), {env.get('torch_threads')} torch threads; "
+        f"torch {env.get('torch')}, transformers {env.get('transformers')}, peft {env.get('peft')}, "
+        f"python {env.get('python')}"
+    )
 
 
 def _seeds(runs: Sequence[SeedRun]) -> list[int]:

@@ -50,6 +50,7 @@ from hlora.outputs import (
     write_json,
     write_text_atomic,
 )
+from hlora.provenance import environment
 
 log = logging.getLogger("hlora")
 
@@ -284,6 +285,7 @@ class RoundLoop:
                 "majority_baseline": exp.majority_baseline,
                 "device": str(exp.model.device),
                 **{k: round(v, 3) for k, v in exp.timings.items()},
+                "environment": environment(str(exp.model.device)),
             },
         )
         write_json(self.run_dir / SUMMARY_FILE, summary)

@@ -1,0 +1,81 @@
+"""How a run was made: the command, the code (hlora's version and git commit), the libraries and the
+hardware, recorded in every run's `summary.json` so that a number in a table can be traced and made
+again. Everything here is read, never guessed: a field that cannot be read is None."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+_LIBRARIES = ("torch", "transformers", "peft", "flwr")
+
+# The command as its user typed it, set by the `hlora` CLI; None: this process's own argv is recorded.
+COMMAND: list[str] | None = None
+
+
+def git_commit(path: Path | None = None) -> str | None:
+    """The commit of the git checkout holding `path` (default: hlora's own source), with `-dirty` when
+    tracked files differ from it; None outside a checkout or without git."""
+    where = Path(path) if path is not None else Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(where), "rev-parse", "--short=7", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}-dirty" if dirty else head or None
+
+
+def cpu_model() -> str | None:
+    """The CPU's marketing name (Linux: /proc/cpuinfo), else what `platform` says, else None."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: str | None = None) -> dict[str, Any]:
+    """The command line, commit, versions and hardware of this process; `device` is the torch device the
+    run used (its CUDA name is added when it is a GPU)."""
+    import torch
+
+    from hlora import __version__
+
+    gpu = None
+    if device is not None and device.startswith("cuda") and torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(torch.device(device))
+    return {
+        "command": shlex.join(COMMAND if COMMAND is not None else sys.argv),
+        "hlora": __version__,
+        "commit": git_commit(),
+        "python": platform.python_version(),
+        **{name: _version(name) for name in _LIBRARIES},
+        "device": device,
+        "gpu": gpu,
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "finished_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
