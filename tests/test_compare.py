@@ -283,6 +283,38 @@ def test_summary_csv_agrees_with_the_run_directories(compared):
         assert float(table["hlora"]["wall_to_target_s_mean"]) == pytest.approx(statistics.mean(walls))
 
 
+def test_paired_table_is_hlora_minus_each_other_run_of_the_same_seed(compared):
+    out, _ = compared
+    paired = read_csv(out / "paired.csv")
+    assert sorted(paired) == sorted(["zeropad", "central", "fedit-r2", "fedit-r4", "local"])
+
+    def rows(name: str, seed: int) -> list[dict]:
+        return read_metrics(out / "runs" / f"{name}-s{seed}")
+
+    row = paired["zeropad"]
+    diffs = [rows("hlora", s)[-1]["accuracy"] - rows("zeropad", s)[-1]["accuracy"] for s in (0, 1)]
+    assert row["seeds"] == "2"
+    assert float(row["final_accuracy_diff_mean"]) == pytest.approx(statistics.mean(diffs))
+    assert float(row["final_accuracy_diff_std"]) == pytest.approx(statistics.stdev(diffs))
+    assert int(row["ahead"]) == sum(d > 0 for d in diffs) and int(row["behind"]) == sum(d < 0 for d in diffs)
+    curve = [
+        statistics.mean(r["accuracy"] for r in rows("hlora", s))
+        - statistics.mean(r["accuracy"] for r in rows("zeropad", s))
+        for s in (0, 1)
+    ]
+    assert float(row["mean_accuracy_diff_mean"]) == pytest.approx(statistics.mean(curve))
+    def mb(name: str, seed: int) -> float:
+        return sum(r["uplink_bytes"] + r["downlink_bytes"] for r in rows(name, seed))
+
+    ratio = statistics.mean(mb("zeropad", s) / mb("hlora", s) for s in (0, 1))
+    assert float(row["traffic_ratio"]) == pytest.approx(ratio)
+    # the references that exchange nothing have no traffic or aggregation multiple
+    assert paired["central"]["traffic_ratio"] == "" and paired["local"]["aggregate_ratio"] == ""
+    text = (out / "summary.md").read_text(encoding="utf-8")
+    assert "## hlora against each method and reference, seed by seed" in text
+    assert f"| zeropad | 2 | {statistics.mean(diffs):+.4f} ± {statistics.stdev(diffs):.4f} |" in text
+
+
 def test_summary_md_and_charts_are_written(compared):
     out, _ = compared
     text = (out / "summary.md").read_text(encoding="utf-8")

@@ -25,6 +25,7 @@ from hlora.outputs import SUMMARY_FILE, read_metrics, write_text_atomic
 
 SUMMARY_MD = "summary.md"
 SUMMARY_CSV = "summary.csv"
+PAIRED_CSV = "paired.csv"
 PLOT_ROUNDS = "accuracy_by_round.png"
 PLOT_TRAFFIC = "accuracy_by_traffic.png"
 PLOT_TIERS = "tier_accuracy.png"
@@ -266,6 +267,57 @@ def default_target(table: Sequence[dict[str, Any]]) -> float | None:
     return None if central is None else TARGET_SHARE * central["final_accuracy_mean"]
 
 
+SUBJECT = "hlora"  # the method the paired table compares with every other group
+
+
+def paired_table(
+    runs: Sequence[SeedRun], target: float | None, subject: str = SUBJECT
+) -> list[dict[str, Any]]:
+    """`subject` against every other group, seed by seed on the seeds both ran (the same partition, tiers
+    and sampled clients): differences are `subject` minus the other, so positive means `subject` ahead.
+
+    Per group: how many seeds pair; the final and the best dev accuracy difference (mean, std over the
+    seeds) and in how many seeds `subject` ends ahead; the difference of the mean dev accuracy over the
+    rounds both ran (the area under the accuracy curve per round: a convergence figure that needs no
+    target); rounds to the target of each (mean over the seeds where both reach it); and the other's
+    total traffic and aggregation time as multiples of `subject`'s. Empty without `subject` runs."""
+    by_key = {(r.group, r.seed): r for r in runs}
+    mine = {r.seed: r for r in runs if r.group == subject}
+    table = []
+    for group in sorted({r.group for r in runs if r.group != subject}, key=group_order):
+        seeds = [seed for seed in sorted(mine) if (group, seed) in by_key]
+        if not seeds:
+            continue
+        pairs = [(mine[seed], by_key[(group, seed)]) for seed in seeds]
+        figures = [(seed_figures(a, target), seed_figures(b, target)) for a, b in pairs]
+        row: dict[str, Any] = {"group": group, "reference": is_reference(group), "seeds": len(seeds)}
+        for key in ("final_accuracy", "best_accuracy"):
+            row[f"{key}_diff_mean"], row[f"{key}_diff_std"] = mean_std([a[key] - b[key] for a, b in figures])
+        row["ahead"] = sum(a["final_accuracy"] > b["final_accuracy"] for a, b in figures)
+        row["behind"] = sum(a["final_accuracy"] < b["final_accuracy"] for a, b in figures)
+        row["mean_accuracy_diff_mean"], row["mean_accuracy_diff_std"] = mean_std(
+            [_mean_accuracy_diff(a.rows, b.rows) for a, b in pairs]
+        )
+        both = [(a["rounds_to_target"], b["rounds_to_target"]) for a, b in figures]
+        both = [(x, y) for x, y in both if x is not None and y is not None]
+        row["both_reached_target"] = len(both) if target is not None else None
+        row["rounds_to_target_subject"] = float(np.mean([x for x, _ in both])) if both else None
+        row["rounds_to_target_other"] = float(np.mean([y for _, y in both])) if both else None
+        traffic = [(a["uplink_mb"] + a["downlink_mb"], b["uplink_mb"] + b["downlink_mb"])
+                   for a, b in figures if b["uplink_mb"] is not None and a["uplink_mb"]]  # fmt: skip
+        row["traffic_ratio"] = float(np.mean([y / x for x, y in traffic])) if traffic else None
+        agg = [(a["aggregate_s"], b["aggregate_s"]) for a, b in figures if b["aggregate_s"] is not None]
+        row["aggregate_ratio"] = float(np.mean([y / x for x, y in agg if x > 0])) if agg else None
+        table.append(row)
+    return table
+
+
+def _mean_accuracy_diff(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]]) -> float:
+    """The mean dev accuracy over the rounds both ran, of `a` minus that of `b`."""
+    n = min(len(a), len(b))
+    return float(np.mean([r["accuracy"] for r in a[:n]]) - np.mean([r["accuracy"] for r in b[:n]]))
+
+
 # --- output -------------------------------------------------------------------------------------------
 
 
@@ -285,18 +337,23 @@ def write_report(results_dir: Path, target: float | None = None) -> list[Path]:
         if target is None:
             target_note = "none: no centralised reference and no --target-accuracy"
     table = group_table(loaded.runs, target)
+    paired = paired_table(loaded.runs, target)
     results_dir = Path(results_dir)
     paths = [results_dir / SUMMARY_MD, results_dir / SUMMARY_CSV]
-    write_text_atomic(paths[0], markdown(table, loaded, target, target_note))
+    write_text_atomic(paths[0], markdown(table, loaded, target, target_note, paired))
     write_csv(table, target, paths[1])
+    if paired:
+        paths.append(results_dir / PAIRED_CSV)
+        _write_rows(paired, paths[-1])
     paths += plot_all(loaded.runs, results_dir, loaded.settings)
     return paths
 
 
-def _pm(mean: float | None, std: float | None, digits: int = 4) -> str:
+def _pm(mean: float | None, std: float | None, digits: int = 4, signed: bool = False) -> str:
     if mean is None:
         return "-"
-    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+    sign = "+" if signed else ""
+    return f"{mean:{sign}.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
 def _num(value: float | None, digits: int = 1) -> str:
@@ -314,7 +371,13 @@ def _cells(*cells: Any) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
-def markdown(table: Sequence[dict[str, Any]], loaded: Loaded, target: float | None, target_note: str) -> str:
+def markdown(
+    table: Sequence[dict[str, Any]],
+    loaded: Loaded,
+    target: float | None,
+    target_note: str,
+    paired: Sequence[dict[str, Any]] = (),
+) -> str:
     s = loaded.settings
     lines = ["# Comparison", ""]
     if s:
@@ -393,10 +456,53 @@ def markdown(table: Sequence[dict[str, Any]], loaded: Loaded, target: float | No
         + " (per tier: over that tier's clients). The centralised and the local runs exchange nothing, "
         "so they have no MB or aggregation time.",
     ]
+    if paired:
+        lines += paired_lines(paired, target)
     if loaded.incomplete:
         lines += ["", f"Not complete, left out: {', '.join(loaded.incomplete)}."]
     lines += provenance_lines(loaded.environments)
     return "\n".join(lines) + "\n"
+
+
+def paired_lines(paired: Sequence[dict[str, Any]], target: float | None) -> list[str]:
+    lines = [
+        "",
+        f"## {SUBJECT} against each method and reference, seed by seed",
+        "",
+        f"Differences are {SUBJECT} minus the other on the same seeds (same partition, tiers and sampled "
+        f"clients): positive means {SUBJECT} is ahead. Mean accuracy: the dev accuracy averaged over the "
+        "rounds both ran (a convergence figure that needs no target). Traffic and aggregation: the "
+        f"other's totals as multiples of {SUBJECT}'s (above 1: {SUBJECT} spends less).",
+        "",
+        _cells(
+            "against", "seeds", "final acc diff", f"{SUBJECT} ahead / behind", "best acc diff",
+            "mean acc diff", f"rounds to target ({SUBJECT} vs other)", "traffic x", "aggregation x",
+        ),
+        _cells(*["---"] * 9),
+    ]  # fmt: skip
+    for row in paired:
+        to_target = "-"
+        if row["both_reached_target"]:
+            to_target = (
+                f"{row['rounds_to_target_subject']:.1f} vs {row['rounds_to_target_other']:.1f} "
+                f"({row['both_reached_target']}/{row['seeds']})"
+            )
+        elif target is not None:
+            to_target = f"not both (0/{row['seeds']})"
+        lines.append(
+            _cells(
+                label(row["group"]),
+                row["seeds"],
+                _pm(row["final_accuracy_diff_mean"], row["final_accuracy_diff_std"], signed=True),
+                f"{row['ahead']} / {row['behind']}",
+                _pm(row["best_accuracy_diff_mean"], row["best_accuracy_diff_std"], signed=True),
+                _pm(row["mean_accuracy_diff_mean"], row["mean_accuracy_diff_std"], signed=True),
+                to_target,
+                _num(row["traffic_ratio"], 2),
+                _num(row["aggregate_ratio"], 1),
+            )
+        )
+    return lines
 
 
 def provenance_lines(environments: Sequence[dict[str, Any] | None]) -> list[str]:
@@ -456,11 +562,17 @@ def write_csv(table: Sequence[dict[str, Any]], target: float | None, path: Path)
             for k in tier_keys:
                 out[f"tier{r}_{k}"] = row["tiers"].get(r, {}).get(k)
         lines.append(out)
+    _write_rows(lines, path, header)
+
+
+def _write_rows(rows: Sequence[dict[str, Any]], path: Path, header: Sequence[str] | None = None) -> None:
+    """A CSV of `rows` (columns: `header`, default the first row's keys; None as an empty cell),
+    written beside `path` and renamed into place."""
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=header)
+        writer = csv.DictWriter(f, fieldnames=list(header or (rows[0] if rows else [])))
         writer.writeheader()
-        for out in lines:
+        for out in rows:
             writer.writerow({k: "" if v is None else v for k, v in out.items()})
     tmp.replace(path)
 
