@@ -36,3 +36,6 @@ def test_environment_names_the_command_given_by_the_cli(monkeypatch):
     assert env["command"] == "hlora run --set 'train.lr=1e-3 x'"
     assert env["device"] == "cpu" and env["gpu"] is None and env["torch_threads"] >= 1
     assert env["hlora"] and env["torch"] and env["python"].count(".") == 2
+    # the commit is the one read when the code was loaded, not whatever the checkout holds by the end
+    monkeypatch.setattr(provenance, "CODE_COMMIT", "abc1234")
+    assert provenance.environment("cpu")["commit"] == "abc1234"

@@ -38,6 +38,12 @@ def git_commit(path: Path | None = None) -> str | None:
     return f"{head}-dirty" if dirty else head or None
 
 
+# The commit of the code this process runs, read once when this module is first imported (the `hlora`
+# CLI imports it as it starts): a checkout that moves on while a long job runs (a comparison takes
+# hours) must not relabel the job's later runs.
+CODE_COMMIT = git_commit()
+
+
 def cpu_model() -> str | None:
     """The CPU's marketing name (Linux: /proc/cpuinfo), else what `platform` says, else None."""
     try:
@@ -69,7 +75,7 @@ def environment(device: str | None = None) -> dict[str, Any]:
     return {
         "command": shlex.join(COMMAND if COMMAND is not None else sys.argv),
         "hlora": __version__,
-        "commit": git_commit(),
+        "commit": CODE_COMMIT,
         "python": platform.python_version(),
         **{name: _version(name) for name in _LIBRARIES},
         "device": device,
