@@ -26,8 +26,16 @@ def test_commit_is_read_and_marked_dirty_when_tracked_files_change(tmp_path):
     assert provenance.git_commit(tmp_path) == head
     (tmp_path / "untracked.txt").write_text("not part of the code\n")
     assert provenance.git_commit(tmp_path) == head
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "b.txt").write_text("one\n")
+    git(tmp_path, "add", "code/b.txt")
+    git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "two")
+    head = git(tmp_path, "rev-parse", "--short=7", "HEAD").strip()
     (tmp_path / "a.txt").write_text("two\n")
     assert provenance.git_commit(tmp_path) == f"{head}-dirty"
+    assert provenance.git_commit(tmp_path / "code") == head  # a change outside the code's folder
+    (tmp_path / "code" / "b.txt").write_text("two\n")
+    assert provenance.git_commit(tmp_path / "code") == f"{head}-dirty"
 
 
 def test_environment_names_the_command_given_by_the_cli(monkeypatch):

@@ -22,7 +22,8 @@ COMMAND: list[str] | None = None
 
 def git_commit(path: Path | None = None) -> str | None:
     """The commit of the git checkout holding `path` (default: hlora's own source), with `-dirty` when
-    tracked files differ from it; None outside a checkout or without git."""
+    tracked files below `path` differ from it (results or notes elsewhere in the checkout do not make
+    the code dirty); None outside a checkout or without git."""
     where = Path(path) if path is not None else Path(__file__).resolve().parent
     try:
         head = subprocess.run(
@@ -30,7 +31,7 @@ def git_commit(path: Path | None = None) -> str | None:
             capture_output=True, text=True, timeout=10, check=True,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+            ["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no", "--", "."],
             capture_output=True, text=True, timeout=10, check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
