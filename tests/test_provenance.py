@@ -26,6 +26,8 @@ def test_commit_is_read_and_marked_dirty_when_tracked_files_change(tmp_path):
     assert provenance.git_commit(tmp_path) == head
     (tmp_path / "untracked.txt").write_text("not part of the code\n")
     assert provenance.git_commit(tmp_path) == head
+    (tmp_path / "venv").mkdir()  # a folder the checkout does not track: its code is not this commit's
+    assert provenance.git_commit(tmp_path / "venv") is None
     (tmp_path / "code").mkdir()
     (tmp_path / "code" / "b.txt").write_text("one\n")
     git(tmp_path, "add", "code/b.txt")

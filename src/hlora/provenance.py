@@ -23,9 +23,15 @@ COMMAND: list[str] | None = None
 def git_commit(path: Path | None = None) -> str | None:
     """The commit of the git checkout holding `path` (default: hlora's own source), with `-dirty` when
     tracked files below `path` differ from it (results or notes elsewhere in the checkout do not make
-    the code dirty); None outside a checkout or without git."""
+    the code dirty); None outside a checkout, where git tracks nothing below `path`, or without git."""
     where = Path(path) if path is not None else Path(__file__).resolve().parent
     try:
+        tracked = subprocess.run(
+            ["git", "-C", str(where), "ls-files", "--", "."],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+        if not tracked:  # e.g. an installed copy inside a virtual environment that another repo ignores
+            return None
         head = subprocess.run(
             ["git", "-C", str(where), "rev-parse", "--short=7", "HEAD"],
             capture_output=True, text=True, timeout=10, check=True,
