@@ -282,6 +282,7 @@ def paired_table(
     target); rounds to the target of each (mean over the seeds where both reach it); and the other's
     total traffic and aggregation time as multiples of `subject`'s. Empty without `subject` runs."""
     by_key = {(r.group, r.seed): r for r in runs}
+    figures_of = {key: seed_figures(run, target) for key, run in by_key.items()}  # each run's once
     mine = {r.seed: r for r in runs if r.group == subject}
     table = []
     for group in sorted({r.group for r in runs if r.group != subject}, key=group_order):
@@ -289,7 +290,7 @@ def paired_table(
         if not seeds:
             continue
         pairs = [(mine[seed], by_key[(group, seed)]) for seed in seeds]
-        figures = [(seed_figures(a, target), seed_figures(b, target)) for a, b in pairs]
+        figures = [(figures_of[(subject, seed)], figures_of[(group, seed)]) for seed in seeds]
         row: dict[str, Any] = {"group": group, "reference": is_reference(group), "seeds": len(seeds)}
         for key in ("final_accuracy", "best_accuracy"):
             row[f"{key}_diff_mean"], row[f"{key}_diff_std"] = mean_std([a[key] - b[key] for a, b in figures])
