@@ -64,6 +64,33 @@ def test_equal_ranks_fedit_is_a_plain_method_and_its_own_reference():
     assert names(specs) == ["hlora-s3", "central-s3", "fedit-r8-s3"]
 
 
+def test_central_overrides_go_to_the_centralised_reference_alone():
+    specs = cmp.plan_runs(
+        ["hlora"], [0], lambda seed: {0: 2, 1: 4}, local_clients=[0], central_overrides=["train.lr=3e-4"]
+    )
+    by_name = {s.name: s for s in specs}
+    assert by_name["central"].overrides == ("run.mode=centralized", "train.lr=3e-4")
+    assert all("train.lr=3e-4" not in s.overrides for s in specs if s.name != "central")
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("run.mode=local", "mode and seed are the comparison's"),
+        ("run.seed=3", "mode and seed are the comparison's"),
+        ("train.lrr=1e-3", "lrr"),
+        ("train.lr=-1", "lr"),
+    ],
+)
+def test_bad_central_overrides_fail_before_anything_runs(config_file, tmp_path, item, message):
+    with pytest.raises(ConfigError, match=message):
+        cmp.prepare_comparison(
+            config_file, [], ["hlora"], [0], tmp_path / "out", central_overrides=[item],
+            ranks_of=lambda settings: {0: 2, 1: 4, 2: 4},
+        )  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [("hlora,nope", "unknown method 'nope'"), (" , ", "names no method")],
@@ -186,11 +213,12 @@ def config_file(tmp_path_factory, tiny_model_dir, glue_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory, config_file) -> tuple[Path, str]:
-    """hlora and zeropad, seeds 0 and 1, 2 rounds, with the references (local: clients 0 and 1)."""
+    """hlora and zeropad, seeds 0 and 1, 2 rounds, with the references (local: clients 0 and 1; the
+    centralised one at its own learning rate)."""
     out = tmp_path_factory.mktemp("compare") / "results"
     code, stdout, stderr = hlora(
         "compare", str(config_file), "--methods", "hlora,zeropad", "--seeds", "0,1",
-        "--out", str(out), "--local-clients", "2", "-q",
+        "--out", str(out), "--local-clients", "2", "--central-set", "train.lr=1e-2", "-q",
     )  # fmt: skip
     assert code == 0, stderr
     return out, stdout
@@ -216,6 +244,8 @@ def test_compare_runs_every_method_and_reference_per_seed(compared):
     central = load_settings(out / "runs" / "central-s0" / "config.toml")
     assert central.run.mode == "centralized" and central.federation.num_clients == 1
     assert central.lora.rank == 4  # the bank rank
+    assert central.train.lr == 1e-2  # --central-set, for it alone
+    assert load_settings(out / "runs" / "hlora-s0" / "config.toml").train.lr == 3e-2
     fedit = load_settings(out / "runs" / "fedit-r2-s1" / "config.toml")
     assert (fedit.federation.method, fedit.lora.rank_policy, fedit.lora.rank) == ("fedit", "fixed", 2)
     assert fedit.run.seed == 1
@@ -328,6 +358,7 @@ def test_summary_md_and_charts_are_written(compared):
         assert name in text
     assert "local alone (lower ref.)" in text and "mean over 2 clients" in text
     assert "0.95 x the centralised reference's mean final accuracy" in text
+    assert "The centralised reference has settings of its own: train.lr = 0.01 (the methods: 0.03)." in text
     # how the numbers were made: every run records its command, code and hardware
     env = json.loads((out / "runs" / "hlora-s0" / "summary.json").read_text())["environment"]
     assert env["command"].startswith("hlora compare ") and "--seeds 0,1" in env["command"]
@@ -358,11 +389,19 @@ def test_a_second_compare_skips_every_complete_run(results_copy, config_file, no
     stamps = {p: p.stat().st_mtime_ns for p in results_copy.glob("runs/*/metrics.jsonl")}
     code, stdout, stderr = hlora(
         "compare", str(config_file), "--methods", "hlora,zeropad", "--seeds", "0,1",
-        "--out", str(results_copy), "--local-clients", "2", "-q",
+        "--out", str(results_copy), "--local-clients", "2", "--central-set", "train.lr=1e-2", "-q",
     )  # fmt: skip
     assert code == 0, stderr
     assert "0 to train" in stdout and stdout.count("complete, skipped") == 14
     assert stamps == {p: p.stat().st_mtime_ns for p in results_copy.glob("runs/*/metrics.jsonl")}
+
+
+def test_a_centralised_reference_of_another_learning_rate_is_refused(results_copy, config_file, no_training):
+    code, stdout, stderr = hlora(
+        "compare", str(config_file), "--methods", "hlora", "--out", str(results_copy), "-q",
+    )  # fmt: skip
+    assert code == 2 and stderr.count("\n") == 1
+    assert "central-s0 holds a run with train.lr = 0.01, this comparison asks for 0.03" in stderr
 
 
 def test_a_finished_run_of_another_config_is_refused_in_one_line(results_copy, config_file, no_training):
@@ -450,7 +489,7 @@ def test_a_committed_run_record_is_skipped_but_not_extended(results_copy, config
     for run_dir in (results_copy / "runs").iterdir():
         shutil.rmtree(run_dir / "checkpoint")
     args = ["compare", str(config_file), "--methods", "hlora,zeropad", "--seeds", "0,1"]
-    args += ["--local-clients", "2"]
+    args += ["--local-clients", "2", "--central-set", "train.lr=1e-2"]
     code, stdout, stderr = hlora(*args, "--out", str(results_copy), "-q")
     assert code == 0, stderr
     assert stdout.count("complete, skipped") == 14

@@ -273,6 +273,14 @@ def compare(
         int | None,
         typer.Option(min=0, help="Clients of the local reference, ids 0..N-1 (default: every client)."),
     ] = None,
+    central_set: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--central-set",
+            help="Override a config value of the centralised reference alone, e.g. its own learning "
+            "rate: section.key=value (repeatable).",
+        ),
+    ] = None,
     target_accuracy: Annotated[
         float | None,
         typer.Option(help="Accuracy whose first round the table shows (default: 0.95 x centralised final)."),
@@ -298,6 +306,7 @@ def compare(
             out,
             references=references,
             local_clients=local_clients,
+            central_overrides=list(central_set or []),
         )
         todo = sum(run.state != "complete" for run in planned)
         typer.echo(f"{len(planned)} runs in {out / cmp.RUNS_DIR}, {todo} to train")

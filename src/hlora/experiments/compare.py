@@ -10,7 +10,10 @@ a run of another config.
 The references (on by default):
 
 - `central`: centralised LoRA, one client holding all the data at the bank rank (`run.mode =
-  "centralized"`); the upper reference.
+  "centralized"`); the upper reference. `central_overrides` (`--central-set`) change its settings alone:
+  one client taking every step of an epoch with the methods' learning rate may not learn at all (a
+  fresh AdamW at 1e-3 keeps MRPC at the majority class for 6 epochs at rank 16), and an upper reference
+  is worth its name only once it is tuned on its own.
 - `fedit-r<r>`: FedIT with every client at one rank (`lora.rank_policy = "fixed"`), at the smallest and at
   the largest client rank of the tiers: the homogeneous federation each end of the tiers could run.
 - `local-c<k>`: client `k` alone on its own part of the federated partition at its own rank, the same
@@ -92,12 +95,14 @@ def plan_runs(
     ranks_of_seed: Callable[[int], dict[int, int]],
     references: bool = True,
     local_clients: Iterable[int] = (),
+    central_overrides: Sequence[str] = (),
 ) -> list[RunSpec]:
     """Every run of the comparison, seed by seed: the methods, then the references.
 
     `ranks_of_seed(seed)` gives the clients' ranks `{client id: r_k}` that the base config gives at that
     seed; with more than one distinct rank, `fedit` becomes FedIT at the smallest and the largest.
-    `local_clients` are the client ids of the local reference."""
+    `local_clients` are the client ids of the local reference; `central_overrides` (`section.key=value`)
+    apply to the centralised reference alone, after its mode."""
     specs: list[RunSpec] = []
     for seed in seeds:
         ranks = sorted(set(ranks_of_seed(seed).values()))
@@ -122,7 +127,9 @@ def plan_runs(
             else:
                 specs.append(RunSpec(method, seed, (f"federation.method={method}",)))
         if references:
-            specs.append(RunSpec(CENTRAL, seed, ("run.mode=centralized",), reference=True))
+            specs.append(
+                RunSpec(CENTRAL, seed, ("run.mode=centralized", *central_overrides), reference=True)
+            )
             if not (len(ranks) == 1 and "fedit" in methods):  # equal ranks: plain fedit is that reference
                 specs.extend(fedit_refs)
             specs.extend(
@@ -199,11 +206,14 @@ def run_state(run_dir: Path, settings: Settings) -> RunState:
 def first_difference(a: Settings, b: Settings) -> tuple[str, Any, Any] | None:
     """The first `section.key` (in config order) whose values differ, with both values; None if the two
     differ at most in what a run of a comparison may (`run.name`, `federation.rounds`)."""
+    return next(iter(differences(a, b, _IGNORED_KEYS)), None)
+
+
+def differences(a: Settings, b: Settings, ignored: Iterable[str] = ()) -> list[tuple[str, Any, Any]]:
+    """Every `section.key` (in config order) whose values differ, with both values, but the `ignored`."""
     da, db = _flat(a.model_dump()), _flat(b.model_dump())
-    for key in list(da) + [k for k in db if k not in da]:
-        if key not in _IGNORED_KEYS and da.get(key) != db.get(key):
-            return key, da.get(key), db.get(key)
-    return None
+    keys = list(da) + [k for k in db if k not in da]
+    return [(k, da.get(k), db.get(k)) for k in keys if k not in ignored and da.get(k) != db.get(k)]
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -253,10 +263,12 @@ def prepare_comparison(
     references: bool = True,
     local_clients: int | None = None,
     ranks_of: Callable[[Settings], dict[int, int]] = client_ranks,
+    central_overrides: Sequence[str] = (),
 ) -> list[PlannedRun]:
     """Every run with its settings, directory and state, all checked before any is trained: a bad
     config, override or run directory fails here with one error. `local_clients`: how many clients the
-    local reference trains alone (ids 0 .. N-1, a fair sample: client ids carry no order; None: all)."""
+    local reference trains alone (ids 0 .. N-1, a fair sample: client ids carry no order; None: all).
+    `central_overrides`: settings of the centralised reference alone (`section.key=value`)."""
     base = load_settings(config, list(overrides))
     if base.run.mode != "federated":
         raise ConfigError(f"hlora compare needs a federated config (run.mode = {base.run.mode!r})")
@@ -267,8 +279,18 @@ def prepare_comparison(
     def ranks_of_seed(seed: int) -> dict[int, int]:
         return ranks_of(spec_settings(base, RunSpec("base", seed)))
 
+    for item in central_overrides:
+        if item.split("=", 1)[0].strip() in ("run.mode", "run.seed"):
+            raise ConfigError(
+                f"--central-set {item}: the centralised reference's mode and seed are the comparison's"
+            )
     specs = plan_runs(
-        methods, seeds, ranks_of_seed, references, range(num if local_clients is None else local_clients)
+        methods,
+        seeds,
+        ranks_of_seed,
+        references,
+        range(num if local_clients is None else local_clients),
+        central_overrides,
     )
     planned = []
     for spec in specs:

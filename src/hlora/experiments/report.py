@@ -88,6 +88,9 @@ class Loaded:
     incomplete: list[str] = field(default_factory=list)  # run directories without a summary.json
     settings: dict[str, Any] = field(default_factory=dict)  # a method run's summary, for the header
     environments: list[dict[str, Any] | None] = field(default_factory=list)  # per run, from summary.json
+    # How the centralised reference's settings differ from the methods' besides its mode (its own
+    # learning rate, say: `--central-set`), as "key = its value (the methods: theirs)", once each.
+    central_settings: list[str] = field(default_factory=list)
 
 
 def load_results(results_dir: Path) -> Loaded:
@@ -119,8 +122,32 @@ def load_results(results_dir: Path) -> Loaded:
             loaded.settings = summary
     for seed, runs in sorted(local.items()):
         loaded.runs.append(SeedRun(LOCAL, seed, mean_rows(runs), baselines[seed], clients=len(runs)))
+    loaded.central_settings = central_settings(folder, loaded.runs)
     loaded.runs.sort(key=lambda r: (group_order(r.group), r.seed))
     return loaded
+
+
+def central_settings(folder: Path, runs: Sequence[SeedRun]) -> list[str]:
+    """What the centralised reference of each seed set otherwise than a method run of that seed (its mode
+    apart), as `key = value (the methods: value)` lines, each once."""
+    from hlora.config import load_settings
+    from hlora.experiments.compare import differences
+    from hlora.federation.simulation import effective_settings
+    from hlora.outputs import CONFIG_FILE
+
+    lines: list[str] = []
+    for run in runs:
+        peer = next((r for r in runs if r.seed == run.seed and not r.reference), None)
+        if run.group != CENTRAL or peer is None:
+            continue
+        central, method = (load_settings(folder / f"{r.group}-s{r.seed}" / CONFIG_FILE) for r in (run, peer))
+        # what the methods' config becomes as a centralised run (one client, the bank rank)
+        plain = effective_settings(method.model_copy(update={"run": central.run}))
+        for key, mine, theirs in differences(central, plain, ("run.name",)):
+            line = f"{key} = {mine!r} (the methods: {theirs!r})"
+            if line not in lines:
+                lines.append(line)
+    return lines
 
 
 def mean_rows(runs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -457,6 +484,10 @@ def markdown(
         + " (per tier: over that tier's clients). The centralised and the local runs exchange nothing, "
         "so they have no MB or aggregation time.",
     ]
+    if loaded.central_settings:
+        lines[-1] += " The centralised reference has settings of its own: " + "; ".join(
+            loaded.central_settings
+        ) + "."
     if paired:
         lines += paired_lines(paired, target)
     if loaded.incomplete:
