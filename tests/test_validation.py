@@ -343,6 +343,27 @@ def test_updates_from_clients_not_asked_or_sent_twice_are_refused():
     assert absent not in sent.downlink_bytes_by_client
 
 
+def test_a_failed_round_leaves_a_stateful_method_as_it_was(monkeypatch):
+    # FLoRA keeps every round's stack; an aggregate refused as not finite must not leave one behind.
+    srv = make_server("flora", {0: 2, 1: 4})
+    plans = srv.configure(1)
+    real = srv.aggregator.aggregate
+
+    def overflowing(global_weights, updates):
+        out = real(global_weights, updates)  # appends this round's stack
+        return AdapterWeights(out.factors, {k: torch.full_like(v, math.inf) for k, v in out.dense.items()})
+
+    monkeypatch.setattr(srv.aggregator, "aggregate", overflowing)
+    outcome = srv.aggregate(1, list(honest(plans).values()))
+    assert outcome.failed and outcome.reason == "the aggregate is not finite"
+    assert srv.aggregator.state_dict() == {"deltas": 0} and srv.version == 0
+    monkeypatch.setattr(srv.aggregator, "aggregate", real)
+    plans = srv.configure(2)
+    assert all(plan.merge == () for plan in plans.values())  # nothing of the failed round to merge
+    assert not srv.aggregate(2, list(honest(plans).values())).failed
+    assert srv.aggregator.state_dict()["deltas"] == 1
+
+
 def test_aggregate_needs_the_round_configured():
     srv = make_server("hlora", {0: 1, 1: 2})
     with pytest.raises(ValueError, match="without configure"):

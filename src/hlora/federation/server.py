@@ -179,12 +179,15 @@ class FederatedServer:
         if len(accepted) < self.min_clients:
             reason = f"{len(accepted)} valid update(s), min_clients is {self.min_clients}"
         else:
+            kept = self.aggregator.state_dict()  # what the method gathered so far (FLoRA: its stacks)
             candidate = self.aggregator.aggregate(self.global_weights, accepted)
-            # Finite updates can still overflow when no norm bound holds them. (A method that keeps state
-            # of its own is not rolled back; FLoRA's stacks only concatenate and scale by p_k <= 1, so
-            # they are finite whenever the updates are.)
+            # Finite updates can still overflow when no norm bound holds them. A round that fails leaves
+            # the method's own state as it was too, or its clients would merge a stack of a round that
+            # never happened.
             reason = "" if _finite(candidate) else "the aggregate is not finite"
-            if not reason:
+            if reason:
+                self.aggregator.load_state_dict(kept)
+            else:
                 self.global_weights = candidate
                 self.version += 1
         if reason:
