@@ -29,7 +29,7 @@ from hlora.cli.main import main
 from hlora.config import Settings, load_settings, settings_to_toml, validate_settings
 from hlora.federation import simulation
 from hlora.federation.server import FederatedServer
-from hlora.outputs import create_run_dir, read_metrics
+from hlora.outputs import create_run_dir, lock_run_dir, read_metrics
 from hlora.weights import AdapterWeights, LoraFactors
 
 # --- the server's state, without a model --------------------------------------------------------------
@@ -493,3 +493,23 @@ def test_sigkill_mid_round_then_resume_ends_as_the_run_that_never_stopped(tiny_s
 
     simulation.run(simulation.prepare(settings), create_run_dir(tmp_path / "whole"), progress=False)
     assert_same_run(tmp_path / "whole", run_dir)
+
+
+def test_a_run_directory_in_use_by_another_process_is_refused_and_left_alone(tiny_settings, tmp_path):
+    settings = configured(tiny_settings, "hlora")
+    run_dir = create_run_dir(tmp_path / "run")
+    simulation.run(simulation.prepare(settings.model_copy(deep=True)), run_dir, progress=False)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    held = lock_run_dir(run_dir)  # what a second process's run holds: an OS lock on another descriptor
+    try:
+        resumed, ckpt = checkpoint.open_resume(run_dir, ["federation.rounds=4"])
+        with pytest.raises(hlora.errors.RunDirError, match="in use by another hlora process"):
+            simulation.run(simulation.prepare(resumed), run_dir, progress=False, resume=ckpt)
+        assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+    finally:
+        held.release()
+    # let go, the same resume goes on; and a run that ends (or fails) lets go of the folder too
+    resumed, ckpt = checkpoint.open_resume(run_dir, ["federation.rounds=4"])
+    simulation.run(simulation.prepare(resumed), run_dir, progress=False, resume=ckpt)
+    assert [row["round"] for row in read_metrics(run_dir)] == [1, 2, 3, 4]
+    lock_run_dir(run_dir).release()

@@ -2,7 +2,8 @@
 
 `metrics.jsonl` holds one JSON object per round and is appended and flushed as each round ends, so a
 run that dies keeps every finished round; `summary.json` and `accuracy.png` are written at the end.
-`checkpoint/` (`hlora.checkpoint`) holds what a resumed run continues from.
+`checkpoint/` (`hlora.checkpoint`) holds what a resumed run continues from. While a run plays, its
+process holds an OS lock on `.lock` in the folder (`lock_run_dir`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from filelock import BaseFileLock, FileLock, Timeout
+
 from hlora.errors import RunDirError
 
 METRICS_FILE = "metrics.jsonl"
@@ -23,6 +26,7 @@ SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.toml"
 PARTITION_FILE = "partition.csv"
 PLOT_FILE = "accuracy.png"
+LOCK_FILE = ".lock"
 
 
 def default_run_dir(task: str, method: str, name: str | None = None, root: str | Path = "runs") -> Path:
@@ -42,6 +46,21 @@ def create_run_dir(path: str | Path) -> Path:
     except OSError as e:
         raise RunDirError(f"cannot create run directory {path}: {e.strerror}") from None
     return path
+
+
+def lock_run_dir(path: Path) -> BaseFileLock:
+    """Hold the run directory `path` for this process until `release()`: a second process that would
+    play rounds into it (a second `hlora compare` on the same results, a `--resume` of a run still
+    going) gets a one-line RunDirError instead of interleaving its rounds with this one's. An OS lock
+    (flock): it goes with the process, so a killed run leaves nothing to clear by hand."""
+    lock = FileLock(Path(path) / LOCK_FILE, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RunDirError(
+            f"{path} is in use by another hlora process (it holds {LOCK_FILE}): let it finish or stop it"
+        ) from None
+    return lock
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -45,6 +45,7 @@ from hlora.outputs import (
     PLOT_FILE,
     SUMMARY_FILE,
     MetricsLog,
+    lock_run_dir,
     plot_accuracy,
     summarise,
     write_json,
@@ -213,14 +214,24 @@ class RoundLoop:
     plans reach the clients and what comes back (`Replies`)."""
 
     def __init__(self, exp: Experiment, run_dir: Path, resume: checkpoint.Checkpoint | None = None) -> None:
-        """Own `run_dir` (new and empty, or with `resume` the run's own directory): restore the
-        checkpoint (before anything is written: one that does not fit changes nothing), then write the
-        config and partition. `first` is the round to play next. The caller restores the RNG states
-        (`checkpoint.set_rng_state(resume.rng)`) just before the first round."""
-        s = exp.settings
-        fed = s.federation
+        """Own `run_dir` (new and empty, or with `resume` the run's own directory): lock it (RunDirError
+        while another process holds it), restore the checkpoint (before anything is written: one that
+        does not fit changes nothing), then write the config and partition. `first` is the round to play
+        next. The caller restores the RNG states (`checkpoint.set_rng_state(resume.rng)`) just before the
+        first round, and calls `release` when the run ends or stops."""
         self.exp = exp
         self.run_dir = run_dir
+        self._lock = lock_run_dir(run_dir)
+        try:
+            self._start(resume)
+        except BaseException:
+            self.release()
+            raise
+
+    def _start(self, resume: checkpoint.Checkpoint | None) -> None:
+        exp, run_dir = self.exp, self.run_dir
+        s = exp.settings
+        fed = s.federation
         self.first = checkpoint.restore(exp, resume) + 1 if resume is not None else 1
         write_text_atomic(run_dir / CONFIG_FILE, settings_to_toml(s))
         write_partition_csv(exp.partition_rows, run_dir / PARTITION_FILE)
@@ -267,6 +278,10 @@ class RoundLoop:
         checkpoint.save_checkpoint(self.run_dir, exp, rnd, self.metrics.rows)
         return row
 
+    def release(self) -> None:
+        """Let another process play into the run directory (after `close`, or when the run stops)."""
+        self._lock.release()
+
     def close(self) -> dict[str, Any]:
         """Write `summary.json` and the accuracy plot; returns the summary."""
         exp, s = self.exp, self.exp.settings
@@ -303,10 +318,19 @@ def run(
 ) -> dict[str, Any]:
     """Play every round in-process, writing the run's files into the (new, empty) `run_dir`; with
     `resume` (`checkpoint.open_resume`), the run's own directory, going on after the checkpoint's round
-    as if the run had never stopped. Returns the summary."""
+    as if the run had never stopped. Returns the summary. The run directory is locked while it plays
+    (`RoundLoop`), and let go however the run ends."""
+    loop = RoundLoop(exp, run_dir, resume)
+    try:
+        return _play(loop, resume, progress)
+    finally:
+        loop.release()
+
+
+def _play(loop: RoundLoop, resume: checkpoint.Checkpoint | None, progress: bool) -> dict[str, Any]:
+    exp = loop.exp
     s = exp.settings
     fed = s.federation
-    loop = RoundLoop(exp, run_dir, resume)
     trainer = LocalTrainer(exp.model, s.train, exp.collate, progress=progress)
     clients = {
         cid: FederatedClient(cid, exp.train.subset(idx), trainer) for cid, idx in enumerate(exp.partitions)

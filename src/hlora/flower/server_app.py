@@ -66,19 +66,22 @@ def main(grid: Grid, context: Context) -> None:
         s = exp.settings
         run_dir = create_run_dir(out or default_run_dir(s.data.task, s.federation.method, s.run.name))
     log.info("run directory: %s", run_dir)
-    loop = RoundLoop(exp, run_dir, ckpt)
-    if ckpt is not None:
-        exp.server.forget_clients()  # a new Flower run: the nodes' state (FLoRA's deltas) starts empty
-    strategy = HloraStrategy(loop, nodes, first_round=loop.first, query_timeout=min(node_timeout, 60.0))
-    if ckpt is not None:
-        checkpoint.set_rng_state(ckpt.rng)  # last: nothing may draw from them before the rounds
-    strategy.start(
-        grid,
-        to_record(exp.server.global_weights.tensors()),
-        num_rounds=exp.settings.federation.rounds - loop.first + 1,
-        timeout=float(cfg.get("reply-timeout", 600)),
-    )
-    summary = loop.close()
+    loop = RoundLoop(exp, run_dir, ckpt)  # locks the run directory until released
+    try:
+        if ckpt is not None:
+            exp.server.forget_clients()  # a new Flower run: the nodes' state (FLoRA's deltas) starts empty
+        strategy = HloraStrategy(loop, nodes, first_round=loop.first, query_timeout=min(node_timeout, 60.0))
+        if ckpt is not None:
+            checkpoint.set_rng_state(ckpt.rng)  # last: nothing may draw from them before the rounds
+        strategy.start(
+            grid,
+            to_record(exp.server.global_weights.tensors()),
+            num_rounds=exp.settings.federation.rounds - loop.first + 1,
+            timeout=float(cfg.get("reply-timeout", 600)),
+        )
+        summary = loop.close()
+    finally:
+        loop.release()
     log.info("final accuracy %.4f, run directory %s", summary.get("final_accuracy", float("nan")), run_dir)
 
 
