@@ -126,6 +126,18 @@ def test_mean_rows_average_clients_per_rank():
     assert row["wall_s"] == 3.0 and row["uplink_bytes"] == 0
 
 
+def test_provenance_counts_the_runs_that_shared_their_cores():
+    env = {"commit": "abc", "command": "hlora compare x.toml", "torch_threads": 2, "cpu_count": 2}
+    lines = report.provenance_lines(
+        [{**env, "load_avg": [2.1, 2.3, 2.0]}, {**env, "load_avg": [3.0, 2.9, 2.4]}, None]
+    )
+    text = "\n".join(lines)
+    assert "- abc (2 runs)" in text and "`hlora compare x.toml` (2 runs)" in text
+    assert "before each run ended: 2.30 to 2.90. 1 of 2 runs ended on cores busier" in text
+    assert "1 runs carry no record" in text
+    assert "Load average" not in "\n".join(report.provenance_lines([env]))  # not recorded: nothing said
+
+
 # --- the local reference ------------------------------------------------------------------------------
 
 

@@ -45,6 +45,7 @@ def test_environment_names_the_command_given_by_the_cli(monkeypatch):
     env = provenance.environment("cpu")
     assert env["command"] == "hlora run --set 'train.lr=1e-3 x'"
     assert env["device"] == "cpu" and env["gpu"] is None and env["torch_threads"] >= 1
+    assert len(env["load_avg"]) == 3 and all(x >= 0 for x in env["load_avg"])
     assert env["hlora"] and env["torch"] and env["python"].count(".") == 2
     # the commit is the one read when the code was loaded, not whatever the checkout holds by the end
     monkeypatch.setattr(provenance, "CODE_COMMIT", "abc1234")

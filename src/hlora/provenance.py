@@ -90,5 +90,8 @@ def environment(device: str | None = None) -> dict[str, Any]:
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # the machine's load (runnable threads, averaged over 1, 5 and 15 min) as the run ends: above the
+        # run's own threads, something else shared the cores and its timings are inflated
+        "load_avg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "finished_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }

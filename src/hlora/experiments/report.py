@@ -549,6 +549,16 @@ def provenance_lines(environments: Sequence[dict[str, Any] | None]) -> list[str]
     lines += ["Commits:", *tally(str(e.get("commit") or "not a git checkout") for e in recorded), ""]
     lines += ["Hardware and libraries:", *tally(_hardware(e) for e in recorded), ""]
     lines += ["Commands:", *tally(f"`{e.get('command')}`" for e in recorded)]
+    loads = [(e["load_avg"][1], e.get("torch_threads") or 1) for e in recorded if e.get("load_avg")]
+    if loads:
+        busy = sum(load > threads + 0.5 for load, threads in loads)
+        low, high = min(x for x, _ in loads), max(x for x, _ in loads)
+        lines += [
+            "",
+            f"Load average over the 5 min before each run ended: {low:.2f} to {high:.2f}. {busy} of "
+            f"{len(loads)} runs ended on cores busier than their own torch threads (+0.5): something else "
+            "ran beside them, and their wall, step and aggregation times may be inflated.",
+        ]
     if len(recorded) < len(environments):
         lines += ["", f"{len(environments) - len(recorded)} runs carry no record of this (made by an "
                   "hlora that did not write it): see BENCHMARKS.md for them."]  # fmt: skip
