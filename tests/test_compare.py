@@ -134,7 +134,7 @@ def test_provenance_counts_the_runs_that_shared_their_cores():
     text = "\n".join(lines)
     assert "- abc (2 runs)" in text and "`hlora compare x.toml` (2 runs)" in text
     assert "before each run ended: 2.30 to 2.90. 1 of 2 runs ended on cores busier" in text
-    assert "1 runs carry no record" in text
+    assert "1 run carries no record" in text
     assert "Load average" not in "\n".join(report.provenance_lines([env]))  # not recorded: nothing said
 
 

@@ -560,7 +560,8 @@ def provenance_lines(environments: Sequence[dict[str, Any] | None]) -> list[str]
             "ran beside them, and their wall, step and aggregation times may be inflated.",
         ]
     if len(recorded) < len(environments):
-        lines += ["", f"{len(environments) - len(recorded)} runs carry no record of this (made by an "
+        bare = len(environments) - len(recorded)
+        lines += ["", f"{bare} run{' carries' if bare == 1 else 's carry'} no record of this (made by an "
                   "hlora that did not write it): see BENCHMARKS.md for them."]  # fmt: skip
     return lines
 
