@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from scipy import stats
 
 from hlora.cli.main import main
 from hlora.config import load_settings, validate_settings
@@ -124,6 +125,13 @@ def test_mean_rows_average_clients_per_rank():
     assert row["tier_step_s"] == pytest.approx({"2": 0.2, "4": 0.2})
     assert row["tier_peak_bytes"] == {"2": 30, "4": 20}
     assert row["wall_s"] == 3.0 and row["uplink_bytes"] == 0
+
+
+def test_paired_p_is_the_two_sided_paired_t_test_over_seeds():
+    diffs = [0.01, 0.035, 0.02]
+    assert report.paired_p(diffs) == pytest.approx(stats.ttest_1samp(diffs, 0.0).pvalue)
+    assert report.paired_p([0.9, 0.1, -0.7]) > 0.5 > report.paired_p([0.03, 0.031, 0.029])
+    assert report.paired_p([0.02]) is None and report.paired_p([0.02, 0.02]) is None
 
 
 def test_provenance_counts_the_runs_that_shared_their_cores():
@@ -339,6 +347,11 @@ def test_paired_table_is_hlora_minus_each_other_run_of_the_same_seed(compared):
     assert float(row["final_accuracy_diff_mean"]) == pytest.approx(statistics.mean(diffs))
     assert float(row["final_accuracy_diff_std"]) == pytest.approx(statistics.stdev(diffs))
     assert int(row["ahead"]) == sum(d > 0 for d in diffs) and int(row["behind"]) == sum(d < 0 for d in diffs)
+    finals = [[rows(name, s)[-1]["accuracy"] for s in (0, 1)] for name in ("hlora", "zeropad")]
+    if diffs[0] == diffs[1]:  # nothing varies: no test
+        assert row["final_accuracy_p"] == ""
+    else:
+        assert float(row["final_accuracy_p"]) == pytest.approx(stats.ttest_rel(*finals).pvalue)
     curve = [
         statistics.mean(r["accuracy"] for r in rows("hlora", s))
         - statistics.mean(r["accuracy"] for r in rows("zeropad", s))

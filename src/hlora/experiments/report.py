@@ -321,11 +321,12 @@ def paired_table(
         row: dict[str, Any] = {"group": group, "reference": is_reference(group), "seeds": len(seeds)}
         for key in ("final_accuracy", "best_accuracy"):
             row[f"{key}_diff_mean"], row[f"{key}_diff_std"] = mean_std([a[key] - b[key] for a, b in figures])
+        row["final_accuracy_p"] = paired_p([a["final_accuracy"] - b["final_accuracy"] for a, b in figures])
         row["ahead"] = sum(a["final_accuracy"] > b["final_accuracy"] for a, b in figures)
         row["behind"] = sum(a["final_accuracy"] < b["final_accuracy"] for a, b in figures)
-        row["mean_accuracy_diff_mean"], row["mean_accuracy_diff_std"] = mean_std(
-            [_mean_accuracy_diff(a.rows, b.rows) for a, b in pairs]
-        )
+        curve = [_mean_accuracy_diff(a.rows, b.rows) for a, b in pairs]
+        row["mean_accuracy_diff_mean"], row["mean_accuracy_diff_std"] = mean_std(curve)
+        row["mean_accuracy_p"] = paired_p(curve)
         both = [(a["rounds_to_target"], b["rounds_to_target"]) for a, b in figures]
         both = [(x, y) for x, y in both if x is not None and y is not None]
         row["both_reached_target"] = len(both) if target is not None else None
@@ -338,6 +339,16 @@ def paired_table(
         row["aggregate_ratio"] = float(np.mean([y / x for x, y in agg if x > 0])) if agg else None
         table.append(row)
     return table
+
+
+def paired_p(diffs: Sequence[float]) -> float | None:
+    """The two-sided p-value of the paired t-test on per-seed differences (is their mean zero?); None
+    with fewer than two seeds or differences that do not vary (no test to make)."""
+    from scipy.stats import ttest_1samp
+
+    if len(diffs) < 2 or np.ptp(diffs) == 0:
+        return None
+    return float(ttest_1samp(diffs, 0.0).pvalue)
 
 
 def _mean_accuracy_diff(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]]) -> float:
@@ -502,7 +513,10 @@ def paired_lines(paired: Sequence[dict[str, Any]], target: float | None) -> list
         f"## {SUBJECT} against each method and reference, seed by seed",
         "",
         f"Differences are {SUBJECT} minus the other on the same seeds (same partition, tiers and sampled "
-        f"clients): positive means {SUBJECT} is ahead. Mean accuracy: the dev accuracy averaged over the "
+        f"clients): positive means {SUBJECT} is ahead; mean ± sample standard deviation over the seeds, "
+        "and p, the two-sided p-value of a paired t-test over the seeds that the mean difference is zero "
+        "(with 3 seeds only a large, steady difference gets p below 0.05; the dev set is the same for "
+        "both, so its sampling noise is not in p). Mean accuracy: the dev accuracy averaged over the "
         "rounds both ran (a convergence figure that needs no target). Traffic and aggregation: the "
         f"other's totals as multiples of {SUBJECT}'s (above 1: {SUBJECT} spends less).",
         "",
@@ -525,16 +539,22 @@ def paired_lines(paired: Sequence[dict[str, Any]], target: float | None) -> list
             _cells(
                 label(row["group"]),
                 row["seeds"],
-                _pm(row["final_accuracy_diff_mean"], row["final_accuracy_diff_std"], signed=True),
+                _pm(row["final_accuracy_diff_mean"], row["final_accuracy_diff_std"], signed=True)
+                + _p(row["final_accuracy_p"]),
                 f"{row['ahead']} / {row['behind']}",
                 _pm(row["best_accuracy_diff_mean"], row["best_accuracy_diff_std"], signed=True),
-                _pm(row["mean_accuracy_diff_mean"], row["mean_accuracy_diff_std"], signed=True),
+                _pm(row["mean_accuracy_diff_mean"], row["mean_accuracy_diff_std"], signed=True)
+                + _p(row["mean_accuracy_p"]),
                 to_target,
                 _num(row["traffic_ratio"], 2),
                 _num(row["aggregate_ratio"], 1),
             )
         )
     return lines
+
+
+def _p(value: float | None) -> str:
+    return "" if value is None else f" (p {value:.2g})"
 
 
 def provenance_lines(environments: Sequence[dict[str, Any] | None]) -> list[str]:
