@@ -218,9 +218,9 @@ def configured(settings: Settings, method: str, **sections) -> Settings:
 
 
 def without_timings(rows):
-    # timings, and when and by which command a run finished (`environment`: a resumed run's is the
-    # resuming command's), differ between two runs of the same rounds; nothing else may
-    ignored = ("command", "finished_utc")
+    # timings, and when, by which command and on how busy a machine a run finished (`environment`: a
+    # resumed run's is the resuming command's), differ between two runs of the same rounds; nothing else may
+    ignored = ("command", "finished_utc", "load_avg")
     return [
         {
             k: {e: x for e, x in v.items() if e not in ignored} if k == "environment" else v
