@@ -24,7 +24,7 @@ from hlora.errors import ConfigError, RunDirError
 from hlora.experiments import compare as cmp
 from hlora.experiments import report
 from hlora.federation import simulation
-from hlora.outputs import read_metrics
+from hlora.outputs import LOCK_FILE, lock_run_dir, read_metrics
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
 
@@ -170,6 +170,26 @@ def test_client_ranks_are_the_ones_prepare_gives(tiny_settings, lora):
         raw["run"]["seed"] = seed
         settings = validate_settings(raw)
         assert cmp.client_ranks(settings) == simulation.prepare(settings).client_ranks
+
+
+def test_a_folder_left_holding_only_a_dead_runs_lock_is_trained_into(tiny_settings, tmp_path, monkeypatch):
+    """A run killed between taking its directory's lock and writing its config leaves only `.lock`: the
+    next comparison starts that run afresh there, unless a live process holds the lock."""
+    run_dir = tmp_path / "hlora-s0"
+    run_dir.mkdir()
+    (run_dir / LOCK_FILE).touch()
+    assert cmp.run_state(run_dir, tiny_settings) == "new"
+    held = lock_run_dir(run_dir)
+    monkeypatch.setattr(simulation, "prepare", lambda settings: "prepared")
+    monkeypatch.setattr(simulation, "run", lambda exp, path, progress: {"trained_in": sorted(path.iterdir())})
+    with pytest.raises(RunDirError, match="in use by another hlora process"):
+        cmp.execute(run_dir, tiny_settings, "new")
+    assert run_dir.is_dir()  # the live run's folder is left alone
+    held.release()
+    assert cmp.execute(run_dir, tiny_settings, "new") == {"trained_in": []}  # a new, empty directory
+    (run_dir / "notes.txt").write_text("someone's file")
+    with pytest.raises(RunDirError, match="not a run directory"):
+        cmp.run_state(run_dir, tiny_settings)
 
 
 # --- end to end on the tiny model ---------------------------------------------------------------------

@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 from hlora.config import Settings, apply_override, load_settings, validate_settings
 from hlora.errors import ConfigError, RunDirError
-from hlora.outputs import CONFIG_FILE, SUMMARY_FILE
+from hlora.outputs import CONFIG_FILE, LOCK_FILE, SUMMARY_FILE, lock_run_dir
 
 log = logging.getLogger("hlora")
 
@@ -173,7 +173,7 @@ def run_state(run_dir: Path, settings: Settings) -> RunState:
     from hlora.checkpoint import CHECKPOINT_DIR
     from hlora.federation.simulation import effective_settings
 
-    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+    if not run_dir.exists() or (run_dir.is_dir() and _holds_nothing(run_dir)):
         return "new"
     if not (run_dir / CONFIG_FILE).is_file():
         raise RunDirError(f"{run_dir} exists but is not a run directory (no {CONFIG_FILE}): move it away")
@@ -201,6 +201,12 @@ def run_state(run_dir: Path, settings: Settings) -> RunState:
             f"record), so it cannot be extended to {want}: choose another --out"
         )
     return "resume"
+
+
+def _holds_nothing(run_dir: Path) -> bool:
+    """Empty, or holding only the lock file of a run killed between taking its lock and writing its
+    config (nothing of the run was written)."""
+    return {entry.name for entry in run_dir.iterdir()} <= {LOCK_FILE}
 
 
 def first_difference(a: Settings, b: Settings) -> tuple[str, Any, Any] | None:
@@ -240,8 +246,10 @@ def execute(run_dir: Path, settings: Settings, state: RunState, progress: bool =
         exp = simulation.prepare(resumed)
         return simulation.run(exp, run_dir, progress=progress, resume=ckpt)
     exp = simulation.prepare(settings)
-    if run_dir.is_dir():
-        run_dir.rmdir()  # empty (run_state): create_run_dir makes it again, and refuses a race
+    if run_dir.is_dir():  # empty but for a dead run's lock file (run_state)
+        lock_run_dir(run_dir).release()  # RunDirError if a live process holds it after all
+        (run_dir / LOCK_FILE).unlink(missing_ok=True)
+        run_dir.rmdir()  # create_run_dir makes it again, and refuses a race
     create_run_dir(run_dir)
     return simulation.run(exp, run_dir, progress=progress)
 
