@@ -27,6 +27,7 @@ from hlora.aggregation.base import ClientUpdate
 from hlora.checkpoint import Checkpoint
 from hlora.cli.main import main
 from hlora.config import Settings, load_settings, settings_to_toml, validate_settings
+from hlora.errors import CheckpointError
 from hlora.federation import simulation
 from hlora.federation.server import FederatedServer
 from hlora.outputs import create_run_dir, lock_run_dir, read_metrics
@@ -122,6 +123,77 @@ def test_a_state_that_does_not_fit_is_refused():
         toy_server("hlora", {0: 2, 1: 4, 2: 4}).load_state_dict({**state, "aggregator": {"deltas": 1}})
     with pytest.raises(ValueError, match="layer0.lora_A"):
         toy_server("hlora", {0: 2, 1: 8, 2: 8}).load_state_dict(state)  # another bank rank
+
+
+# --- the config a checkpoint belongs to ---------------------------------------------------------------
+
+
+def checkpoint_of(stored: dict, fingerprint: str | None = None) -> Checkpoint:
+    """A checkpoint of round 3 that records the config `stored` (None: one of an hlora that recorded only
+    the fingerprint), fingerprinted as the hlora that wrote it would have."""
+    digest = fingerprint or checkpoint.hashlib.sha256(json.dumps(stored, sort_keys=True).encode()).hexdigest()
+    run = {"fingerprint": digest} if fingerprint else {"fingerprint": digest, "settings": stored}
+    return Checkpoint(3, {}, run)
+
+
+def older(settings: Settings, *missing: str) -> dict:
+    """`settings` as an hlora without the `section.key`s `missing` recorded it."""
+    stored = checkpoint.fingerprinted(settings)
+    for key in missing:
+        section, name = key.split(".")
+        del stored[section][name]
+    return stored
+
+
+def changed(settings: Settings, **sections) -> Settings:
+    """`settings` with `section={key: value}` updates."""
+    raw = settings.model_dump()
+    for section, values in sections.items():
+        raw[section].update(values)
+    return validate_settings(raw)
+
+
+def test_a_checkpoint_belongs_to_the_config_it_records(tiny_settings):
+    checkpoint.check_config(checkpoint_of(checkpoint.fingerprinted(tiny_settings)), tiny_settings)
+    # the rounds may change (a resume extends a run), and the run's name does not change results
+    longer = changed(tiny_settings, federation={"rounds": 9}, run={"name": "other"})
+    checkpoint.check_config(checkpoint_of(checkpoint.fingerprinted(tiny_settings)), longer)
+    assert checkpoint.fingerprint(longer) == checkpoint.fingerprint(tiny_settings)
+
+
+def test_a_checkpoint_of_another_config_names_what_differs(tiny_settings):
+    edited = changed(tiny_settings, train={"lr": 0.123, "batch_size": 3})
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.check_config(checkpoint_of(checkpoint.fingerprinted(tiny_settings)), edited)
+    was_lr, was_batch = tiny_settings.train.lr, tiny_settings.train.batch_size
+    assert f"(train.lr = {was_lr!r} there, 0.123 here; train.batch_size = {was_batch} there, 3 here)" in str(
+        info.value
+    )
+
+
+def test_a_setting_added_since_the_checkpoint_counts_only_away_from_its_default(tiny_settings):
+    """A run started by an hlora without `train.precision` and `faults.crash` resumes where both hold
+    their defaults (the behaviour the run had), and not where one was set."""
+    stored = older(tiny_settings, "train.precision", "faults.crash")
+    assert checkpoint.config_differences(stored, tiny_settings) == []
+    checkpoint.check_config(checkpoint_of(stored), tiny_settings)
+    bf16 = changed(tiny_settings, train={"precision": "bf16"})
+    assert checkpoint.config_differences(stored, bf16) == [("train.precision", None, "bf16")]
+    with pytest.raises(CheckpointError, match=r"\(train.precision = None there, 'bf16' here\)"):
+        checkpoint.check_config(checkpoint_of(stored), bf16)
+    # a setting this hlora no longer has is a difference: its effect cannot be kept
+    stored["train"]["retired"] = 1
+    assert checkpoint.config_differences(stored, tiny_settings) == [("train.retired", 1, None)]
+
+
+def test_a_checkpoint_with_only_a_fingerprint_is_checked_by_it(tiny_settings):
+    """Checkpoints written before they recorded their config: the same config resumes; another cannot be
+    told from an older hlora's, and the error says both."""
+    same = checkpoint_of({}, fingerprint=checkpoint.fingerprint(tiny_settings))
+    checkpoint.check_config(same, tiny_settings)
+    other = changed(tiny_settings, train={"lr": 0.123})
+    with pytest.raises(CheckpointError, match="another config than this config.toml, or by an hlora whose"):
+        checkpoint.check_config(same, other)
 
 
 # --- the commit point ---------------------------------------------------------------------------------
@@ -384,7 +456,11 @@ def forge_ranks(run_dir: Path) -> None:
     ("prepare_dir", "args", "message"),
     [
         (None, [], "is complete (2 of 2 rounds); nothing to resume"),
-        (edit_config, [], "made with another config than this config.toml"),
+        (
+            edit_config,
+            [],
+            "made with another config than this config.toml (train.lr = 0.005 there, 0.001 here)",
+        ),
         (damage_adapter, [], "adapter.safetensors is missing or unreadable, but state.json names round 2"),
         (forge_ranks, [], "the checkpoint does not match this run's client ranks"),
         (None, ["--set", "federation.rounds=1"], "federation.rounds=1 is below the 2 rounds"),
@@ -435,6 +511,25 @@ def test_resume_extends_a_finished_run(finished_run, tiny_model_dir, tmp_path, c
     whole = create_run_dir(tmp_path / "whole")
     simulation.run(simulation.prepare(settings), whole, progress=False)
     assert_same_run(whole, run_dir)
+
+
+def test_a_run_checkpointed_by_an_older_hlora_resumes(finished_run, tmp_path, capsys):
+    """The checkpoint of an hlora that had no `train.precision` goes on (the setting holds its default),
+    and the next checkpoint records the whole config of this hlora."""
+    run_dir = copy_run(finished_run, tmp_path / "run")
+    path = run_dir / "checkpoint" / "state.json"
+    state = json.loads(path.read_text())
+    stored = state.pop("settings")
+    del stored["train"]["precision"]
+    state["settings"] = stored
+    state["fingerprint"] = checkpoint_of(stored).run["fingerprint"]
+    path.write_text(json.dumps(state))
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--resume", str(run_dir), "-q", "--set", "federation.rounds=3"])
+    assert info.value.code == 0
+    state = json.loads(path.read_text())
+    assert state["round"] == 3 and state["settings"]["train"]["precision"] == "fp32"
+    assert state["fingerprint"] == checkpoint.fingerprint(load_settings(run_dir / "config.toml"))
 
 
 # --- THE test: SIGKILL mid-round, then hlora run --resume ---------------------------------------------

@@ -6,8 +6,8 @@
   and head);
 - `aggregator.safetensors`: the aggregation method's tensors (FLoRA's base deltas; empty for most);
 - `state.json`: the round, the server's `version` and `synced`, the method's other state, the client
-  ranks, the bank rank, the partition's sizes and hash, a fingerprint of the config, every global RNG
-  state, and the metrics rows so far.
+  ranks, the bank rank, the partition's sizes and hash, the config (`settings`, as the fingerprint
+  covers it) and its fingerprint, every global RNG state, and the metrics rows so far.
 
 Each safetensors file names its round in its metadata (`hlora_round`). A save writes all three files
 beside their final names (`.NAME.tmp`), then renames them into place, `state.json` last: `state.json`
@@ -43,7 +43,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from hlora.client.client import apply_plan, merge_base
-from hlora.config import Settings, load_settings
+from hlora.config import Settings, flat_settings, load_settings
 from hlora.errors import CheckpointError, ConfigError, RunDirError
 from hlora.outputs import CONFIG_FILE, SUMMARY_FILE
 
@@ -132,6 +132,7 @@ def save_checkpoint(run_dir: Path, exp: Experiment, rnd: int, metrics: Sequence[
         exp.server.state_dict(),
         {
             "fingerprint": fingerprint(exp.settings),
+            "settings": fingerprinted(exp.settings),
             "bank_rank": exp.bank_rank,
             "client_ranks": {str(cid): r for cid, r in sorted(exp.client_ranks.items())},
             "partition": partition_record(exp.partitions),
@@ -214,22 +215,57 @@ def restore_run(run_dir: Path) -> Experiment:
 
 
 def check_config(ckpt: Checkpoint, settings: Settings) -> None:
-    """Raise CheckpointError unless `ckpt` was made by a run of `settings` (rounds aside)."""
+    """Raise CheckpointError unless `ckpt` was made by a run of `settings` (rounds aside). A setting that
+    this hlora has and the checkpoint's does not (added since the run started) counts as the same where
+    it holds its default, which keeps the behaviour the run had."""
     from hlora.federation.simulation import effective_settings
 
-    if ckpt.run.get("fingerprint") != fingerprint(effective_settings(settings)):
+    settings = effective_settings(settings)
+    if ckpt.run.get("fingerprint") == fingerprint(settings):
+        return
+    stored = ckpt.run.get("settings")
+    if stored is None:  # written before checkpoints held their config: only the hash can tell
         raise CheckpointError(
-            f"the checkpoint (round {ckpt.round}) was made with another config than this {CONFIG_FILE}; "
-            "was the file edited? Restore it, or start a new run"
+            f"the checkpoint (round {ckpt.round}) was made with another config than this {CONFIG_FILE}, "
+            "or by an hlora whose config had other settings; was the file edited? Restore it, or start a "
+            "new run"
+        )
+    changed = config_differences(stored, settings)
+    if changed:
+        listed = "; ".join(f"{key} = {was!r} there, {now!r} here" for key, was, now in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise CheckpointError(
+            f"the checkpoint (round {ckpt.round}) was made with another config than this {CONFIG_FILE} "
+            f"({listed}{more}); was the file edited? Restore it, or start a new run"
         )
 
 
-def fingerprint(settings: Settings) -> str:
-    """sha256 of the resolved config, less what a resume may change (`federation.rounds`) and what does
-    not change results (`run.name`)."""
+def fingerprinted(settings: Settings) -> dict[str, Any]:
+    """What the fingerprint covers, as JSON: the resolved config less what a resume may change
+    (`federation.rounds`) and what does not change results (`run.name`)."""
     data = settings.model_dump()
     del data["federation"]["rounds"], data["run"]["name"]
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()
+    return json.loads(json.dumps(data))
+
+
+def fingerprint(settings: Settings) -> str:
+    """sha256 of `fingerprinted(settings)`."""
+    return hashlib.sha256(json.dumps(fingerprinted(settings), sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def config_differences(stored: Mapping[str, Any], settings: Settings) -> list[tuple[str, Any, Any]]:
+    """The `section.key`s in which a checkpoint's config (`stored`, `fingerprinted()` when it was written)
+    and `settings` differ, with both values (None where one has no such key), less the settings absent
+    from `stored` that hold their default in `settings`: a later hlora's additions."""
+    there, here = flat_settings(stored), flat_settings(fingerprinted(settings))
+    defaults = flat_settings(fingerprinted(Settings()))
+    keys = list(here) + [key for key in there if key not in here]
+    return [
+        (key, there.get(key), here.get(key))
+        for key in keys
+        if not (key not in there and key in defaults and here[key] == defaults[key])
+        and (key not in there or key not in here or there[key] != here[key])
+    ]
 
 
 def partition_record(partitions: Sequence[np.ndarray]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -225,6 +226,18 @@ class Settings(_Section):
         except ConfigError as e:
             raise ValueError(str(e)) from None
         return self
+
+
+def flat_settings(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A settings dump (`Settings.model_dump()`, or its JSON) keyed `section.key`, in config order; lists
+    and the values of `method_options` entries stay whole (`method_options.<name>`)."""
+    out: dict[str, Any] = {}
+    for section, value in data.items():
+        if isinstance(value, Mapping) and value:
+            out.update({f"{section}.{key}": item for key, item in value.items()})
+        else:
+            out[section] = value
+    return out
 
 
 def load_settings(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Settings:

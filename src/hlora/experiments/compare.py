@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from hlora.config import Settings, apply_override, load_settings, validate_settings
+from hlora.config import Settings, apply_override, flat_settings, load_settings, validate_settings
 from hlora.errors import ConfigError, RunDirError
 from hlora.outputs import CONFIG_FILE, LOCK_FILE, SUMMARY_FILE, lock_run_dir
 
@@ -127,9 +127,7 @@ def plan_runs(
             else:
                 specs.append(RunSpec(method, seed, (f"federation.method={method}",)))
         if references:
-            specs.append(
-                RunSpec(CENTRAL, seed, ("run.mode=centralized", *central_overrides), reference=True)
-            )
+            specs.append(RunSpec(CENTRAL, seed, ("run.mode=centralized", *central_overrides), reference=True))
             if not (len(ranks) == 1 and "fedit" in methods):  # equal ranks: plain fedit is that reference
                 specs.extend(fedit_refs)
             specs.extend(
@@ -217,19 +215,9 @@ def first_difference(a: Settings, b: Settings) -> tuple[str, Any, Any] | None:
 
 def differences(a: Settings, b: Settings, ignored: Iterable[str] = ()) -> list[tuple[str, Any, Any]]:
     """Every `section.key` (in config order) whose values differ, with both values, but the `ignored`."""
-    da, db = _flat(a.model_dump()), _flat(b.model_dump())
+    da, db = flat_settings(a.model_dump()), flat_settings(b.model_dump())
     keys = list(da) + [k for k in db if k not in da]
     return [(k, da.get(k), db.get(k)) for k in keys if k not in ignored and da.get(k) != db.get(k)]
-
-
-def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value and prefix == "":
-            out.update(_flat(value, f"{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def execute(run_dir: Path, settings: Settings, state: RunState, progress: bool = False) -> dict[str, Any]:
