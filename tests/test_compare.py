@@ -472,11 +472,17 @@ def test_report_regenerates_tables_and_charts(results_copy, no_training):
     assert (results_copy / "summary.csv").read_text() == before
     assert (results_copy / report.PLOT_TIERS).is_file() and "summary.md" in stdout
     code, _, stderr = hlora("compare", "unused.toml", "--report-only", "--out", str(results_copy),
-                            "--target-accuracy", "0.6")  # fmt: skip
+                            "--target-accuracy", "0.7")  # fmt: skip
     assert code == 0, stderr
     assert (
-        "Target accuracy 0.6000 (given with --target-accuracy)" in (results_copy / "summary.md").read_text()
+        "Target accuracy 0.7000 (given with --target-accuracy)" in (results_copy / "summary.md").read_text()
     )
+    # a target that answering the majority class reaches is flagged as one; one above it is not
+    for target, flagged in (("0.05", True), ("0.999", False)):
+        code, _, stderr = hlora("report", str(results_copy), "--target-accuracy", target)
+        assert code == 0, stderr
+        text = (results_copy / "summary.md").read_text()
+        assert ("at or below the majority class" in text) is flagged, text[:600]
 
 
 def test_report_leaves_out_incomplete_runs_and_refuses_an_empty_folder(results_copy, tmp_path):

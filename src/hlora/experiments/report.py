@@ -428,6 +428,12 @@ def markdown(
             "",
         ]
     target_text = "-" if target is None else f"{target:.4f}"
+    baseline = s.get("majority_baseline") if s else None
+    if target is not None and baseline is not None and target <= baseline:
+        target_note += (
+            f"; at or below the majority class ({baseline:.4f}): a model that answers one class reaches "
+            "it, so rounds to target say nothing here"
+        )
     lines += [
         f"Target accuracy {target_text} ({target_note}).",
         "",
