@@ -131,7 +131,7 @@ def test_a_state_that_does_not_fit_is_refused():
 def checkpoint_of(stored: dict, fingerprint: str | None = None) -> Checkpoint:
     """A checkpoint of round 3 that records the config `stored` (None: one of an hlora that recorded only
     the fingerprint), fingerprinted as the hlora that wrote it would have."""
-    digest = fingerprint or checkpoint.hashlib.sha256(json.dumps(stored, sort_keys=True).encode()).hexdigest()
+    digest = fingerprint or checkpoint.settings_digest(stored)
     run = {"fingerprint": digest} if fingerprint else {"fingerprint": digest, "settings": stored}
     return Checkpoint(3, {}, run)
 

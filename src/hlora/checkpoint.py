@@ -43,7 +43,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from hlora.client.client import apply_plan, merge_base
-from hlora.config import Settings, flat_settings, load_settings
+from hlora.config import Settings, flat_settings, load_settings, settings_differences
 from hlora.errors import CheckpointError, ConfigError, RunDirError
 from hlora.outputs import CONFIG_FILE, SUMMARY_FILE
 
@@ -249,22 +249,24 @@ def fingerprinted(settings: Settings) -> dict[str, Any]:
 
 
 def fingerprint(settings: Settings) -> str:
-    """sha256 of `fingerprinted(settings)`."""
-    return hashlib.sha256(json.dumps(fingerprinted(settings), sort_keys=True).encode("utf-8")).hexdigest()
+    """The sha256 of `fingerprinted(settings)`."""
+    return settings_digest(fingerprinted(settings))
+
+
+def settings_digest(data: Mapping[str, Any]) -> str:
+    """The sha256 of a settings dump as JSON with sorted keys: `fingerprint` of what `fingerprinted` gave."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def config_differences(stored: Mapping[str, Any], settings: Settings) -> list[tuple[str, Any, Any]]:
     """The `section.key`s in which a checkpoint's config (`stored`, `fingerprinted()` when it was written)
     and `settings` differ, with both values (None where one has no such key), less the settings absent
     from `stored` that hold their default in `settings`: a later hlora's additions."""
-    there, here = flat_settings(stored), flat_settings(fingerprinted(settings))
-    defaults = flat_settings(fingerprinted(Settings()))
-    keys = list(here) + [key for key in there if key not in here]
+    recorded, defaults = flat_settings(stored), flat_settings(fingerprinted(Settings()))
     return [
-        (key, there.get(key), here.get(key))
-        for key in keys
-        if not (key not in there and key in defaults and here[key] == defaults[key])
-        and (key not in there or key not in here or there[key] != here[key])
+        (key, was, now)
+        for key, was, now in settings_differences(stored, fingerprinted(settings))
+        if key in recorded or key not in defaults or now != defaults[key]
     ]
 
 

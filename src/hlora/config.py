@@ -240,6 +240,17 @@ def flat_settings(data: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def settings_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """Every `section.key` whose values differ between two settings dumps (`flat_settings`), in `a`'s
+    order and then `b`'s keys that `a` lacks, with both values (None where a dump has no such key)."""
+    fa, fb = flat_settings(a), flat_settings(b)
+    keys = list(fa) + [key for key in fb if key not in fa]
+    missing = object()
+    return [
+        (key, fa.get(key), fb.get(key)) for key in keys if fa.get(key, missing) != fb.get(key, missing)
+    ]
+
+
 def load_settings(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Settings:
     """Read a TOML config (or the defaults when `path` is None), apply `section.key=value` overrides,
     and validate. Raises ConfigError with one line that names the problem."""

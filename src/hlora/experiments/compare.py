@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from hlora.config import Settings, apply_override, flat_settings, load_settings, validate_settings
+from hlora.config import Settings, apply_override, load_settings, settings_differences, validate_settings
 from hlora.errors import ConfigError, RunDirError
 from hlora.outputs import CONFIG_FILE, LOCK_FILE, SUMMARY_FILE, lock_run_dir
 
@@ -215,9 +215,7 @@ def first_difference(a: Settings, b: Settings) -> tuple[str, Any, Any] | None:
 
 def differences(a: Settings, b: Settings, ignored: Iterable[str] = ()) -> list[tuple[str, Any, Any]]:
     """Every `section.key` (in config order) whose values differ, with both values, but the `ignored`."""
-    da, db = flat_settings(a.model_dump()), flat_settings(b.model_dump())
-    keys = list(da) + [k for k in db if k not in da]
-    return [(k, da.get(k), db.get(k)) for k in keys if k not in ignored and da.get(k) != db.get(k)]
+    return [d for d in settings_differences(a.model_dump(), b.model_dump()) if d[0] not in ignored]
 
 
 def execute(run_dir: Path, settings: Settings, state: RunState, progress: bool = False) -> dict[str, Any]:
