@@ -26,6 +26,10 @@ app = typer.Typer(
 )
 
 
+# -q of the commands that train: the one line each finished round prints is the run's result, kept.
+QUIET_TRAINING = "No progress bars or info lines; each round's result line stays."
+
+
 def _setup_logging(quiet: bool) -> None:
     # transformers announces its own deprecations on every run; they are not the user's to act on.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
@@ -58,7 +62,7 @@ def run(
             "(--set federation.rounds=N may extend it).",
         ),
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or info lines.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_TRAINING)] = False,
 ) -> None:
     """Run a federated (or centralised) fine-tuning job and write its run directory, or go on with a
     stopped one (--resume)."""
@@ -288,7 +292,7 @@ def compare(
     report_only: Annotated[
         bool, typer.Option("--report-only", help="Train nothing: tables and charts from the runs there.")
     ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or info lines.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_TRAINING)] = False,
 ) -> None:
     """Run every method and seed on the same partitions and rank tiers, beside the references, skipping
     complete runs and resuming stopped ones; then write summary.md, summary.csv and charts."""
