@@ -17,6 +17,14 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import settings as hypothesis_settings  # noqa: E402
+
+# Property tests draw the same examples on every run ("ci", the default), so that the suite is red only
+# for a reason someone can reproduce; `HYPOTHESIS_PROFILE=explore pytest ...` draws fresh examples to look
+# for new failures (a failure prints the seed that reproduces it).
+hypothesis_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+hypothesis_settings.register_profile("explore", derandomize=False, print_blob=True)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 from hlora.config import DEFAULT_MODEL, Settings, validate_settings  # noqa: E402
 
