@@ -92,7 +92,7 @@ def normalise_weights(weights: Sequence[float] | Tensor, count: int) -> Tensor:
     """
     try:
         w = torch.as_tensor(weights, dtype=_WORK_DTYPE).detach().cpu()
-    except (TypeError, ValueError, RuntimeError) as e:
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
         raise ValueError(f"weights must be numbers, got {weights!r}: {e}") from None
     if w.ndim != 1:
         raise ValueError(f"weights must be a 1-D sequence, got shape {tuple(w.shape)}")
