@@ -142,6 +142,20 @@ def test_an_aggregation_error_fails_the_round_instead_of_raising(monkeypatch, ca
     assert "round 2 failed" in caplog.text
 
 
+def test_a_numeric_failure_in_the_method_fails_the_round_instead_of_raising(monkeypatch):
+    srv = server()
+    before = snapshot(srv)
+
+    def lapack_gives_up(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", lapack_gives_up)
+    outcome = play(srv, 1)
+    assert outcome.failed
+    assert outcome.reason == "hlora could not aggregate: linalg.svd: The algorithm failed to converge"
+    assert same(snapshot(srv), before) and srv.version == 0
+
+
 # --- a default bound against boosted updates --------------------------------------------------------------
 
 
@@ -262,3 +276,4 @@ def test_no_reply_makes_the_server_raise(method, factor, claims, scales, replied
         assert same(after, before) and srv.version == 1
     else:
         assert srv.version == 2 and set(outcome.accepted) <= {u.client_id for u in updates}
+

@@ -219,9 +219,11 @@ class FederatedServer:
         kept = self.aggregator.state_dict()  # what the method gathered so far (FLoRA: its stacks)
         try:
             candidate = self.aggregator.aggregate(self.global_weights, accepted)
+        except AggregationError as e:
+            reason = str(e)
         # Validated updates can still be beyond the method: factors so large that LAPACK fails on them,
         # or weights that are not usable. A client's reply must never stop the server.
-        except (AggregationError, ValueError, ArithmeticError, RuntimeError) as e:
+        except (ValueError, ArithmeticError, RuntimeError) as e:
             reason = f"{self.aggregator.name} could not aggregate: {e}"
         else:
             # Finite updates can still overflow when no norm bound holds them.
