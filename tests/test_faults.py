@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hlora.aggregation import registry
-from hlora.config import CORRUPT_KINDS, FaultSettings, validate_settings
+from hlora.config import CORRUPT_KINDS, FaultSettings, FederationSettings, validate_settings
 from hlora.errors import ConfigError
 from hlora.federation import simulation
 from hlora.federation.faults import ClientCrash, ClientTimeout, FaultInjector, corrupt_update
@@ -17,7 +17,8 @@ from hlora.federation.validation import validate_update
 from hlora.outputs import create_run_dir, read_metrics, summarise
 from tests.test_validation import honest, make_server, ranks_for
 
-# The reason validation gives for each kind of corruption ("scale" needs a norm bound).
+# The reason validation gives for each kind of corruption ("scale" needs a norm bound; the server
+# refuses it by default against the round's other updates, as an "outlier").
 REFUSED_AS = {
     "nan": "nonfinite",
     "inf": "nonfinite",
@@ -90,6 +91,20 @@ def test_every_corruption_is_refused_by_validation_alone(method, kind):
         assert why is not None and why.code == REFUSED_AS[kind], (cid, why)
         after = update.weights.tensors()
         assert all(torch.equal(before[k], after[k]) for k in before)  # the original is left alone
+
+
+@pytest.mark.parametrize("method", registry.names())
+def test_a_scaled_update_is_refused_by_default_as_an_outlier(method):
+    """With no `max_update_norm`, the default `update_norm_factor` refuses the boosted (x BOOST) update
+    of one client against the round's honest others."""
+    srv = make_server(method, ranks_for(method), update_norm_factor=FederationSettings().update_norm_factor)
+    plans = srv.configure(1)
+    updates = honest(plans)
+    updates[1] = corrupt_update(updates[1], plans[1], "scale", np.random.default_rng(0))
+    assert validate_update(updates[1], plans[1]) is None  # finite and well formed: only the round shows it
+    outcome = srv.aggregate(1, list(updates.values()))
+    assert {cid: why.code for cid, why in outcome.rejected.items()} == {1: "outlier"}
+    assert outcome.accepted == (0, 2) and not outcome.failed
 
 
 class FakeClient:

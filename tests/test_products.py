@@ -391,3 +391,77 @@ def test_normalise_weights() -> None:
     assert torch.equal(normalise_weights([0, 2], 2), torch.tensor([0.0, 1.0], dtype=torch.float64))
     with pytest.raises(ValueError, match="1-D"):
         normalise_weights([[1.0, 2.0]], 2)
+
+
+# --- numeric edges ----------------------------------------------------------------------------------------
+
+ALL_METHODS = WITH_RANK + WITHOUT_RANK
+
+
+@pytest.mark.parametrize("method", ALL_METHODS, ids=lambda f: f.__name__)
+def test_weights_whose_sum_overflows_give_the_result_of_equal_weights(method) -> None:
+    B, A = torch.randn(6, 2, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
+    factors = [(B, A), (2 * B, A)]
+    huge = call(method, factors, [1e308, 1e308], rank=2)
+    equal = call(method, factors, [1.0, 1.0], rank=2)
+    if not isinstance(huge, tuple):  # product_mean: one matrix
+        huge, equal = (huge,), (equal,)
+    for got, want in zip(huge, equal, strict=True):
+        assert torch.equal(got, want)
+
+
+@FAST
+@given(c=clients(), rank=st.integers(1, MAX_RANK), scale=st.floats(1e-300, 1.7e307))
+def test_any_finite_weights_give_the_result_of_their_ratios(c: Clients, rank: int, scale: float) -> None:
+    """Weights multiplied by any positive number that keeps them finite (their sum may overflow, or they
+    may be subnormal) give the product mean of the weights themselves."""
+    big = [w * scale for w in c.weights]  # each below 1.7e308, their sum possibly not
+    p = normalise_weights(c.weights, len(c.weights))
+    assert torch.allclose(normalise_weights(big, len(big)), p, rtol=1e-12, atol=0)
+    B, A = aggregate_products(c.factors, big, rank)
+    B1, A1 = aggregate_products(c.factors, c.weights, rank)
+    assert torch.allclose(B @ A, B1 @ A1, atol=c.tol)
+
+
+def test_normalise_weights_never_overflows() -> None:
+    w = normalise_weights([1.7e308, 1.7e308, 0.0], 3)
+    assert torch.equal(w, torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64))
+    assert torch.equal(normalise_weights([5e-324, 5e-324], 2), torch.tensor([0.5, 0.5], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dims", [(40, 30), (6, 5)], ids=["qr-path", "dense-path"])
+def test_updates_that_cancel_exactly_give_exact_zeros(dims: tuple[int, int]) -> None:
+    m, n = dims
+    g = torch.Generator().manual_seed(3)
+    B = torch.randn(m, 4, generator=g, dtype=torch.float64)
+    A = torch.randn(4, n, generator=g, dtype=torch.float64)
+    for factors in ([(B, A), (-B, A)], [(B, A), (B, -A)], [(B, A), (2 * B, A), (-3 * B, A)]):
+        weights = [1.0] * len(factors)
+        Bg, Ag = aggregate_products(factors, weights, rank=8)
+        assert not Bg.any() and not Ag.any(), float(Bg.abs().max())
+        Bf, Af = dense_product_svd(factors, weights, rank=8)
+        assert not Bf.any() and not Af.any()
+
+
+@FAST
+@given(c=clients(dims="any", max_clients=3), rank=st.integers(1, MAX_RANK), data=st.data())
+def test_cancelled_clients_leave_only_the_others_components(c: Clients, rank: int, data) -> None:
+    """Adding a client and its exact negative (equal weights) changes nothing beyond round-off, and
+    leaves no component that the other clients do not have: the result's rank is theirs."""
+    k = data.draw(st.integers(0, len(c.factors) - 1))
+    B, A = c.factors[k]
+    w = c.weights[k]
+    factors = [*c.factors, (-B, A)]
+    weights = [*c.weights, w]
+    # (B, A) and (-B, A) cancel: the exact mean is that of the others, scaled by their share of the weight.
+    Bg, Ag = aggregate_products(factors, weights, rank)
+    dW = product_mean(factors, weights)
+    assert torch.allclose(Bg @ Ag, _best(dW, rank), atol=c.tol)
+    others = [f for j, f in enumerate(c.factors) if j != k]
+    alive = int((Ag.abs().amax(dim=1) > 0).sum())
+    assert alive <= min(rank, sum(b.shape[1] for b, _ in others), c.m, c.n)
+
+
+def _best(dW: torch.Tensor, rank: int) -> torch.Tensor:
+    U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
+    return U[:, :rank] @ torch.diag(S[:rank]) @ Vh[:rank]

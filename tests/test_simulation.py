@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
+from hlora.client.client import FederatedClient
 from hlora.errors import RunDirError
 from hlora.federation import simulation
 from hlora.outputs import create_run_dir, read_metrics
@@ -64,6 +66,32 @@ def test_same_seed_same_metrics_and_adapter(tiny_settings, tmp_path):
     again = [{k: v for k, v in r.items() if not k.endswith("_s")} for r in read_metrics(tmp_path / "b")]
     assert strip == again
     w1, w2 = exp1.model.read(4).tensors(), exp2.model.read(4).tensors()
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_a_client_that_claims_another_size_changes_nothing(tiny_settings, tmp_path, monkeypatch):
+    """The server weighs each update by its client's partition, whatever the client claims: a claim of a
+    million rows leaves every metric and the adapter as an honest run's, and is recorded."""
+    honest, _ = run_once(tiny_settings, tmp_path / "honest")
+    real = FederatedClient.fit
+
+    def lying(self, plan, seed):
+        update, result = real(self, plan, seed)
+        return (replace(update, num_samples=10**6) if self.client_id == 1 else update), result
+
+    monkeypatch.setattr(FederatedClient, "fit", lying)
+    liar, _ = run_once(tiny_settings, tmp_path / "liar")
+    assert liar.server.client_sizes == {cid: len(part) for cid, part in enumerate(liar.partitions)}
+    rows = read_metrics(tmp_path / "liar")
+    assert [r["misreported_samples"] for r in rows] == [{"1": 10**6}] * 2
+    assert all(r["misreported_samples"] == {} for r in read_metrics(tmp_path / "honest"))
+    drop = ("misreported_samples",)
+    strip = [{k: v for k, v in r.items() if not k.endswith("_s") and k not in drop} for r in rows]
+    assert strip == [
+        {k: v for k, v in r.items() if not k.endswith("_s") and k not in drop}
+        for r in read_metrics(tmp_path / "honest")
+    ]
+    w1, w2 = honest.server.global_weights.tensors(), liar.server.global_weights.tensors()
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
 
 

@@ -193,7 +193,7 @@ def test_values_that_are_not_tensors_are_malformed(round1):
 def test_every_reason_has_a_code_in_reasons():
     assert set(REASONS) == {
         "weight", "malformed", "missing", "extra", "rank", "shape", "dtype", "nonfinite", "norm",
-        "unplanned", "duplicate",
+        "outlier", "unplanned", "duplicate",
     }  # fmt: skip
 
 

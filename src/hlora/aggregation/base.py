@@ -22,6 +22,7 @@ import torch
 from pydantic import BaseModel
 from torch import Tensor
 
+from hlora.aggregation.products import normalise_weights
 from hlora.errors import AggregationError
 from hlora.weights import AdapterWeights, LoraFactors, weighted_mean
 
@@ -174,11 +175,16 @@ def revive_components(B: Tensor, A: Tensor, init_A: Tensor) -> tuple[Tensor, Ten
 
 
 def client_weights(updates: Sequence[ClientUpdate]) -> list[float]:
-    """p_k = n_k / sum_j n_j over the clients that reported this round."""
-    total = sum(u.num_samples for u in updates)
-    if total <= 0:
-        raise ValueError("client updates carry no training samples")
-    return [u.num_samples / total for u in updates]
+    """p_k = n_k / sum_j n_j over the clients that reported this round, computed so that no finite `n_k`
+    overflows (`products.normalise_weights`). The server sets each `n_k` from its own partition, not
+    from the client's claim (`FederatedServer.aggregate`). Raises ValueError for weights that are not
+    finite numbers >= 0 with a positive sum."""
+    if not updates:
+        raise ValueError("no client updates to weigh")
+    try:
+        return normalise_weights([u.num_samples for u in updates], len(updates)).tolist()
+    except ValueError as e:
+        raise ValueError(f"client updates carry no usable training sample counts: {e}") from None
 
 
 def factor_pairs(updates: Sequence[ClientUpdate], layer: str) -> list[tuple[Tensor, Tensor]]:

@@ -65,9 +65,20 @@ class _Clients(NamedTuple):
         """`R = sum r_k`, the most components the product mean can have."""
         return sum(self.ranks)
 
+    def factor_scale(self) -> Tensor:
+        """`||Bc||_F ||Ac||_F` (the stacked, weighted factors of `aggregate_products`): a bound on every
+        singular value of the product mean, and the size that its round-off is relative to, whichever
+        way it is computed. A float64 scalar."""
+        nb = torch.stack([w * B.square().sum() for w, B in zip(self.p, self.Bs, strict=True)]).sum().sqrt()
+        na = torch.stack([w * A.square().sum() for w, A in zip(self.p, self.As, strict=True)]).sum().sqrt()
+        return nb * na
+
 
 def normalise_weights(weights: Sequence[float] | Tensor, count: int) -> Tensor:
-    """The weights `p_k` divided by their sum.
+    """The weights `p_k` divided by their sum, computed so that no finite input overflows.
+
+    The weights are divided by the largest first (each is then in `[0, 1]`, their sum at most `count`),
+    so `[1e308, 1e308]` gives `[0.5, 0.5]` as `[1, 1]` does, not the zeros of `x / inf`.
 
     Args:
         weights: `count` finite, non-negative numbers (a sequence or a 1-D tensor) with a positive sum.
@@ -81,7 +92,7 @@ def normalise_weights(weights: Sequence[float] | Tensor, count: int) -> Tensor:
     """
     try:
         w = torch.as_tensor(weights, dtype=_WORK_DTYPE).detach().cpu()
-    except (TypeError, ValueError, RuntimeError) as e:
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
         raise ValueError(f"weights must be numbers, got {weights!r}: {e}") from None
     if w.ndim != 1:
         raise ValueError(f"weights must be a 1-D sequence, got shape {tuple(w.shape)}")
@@ -91,10 +102,11 @@ def normalise_weights(weights: Sequence[float] | Tensor, count: int) -> Tensor:
         raise ValueError(f"weights must be finite, got {w.tolist()}")
     if (w < 0).any():
         raise ValueError(f"weights must be non-negative, got {w.tolist()}")
-    total = w.sum()
-    if total <= 0:
+    largest = w.max()
+    if largest <= 0:
         raise ValueError(f"weights must have a positive sum, got {w.tolist()}")
-    return w / total
+    w = w / largest
+    return w / w.sum()
 
 
 def _check_rank(rank: int) -> int:
@@ -166,14 +178,21 @@ def _dense_mean(c: _Clients) -> Tensor:
 def _svd_factors(c: _Clients, U: Tensor, S: Tensor, Vh: Tensor, rank: int, balanced: bool) -> FactorPair:
     """Turn a thin SVD `U diag(S) Vh` of the product mean into factors with exactly `rank` components.
 
-    `U` is `m x q`, `S` is `q` (descending), `Vh` is `q x n`. Singular values at round-off level
-    (`<= S[0] * max(m, n, R) * eps`) count as zero, and their components are zero in both factors, so
-    that directions picked by round-off never reach the clients. Each remaining column of `U` is signed
-    so that its largest-magnitude entry is positive (the matching row of `Vh` flips with it), which
-    makes the result independent of client order and LAPACK. Components beyond `q` are zero.
+    `U` is `m x q`, `S` is `q` (descending), `Vh` is `q x n`. Singular values at round-off level count
+    as zero, and their components are zero in both factors, so that directions picked by round-off never
+    reach the clients. Round-off is relative to the factors the mean was computed from,
+    `tol = ||Bc||_F ||Ac||_F * max(m, n, R) * eps` (`c.factor_scale()`), not to `S[0]`: where client
+    updates cancel, `S[0]` is itself round-off, and a threshold relative to it would keep it. (Should
+    that scale overflow, as only factors of ~1e154 can make it, `S[0]` stands in.) Each remaining column
+    of `U` is signed so that its largest-magnitude entry is positive (the matching row of `Vh` flips
+    with it), which makes the result independent of client order and LAPACK. Components beyond `q` are
+    zero.
     Balanced: `B = U sqrt(S)`, `A = sqrt(S) Vh`; otherwise `B = U S`, `A = Vh` (FlexLoRA).
     """
-    tol = S.max().clamp_min(0) * max(c.m, c.n, c.total_rank) * torch.finfo(_WORK_DTYPE).eps
+    scale = c.factor_scale()
+    if not torch.isfinite(scale):
+        scale = S.max().clamp_min(0)
+    tol = scale * max(c.m, c.n, c.total_rank) * torch.finfo(_WORK_DTYPE).eps
     keep = tol < S
     S = torch.where(keep, S, torch.zeros_like(S))
     idx = U.abs().argmax(dim=0)
@@ -277,7 +296,7 @@ def aggregate_products(
         q = min(rank, R)
         U = _apply_q(H_B, tau_B, U_c[:, :q])  # m x q
         Vh = _apply_q(H_A, tau_A, Vh_c[:q].T).T  # q x n
-        S = S[:q]  # S[0], the largest, is all that the round-off threshold needs of the rest
+        S = S[:q]
     return _svd_factors(c, U, S, Vh, rank, balanced=True)
 
 

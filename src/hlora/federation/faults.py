@@ -9,7 +9,10 @@ resumable, as one without; raising a probability only adds faulty clients to tho
   the server.
 - timeout: the client trains and replies too late: the runtime discards the reply (`ClientTimeout`).
 - corrupt: the client's update is mangled on its way (`corrupt_update`). The server is not told; it
-  must refuse the update through validation alone.
+  must refuse the update through validation alone. A boosted update (`scale`, its change times
+  `BOOST`) is finite and well formed: it is refused as an `outlier` by the default
+  `federation.update_norm_factor` (against the round's other valid updates, so not where it is the
+  round's only one, or where boosted ones are the majority), or as `norm` with `max_update_norm` set.
 """
 
 from __future__ import annotations

@@ -9,15 +9,17 @@ Flower's messages.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from hlora.aggregation.base import Aggregator, ClientPlan, ClientUpdate
-from hlora.federation.validation import Rejection, update_norm, validate_update
+from hlora.errors import AggregationError
+from hlora.federation.validation import Rejection, lower_median, update_norm, validate_update
 from hlora.weights import AdapterWeights, tensor_bytes
 
 log = logging.getLogger("hlora.federation")
@@ -56,14 +58,23 @@ class RoundOutcome:
     # client id -> L2 norm of the change its accepted update made (validation.update_norm): what honest
     # clients send, so that a `max_update_norm` can be chosen from a run without one
     update_norms: dict[int, float] = field(default_factory=dict)
+    # client id -> the `num_samples` an accepted update claimed where it differs from the size the server
+    # knows for that client (which is what it was weighted by)
+    misreported: dict[int, float] = field(default_factory=dict)
 
 
 class FederatedServer:
     """Holds the global adapter and runs the aggregation method each round.
 
-    Every update is validated against the plan its client was sent (`hlora.federation.validation`);
-    the valid ones are aggregated when there are at least `min_clients` of them, else the round fails
-    and the global state stays as it was.
+    Every update is validated against the plan its client was sent (`hlora.federation.validation`),
+    and, with `update_norm_factor`, against the round's other updates (a change norm above that factor
+    times the round's lower median is an `outlier`); the valid ones are aggregated when there are at
+    least `min_clients` of them, else the round fails and the global state stays as it was.
+
+    `client_sizes` (client id -> training rows, for every client of `client_ranks`) are the sizes of
+    the server's own partition: updates are weighted by those, never by the `num_samples` a client
+    claims (a claim that differs is logged and recorded). None (tests and tools without a partition):
+    by the claims.
     """
 
     def __init__(
@@ -75,10 +86,24 @@ class FederatedServer:
         seed: int,
         min_clients: int = 1,
         max_update_norm: float | None = None,
+        client_sizes: Mapping[int, int] | None = None,
+        update_norm_factor: float | None = None,
     ) -> None:
         aggregator.check_ranks(client_ranks)
         if min_clients < 1:
             raise ValueError(f"min_clients must be >= 1, got {min_clients}")
+        if client_sizes is not None:
+            if client_sizes.keys() != client_ranks.keys():
+                raise ValueError(
+                    f"client_sizes has clients {sorted(client_sizes)}, client_ranks {sorted(client_ranks)}"
+                )
+            if not all(isinstance(n, int) and n > 0 for n in client_sizes.values()):
+                raise ValueError(f"client_sizes must be integers > 0, got {dict(client_sizes)}")
+        if update_norm_factor is not None and not update_norm_factor >= 1:
+            raise ValueError(f"update_norm_factor must be >= 1, got {update_norm_factor}")
+        self.client_sizes = dict(client_sizes) if client_sizes is not None else None
+        # inf: no relative bound
+        self.update_norm_factor = update_norm_factor if update_norm_factor != math.inf else None
         self.aggregator = aggregator
         self.client_ranks = dict(client_ranks)
         self.clients_per_round = clients_per_round
@@ -164,36 +189,72 @@ class FederatedServer:
 
     def aggregate(self, rnd: int, updates: Sequence[ClientUpdate]) -> RoundOutcome:
         """Validate this round's updates against their plans and, if at least `min_clients` are valid,
-        replace the global adapter by the method's aggregate of those. A refused update is logged (one
-        warning each) and left out; with too few valid ones nothing changes (`version` included) and the
-        outcome says the round failed. Bad updates never raise."""
+        replace the global adapter by the method's aggregate of those, weighted by `client_sizes`. A
+        refused update is logged (one warning each) and left out; with too few valid ones, or an
+        aggregate the method cannot make or that is not finite, nothing changes (`version` included) and
+        the outcome says the round failed. No update, however made, makes it raise."""
         if rnd != self._round:
             raise ValueError(f"aggregate(round {rnd}) without configure({rnd}) before it")
-        accepted, rejected = self.screen(updates)
+        accepted, rejected, norms = self._screen(updates)
         missing = tuple(sorted(self._plans.keys() - {u.client_id for u in updates}))
         for cid, why in sorted(rejected.items()):
             log.warning("round %d: client %s rejected (%s): %s", rnd, cid, why.code, why.detail)
         for u in accepted:  # a valid update shows its client holds what it was sent, failed round or not
             self._synced[u.client_id] = self._plans[u.client_id][1]
+        accepted, misreported = self._weigh(rnd, accepted)
         ids = tuple(u.client_id for u in accepted)
         if len(accepted) < self.min_clients:
             reason = f"{len(accepted)} valid update(s), min_clients is {self.min_clients}"
         else:
-            kept = self.aggregator.state_dict()  # what the method gathered so far (FLoRA: its stacks)
-            candidate = self.aggregator.aggregate(self.global_weights, accepted)
-            # Finite updates can still overflow when no norm bound holds them. A round that fails leaves
-            # the method's own state as it was too, or its clients would merge a stack of a round that
-            # never happened.
-            reason = "" if _finite(candidate) else "the aggregate is not finite"
-            if reason:
-                self.aggregator.load_state_dict(kept)
-            else:
-                self.global_weights = candidate
-                self.version += 1
+            reason = self._fold(accepted)
         if reason:
             log.warning("round %d failed (%s): the global model is unchanged", rnd, reason)
-        norms = {u.client_id: self._change(u) for u in accepted}
-        return RoundOutcome(ids, rejected, missing, failed=bool(reason), reason=reason, update_norms=norms)
+        return RoundOutcome(
+            ids, rejected, missing, bool(reason), reason, update_norms=norms, misreported=misreported
+        )
+
+    def _fold(self, accepted: list[ClientUpdate]) -> str:
+        """Replace the global adapter by the method's aggregate of `accepted`; or, where the method
+        refuses them or its result is not finite, change nothing and say why."""
+        kept = self.aggregator.state_dict()  # what the method gathered so far (FLoRA: its stacks)
+        try:
+            candidate = self.aggregator.aggregate(self.global_weights, accepted)
+        except AggregationError as e:
+            reason = str(e)
+        # Validated updates can still be beyond the method: factors so large that LAPACK fails on them,
+        # or weights that are not usable. A client's reply must never stop the server.
+        except (ValueError, ArithmeticError, RuntimeError) as e:
+            reason = f"{self.aggregator.name} could not aggregate: {e}"
+        else:
+            # Finite updates can still overflow when no norm bound holds them.
+            reason = "" if _finite(candidate) else "the aggregate is not finite"
+        if reason:
+            # A round that fails leaves the method's own state as it was too, or its clients would merge
+            # a stack of a round that never happened.
+            self.aggregator.load_state_dict(kept)
+        else:
+            self.global_weights = candidate
+            self.version += 1
+        return reason
+
+    def _weigh(self, rnd: int, accepted: list[ClientUpdate]) -> tuple[list[ClientUpdate], dict[int, float]]:
+        """The updates with `num_samples` set to the size the server knows for each client, and the
+        claims that differ from it (each logged): a client cannot choose its own weight."""
+        if self.client_sizes is None:
+            return accepted, {}
+        weighed, misreported = [], {}
+        for u in accepted:
+            size = self.client_sizes[u.client_id]
+            if u.num_samples != size:
+                misreported[u.client_id] = u.num_samples
+                log.warning(
+                    "round %d: client %s claims %s training samples, the server's partition gave it %d: "
+                    "weighted by %d",
+                    rnd, u.client_id, u.num_samples, size, size,
+                )  # fmt: skip
+                u = replace(u, num_samples=size)
+            weighed.append(u)
+        return weighed, misreported
 
     def _change(self, update: ClientUpdate) -> float:
         plan = self._plans[update.client_id][0]
@@ -202,11 +263,18 @@ class FederatedServer:
     def screen(self, updates: Sequence[ClientUpdate]) -> tuple[list[ClientUpdate], dict[int, Rejection]]:
         """The valid updates of the round configured last (by client id: results never depend on arrival
         order), and why each other one was refused. A client this round did not plan for, or that sent
-        more than one update, is refused too."""
+        more than one update, is refused too; with `update_norm_factor`, so is an outlier."""
+        accepted, rejected, _ = self._screen(updates)
+        return accepted, rejected
+
+    def _screen(
+        self, updates: Sequence[ClientUpdate]
+    ) -> tuple[list[ClientUpdate], dict[int, Rejection], dict[int, float]]:
+        """`screen`, and the change norm of every accepted update."""
         counts: dict[int, int] = {}
         for u in updates:
             counts[u.client_id] = counts.get(u.client_id, 0) + 1
-        accepted, rejected = [], {}
+        valid, rejected = [], {}
         for u in sorted(updates, key=lambda u: u.client_id):
             cid = u.client_id
             if cid not in self._plans:
@@ -216,10 +284,26 @@ class FederatedServer:
             else:
                 why = validate_update(u, self._plans[cid][0], self.max_update_norm)
                 if why is None:
-                    accepted.append(u)
+                    valid.append(u)
                 else:
                     rejected[cid] = why
-        return accepted, rejected
+        norms = {u.client_id: self._change(u) for u in valid}
+        factor = self.update_norm_factor
+        if factor is not None and len(valid) > 1:
+            # Relative to the lower median: more than half of the valid updates must be boosted to move
+            # it up (the honest-majority assumption); of two, the smaller one is the reference.
+            reference = lower_median(norms.values())
+            for cid, norm in norms.items():
+                if not norm <= factor * reference:
+                    rejected[cid] = Rejection(
+                        "outlier",
+                        f"the change from what was sent has L2 norm {norm:.4g} > update_norm_factor "
+                        f"{factor:g} x {reference:.4g}, the lower median of the round's {len(valid)} valid "
+                        "updates",
+                    )
+            valid = [u for u in valid if u.client_id not in rejected]
+            norms = {cid: norm for cid, norm in norms.items() if cid not in rejected}
+        return valid, rejected, norms
 
 
 def _finite(weights: AdapterWeights) -> bool:

@@ -155,7 +155,8 @@ def prepare(settings: Settings) -> Experiment:
     model = LoraModel(base, settings.lora, device)
     initial = model.initial_weights(bank_rank, seed=derive_seed(settings.run.seed, 0xA11CE))
     # The server refuses ranks its method cannot serve (FedIT with mixed ranks) here, before a run
-    # directory exists.
+    # directory exists. It weighs updates by the partition made here (in the simulation and on Flower
+    # alike), never by the sizes clients claim.
     server = FederatedServer(
         aggregator,
         initial,
@@ -164,6 +165,8 @@ def prepare(settings: Settings) -> Experiment:
         settings.run.seed,
         min_clients=fed.min_clients,
         max_update_norm=fed.max_update_norm,
+        client_sizes={cid: len(parts[cid]) for cid in client_ranks},
+        update_norm_factor=fed.update_norm_factor,
     )
     t2 = time.perf_counter()
     train = encode(train_rows, tokenizer, settings.data.max_length)
@@ -433,16 +436,23 @@ def reliability_fields(
 ) -> dict[str, Any]:
     """The `metrics.jsonl` fields of what went wrong in a round (client ids as strings): which clients'
     updates went into the global model and the norm of the change each valid one made, the updates the
-    server refused and why, the clients whose reply never came, whether the round failed, and which
-    updates were corrupted on purpose (`[faults]`)."""
+    server refused and why, the clients whose reply never came, whether the round failed, which
+    updates were corrupted on purpose (`[faults]`), and the sample counts clients claimed that differ
+    from their partition's size (which they were weighted by instead)."""
     return {
         "aggregated_clients": [] if outcome.failed else list(outcome.accepted),
         "client_update_norm": {str(cid): round(n, 6) for cid, n in sorted(outcome.update_norms.items())},
+        "misreported_samples": {str(cid): _number(n) for cid, n in sorted(outcome.misreported.items())},
         "rejected": {str(cid): why.code for cid, why in sorted(outcome.rejected.items())},
         "failed_clients": {str(cid): kind for cid, kind in sorted(lost.items())},
         "round_failed": outcome.failed,
         "corrupted_clients": {str(cid): kind for cid, kind in sorted(corrupted.items())},
     }
+
+
+def _number(n: Any) -> int | float:
+    """A claimed sample count as JSON can hold it: an int stays an int, anything else is a float."""
+    return int(n) if isinstance(n, (int, np.integer)) else float(n)
 
 
 def _same_model(a: ClientPlan, b: ClientPlan) -> bool:

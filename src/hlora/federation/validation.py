@@ -11,12 +11,19 @@ tensors it sends up, not on the tensors themselves: the global adapter grows as 
 a fixed bound on the absolute norm would in time reject honest clients, while the change one round of
 local training makes stays of one size. It is the quantity DP-FedAvg clips, and it bounds what
 aggregation consumes (factor means directly, and `B @ A` through the factors).
+
+That absolute bound (`federation.max_update_norm`) must be chosen per setup, so it is off by default.
+What is on by default is a bound relative to the round (`FederatedServer`, `federation.update_norm_factor`):
+an update whose change norm exceeds the factor times the round's `lower_median` change norm is refused
+as an `outlier`. It assumes an honest majority: more than half of a round's valid updates are honest
+(of two, the smaller is the reference, so one boosted client of two is caught).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +43,8 @@ REASONS = (
     "dtype",  # another dtype than the one the client was sent
     "nonfinite",  # NaN or Inf values
     "norm",  # the change from what was sent exceeds federation.max_update_norm
-    # and two that only the server can see, across a round's updates (FederatedServer.screen):
+    # and three that only the server can see, across a round's updates (FederatedServer.screen):
+    "outlier",  # the change exceeds federation.update_norm_factor x the round's lower median change
     "unplanned",  # from a client that was not asked for an update this round
     "duplicate",  # one of several updates from the same client
 )
@@ -103,6 +111,16 @@ def validate_update(
 def update_norm(received: dict[str, Tensor], sent: dict[str, Tensor]) -> float:
     """`sqrt(sum_t ||received_t - sent_t||_F^2)` over the tensors of `sent`, in float64."""
     return math.sqrt(sum(_change(received[k], sent[k]) ** 2 for k in sent))
+
+
+def lower_median(values: Iterable[float]) -> float:
+    """The lower median: the middle value of an odd count, the smaller of the two middle ones of an even
+    count (of two values, the smaller). Unlike the mean, half the values (less one) can be as large as
+    they like without moving it up. Raises ValueError for no values."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("the lower median of no values")
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def _change(got: Tensor, sent: Tensor) -> float:
