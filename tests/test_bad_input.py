@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hlora.cli.main import main
 from hlora.config import validate_settings
@@ -165,6 +166,12 @@ RUN_CASES = {
     "run name dot-dot": (lambda d, m: ["--set", "run.name='..'"], "'run.name'"),
     "empty run name": (lambda d, m: ["--set", "run.name=''"], "'run.name'"),
 }
+
+if not torch.cuda.is_available():  # where there is one, "cuda" is a fine device
+    RUN_CASES["CUDA on a machine without"] = (
+        lambda d, m: ["--set", "run.device=cuda"],
+        "run.device: 'cuda' asked for, but this machine has no CUDA device",
+    )
 
 
 def write(path: Path, text: str | bytes) -> str:
