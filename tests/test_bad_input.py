@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hlora.cli.main import main
 from hlora.config import validate_settings
@@ -119,7 +120,58 @@ RUN_CASES = {
         lambda d, m: ["--set", f"model.name_or_path='{fake_model_dir(d, 'garbage')}'"],
         "cannot load",
     ),
+    # Settings that once passed validation and then failed in round 1 or ran uselessly (exit 0).
+    "lr inf": (lambda d, m: ["--set", "train.lr=inf"], "'train.lr': Input should be a finite number"),
+    "head_lr nan": (lambda d, m: ["--set", "train.head_lr=nan"], "'train.head_lr'"),
+    "scale inf": (lambda d, m: ["--set", "lora.scale=inf"], "'lora.scale': Input should be a finite"),
+    "weight decay inf": (lambda d, m: ["--set", "train.weight_decay=inf"], "'train.weight_decay'"),
+    "local epochs inf": (lambda d, m: ["--set", "train.local_epochs=inf"], "'train.local_epochs'"),
+    "max grad norm inf": (lambda d, m: ["--set", "train.max_grad_norm=inf"], "'train.max_grad_norm'"),
+    "negative seed": (lambda d, m: ["--set", "run.seed=-1"], "'run.seed'"),
+    "seed beyond numpy's": (lambda d, m: ["--set", "run.seed=4294967296"], "'run.seed'"),
+    "garbage device": (lambda d, m: ["--set", "run.device=garbage"], "run.device: unknown device 'garbage'"),
+    "absent CUDA device": (lambda d, m: ["--set", "run.device='cuda:99'"], "run.device: 'cuda:99'"),
+    "max_length above the model's positions": (
+        lambda d, m: ["--set", "data.max_length=512"],
+        "data.max_length 512 is above the 128 positions",
+    ),
+    "modules_to_save that match nothing": (
+        lambda d, m: ["--set", "lora.modules_to_save=['nope']"],
+        "lora.modules_to_save: 'nope' names no module",
+    ),
+    "target_modules one of which matches nothing": (
+        lambda d, m: ["--set", "lora.target_modules=['query', 'nope']"],
+        "lora.target_modules: 'nope' names no module",
+    ),
+    "target_modules that are no layers": (
+        lambda d, m: ["--set", "lora.target_modules=['attention']"],
+        "which is no layer LoRA can adapt",
+    ),
+    "rank above min(m, n)": (
+        lambda d, m: ["--set", "lora.rank=33"],
+        "lora.rank 33 is above min(m, n) = 32 of bert.encoder.layer.0.attention.self.query (32 x 32)",
+    ),
+    "rank 1e8": (lambda d, m: ["--set", "lora.rank=100000000"], "lora.rank 100000000 is above min(m, n)"),
+    "tier rank above min(m, n)": (
+        lambda d, m: ["--set", "lora.rank_policy=tiers", "--set", "lora.tiers=[2, 64]"],
+        "lora.tiers rank 64 is above min(m, n) = 32",
+    ),
+    "bank rank above min(m, n)": (
+        lambda d, m: ["--set", "lora.bank_rank=40"],
+        "lora.bank_rank 40 is above min(m, n) = 32",
+    ),
+    "run name climbing out of runs/": (lambda d, m: ["--set", "run.name='../../x'"], "'run.name'"),
+    "absolute run name": (lambda d, m: ["--set", f"run.name='{d / 'elsewhere'}'"], "'run.name'"),
+    "run name with a folder": (lambda d, m: ["--set", "run.name='a/b'"], "'run.name'"),
+    "run name dot-dot": (lambda d, m: ["--set", "run.name='..'"], "'run.name'"),
+    "empty run name": (lambda d, m: ["--set", "run.name=''"], "'run.name'"),
 }
+
+if not torch.cuda.is_available():  # where there is one, "cuda" is a fine device
+    RUN_CASES["CUDA on a machine without"] = (
+        lambda d, m: ["--set", "run.device=cuda"],
+        "run.device: 'cuda' asked for, but this machine has no CUDA device",
+    )
 
 
 def write(path: Path, text: str | bytes) -> str:
@@ -139,6 +191,8 @@ def base_args(tiny_model_dir, glue_dir) -> list[str]:
         str(glue_dir),
         "--set",
         "data.max_train_samples=16",
+        "--set",
+        "data.max_eval_samples=8",
         "--set",
         "federation.num_clients=2",
         "--set",
@@ -236,6 +290,11 @@ EVAL_CASES = {
     "no task recorded": (lambda d, a: ["-a", "."], "--task is needed"),
     "unknown device": (lambda d, a: ["-a", a, "--device", "gpu"], "unknown device 'gpu'"),
     "existing JSON": (lambda d, a: ["-a", a, "--json", write(Path("s.json"), "{}")], "exists already"),
+    "absent CUDA device": (lambda d, a: ["-a", a, "--device", "cuda:99"], "--device: 'cuda:99'"),
+    "max length above the model's positions": (
+        lambda d, a: ["-a", a, "--max-length", "512"],
+        "--max-length 512 is above the 128 positions",
+    ),
 }
 
 

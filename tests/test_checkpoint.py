@@ -452,9 +452,70 @@ def forge_ranks(run_dir: Path) -> None:
     path.write_text(json.dumps(state))
 
 
+def damage_state(edit):
+    """A `prepare_dir` that rewrites `checkpoint/state.json` as `edit(state)` returns it (valid JSON of the
+    wrong structure), in a run that is not complete, so that a resume would go on."""
+
+    def prepare_dir(run_dir: Path) -> None:
+        (run_dir / "summary.json").unlink()
+        path = run_dir / "checkpoint" / "state.json"
+        path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+    prepare_dir.__name__ = edit.__name__
+    return prepare_dir
+
+
+def without(key):
+    def edit(state):
+        del state[key]
+        return state
+
+    edit.__name__ = f"without_{key}"
+    return edit
+
+
+def with_value(path: str, value):
+    def edit(state):
+        *parents, leaf = path.split(".")
+        node = state
+        for name in parents:
+            node = node[int(name)] if isinstance(node, list) else node[name]
+        node[int(leaf) if isinstance(node, list) else leaf] = value
+        return state
+
+    edit.__name__ = f"{path}={value!r}"[:40]
+    return edit
+
+
+# state.json that parses but has the wrong structure: one line, no traceback, no file changed
+DAMAGED_STATES = [
+    (lambda state: [], "state.json is damaged: it holds a JSON list, not an object"),
+    (lambda state: {"format": 1}, "but state.json names round None: the checkpoint is damaged"),
+    (without("server"), "state.json is damaged: server: Field required"),
+    (without("rng"), "state.json is damaged: rng: Field required"),
+    (without("metrics"), "state.json is damaged: metrics: Field required"),
+    (with_value("round", "2"), "but state.json names round '2': the checkpoint is damaged"),
+    (with_value("round", 2.0), "state.json is damaged: round: Input should be a valid integer"),
+    (with_value("server", []), "state.json is damaged: server"),
+    (with_value("server.synced", [1]), "state.json is damaged: server.synced"),
+    (with_value("server.version", -1), "state.json is damaged: server.version"),
+    (with_value("server.aggregator", {"deltas": []}), "the checkpoint's server state does not fit this run"),
+    (with_value("client_ranks", [4, 4, 4]), "state.json is damaged: client_ranks"),
+    (with_value("metrics", {}), "state.json is damaged: metrics"),
+    (with_value("metrics.0", {"round": 1}), "state.json is damaged: metrics.0.accuracy: Field required"),
+    (with_value("metrics.1.round", 7), "its metrics rows are of rounds [1, 7], not 1 to 2"),
+    (with_value("rng", "seeded"), "state.json is damaged: rng"),
+    (with_value("rng.python", [3, [1, 2], None]), "its RNG states cannot be restored"),
+    (with_value("rng.numpy.1", [1]), "its RNG states cannot be restored"),
+    (with_value("rng.torch", "AAAA"), "its RNG states cannot be restored"),
+    (with_value("rng.torch", "not base64!"), "its RNG states cannot be restored"),
+]
+
+
 @pytest.mark.parametrize(
     ("prepare_dir", "args", "message"),
     [
+        *[(damage_state(edit), [], message) for edit, message in DAMAGED_STATES],
         (None, [], "is complete (2 of 2 rounds); nothing to resume"),
         (
             edit_config,

@@ -115,3 +115,16 @@ def test_methods_lists_fedit(capsys):
         main(["methods"])
     assert info.value.code == 0
     assert "fedit" in capsys.readouterr().out.split()
+
+
+def test_eval_of_a_plain_model_whose_tokenizer_has_no_pad_token_pads_with_eos(tmp_path, glue_dir, capsys):
+    """A merged GPT-2 style folder (no pad token in its tokenizer) is scored, padded with its eos token."""
+    from tests.test_lora_model import gpt2_dir
+
+    model = gpt2_dir(tmp_path, eos=True)
+    args = ["eval", "-a", str(model), "--task", "mrpc", "--data-dir", str(glue_dir), "--max-samples", "8"]
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--device", "cpu", "--batch-size", "4", "-q"])
+    out = capsys.readouterr()
+    assert info.value.code in (0, None), out.err
+    assert "(8 rows, merged" in out.out and "accuracy" in out.out

@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -20,7 +21,7 @@ from scipy import stats
 
 from hlora.cli.main import main
 from hlora.config import load_settings, validate_settings
-from hlora.errors import ConfigError, RunDirError
+from hlora.errors import ConfigError, ModelError, RunDirError
 from hlora.experiments import compare as cmp
 from hlora.experiments import report
 from hlora.federation import simulation
@@ -105,6 +106,40 @@ def test_seeds_parse_and_refuse():
     assert cmp.parse_seeds("0, 1,1,2") == [0, 1, 2]
     with pytest.raises(ConfigError, match="integers"):
         cmp.parse_seeds("0,x")
+    with pytest.raises(ConfigError, match="--seeds: -1 is not a seed; seeds run from 0 to 4294967295"):
+        cmp.parse_seeds("0,-1")
+    with pytest.raises(ConfigError, match="--seeds: 4294967296 is not a seed"):
+        cmp.parse_seeds("4294967296")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "central", "error", "message"),
+    [
+        (["run.device='cuda:99'"], [], ConfigError, "run.device: 'cuda:99' asked for"),
+        (["run.device=garbage"], [], ConfigError, "run.device: unknown device 'garbage'"),
+        (["lora.modules_to_save=['nope']"], [], ConfigError, "lora.modules_to_save: 'nope' names no module"),
+        # only the centralised reference, planned after the methods, would fail: still before any trains
+        ([], ["data.max_length=512"], ModelError, "data.max_length 512 is above the 128 positions"),
+        ([], ["lora.bank_rank=33"], ConfigError, "lora.bank_rank 33 is above min(m, n) = 32"),
+    ],
+)
+def test_settings_a_run_cannot_serve_fail_before_the_first_run_trains(
+    config_file, tmp_path, overrides, central, error, message
+):
+    with pytest.raises(error, match=re.escape(message)):
+        cmp.prepare_comparison(
+            config_file, overrides, ["hlora"], [0], tmp_path / "out", central_overrides=central,
+            ranks_of=lambda settings: {0: 2, 1: 4, 2: 4},
+        )  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def test_compare_with_a_negative_seed_is_one_line_exit_2(config_file, tmp_path):
+    code, _, stderr = hlora("compare", str(config_file), "--seeds=-1", "--out", str(tmp_path / "out"))
+    assert code == 2 and stderr.strip() == (
+        "hlora: error: --seeds: -1 is not a seed; seeds run from 0 to 4294967295"
+    ), stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_mean_rows_average_clients_per_rank():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from pathlib import Path
 
@@ -101,3 +102,47 @@ def test_resolved_toml_round_trips():
     s = load_settings(None, ["federation.alpha=inf", "data.max_train_samples=64", "run.name='a \"q\"'"])
     again = Settings.model_validate(tomllib.loads(settings_to_toml(s)))
     assert again == s
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        "train.lr=inf",
+        "train.lr=nan",
+        "train.head_lr=inf",
+        "lora.scale=inf",
+        "train.weight_decay=inf",
+        "train.local_epochs=inf",
+        "train.max_grad_norm=inf",
+    ],
+)
+def test_non_finite_floats_are_refused_naming_the_key(item):
+    key = item.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"'{re.escape(key)}'"):
+        load_settings(None, [item])
+
+
+def test_alpha_inf_still_means_iid():
+    assert math.isinf(load_settings(None, ["federation.alpha=inf"]).federation.alpha)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**63])
+def test_seeds_the_rngs_cannot_take_are_refused(seed):
+    with pytest.raises(ConfigError, match=r"'run.seed'"):
+        load_settings(None, [f"run.seed={seed}"])
+    assert load_settings(None, [f"run.seed={2**32 - 1}"]).run.seed == 2**32 - 1
+
+
+@pytest.mark.parametrize("name", ["../../x", "/tmp/x", "a/b", "a\\\\b", ".", "..", "", " "])
+def test_run_name_must_be_a_plain_folder_name(name):
+    with pytest.raises(ConfigError, match=r"'run.name': must be a plain folder name"):
+        validate_settings({"run": {"name": name}})
+    assert validate_settings({"run": {"name": "mrpc-hlora.v2"}}).run.name == "mrpc-hlora.v2"
+
+
+def test_every_committed_config_and_run_record_still_loads():
+    root = CONFIGS.parent
+    paths = [*CONFIGS.rglob("*.toml"), *(root / "results").rglob("config.toml")]
+    assert len(paths) > 100
+    for path in paths:
+        load_settings(path)

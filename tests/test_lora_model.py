@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
-from hlora.config import LoraSettings
-from hlora.models.lora_model import LoraModel
+from hlora.config import LoraSettings, validate_settings
+from hlora.errors import ConfigError, ModelError
+from hlora.federation import simulation
+from hlora.models.lora_model import LoraModel, check_fit, load_base, usable_positions
+from hlora.outputs import create_run_dir
 from hlora.weights import AdapterWeights, LoraFactors
 from tests.conftest import tiny_bert
 
@@ -81,3 +87,95 @@ def test_mismatched_adapter_is_refused(model):
     broken = AdapterWeights({k: v for k, v in list(template.factors.items())[:-1]}, template.dense)
     with pytest.raises(ValueError, match="does not match the model"):
         model.load(broken)
+
+
+# --- a model whose tokenizer has no pad token (GPT-2's) --------------------------------------------------
+
+
+def gpt2_dir(root: Path, eos: bool) -> Path:
+    """A tiny random GPT-2 with a word-level tokenizer that has no pad token (GPT-2's own has none either),
+    with an end-of-sequence token or without one; built here, no network."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2ForSequenceClassification, PreTrainedTokenizerFast
+
+    words = ["<unk>", "<eos>", "the", "a", "of", "and", "to", "in", "is", "said", ".", ","]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        eos_token="<eos>" if eos else None,
+        model_input_names=["input_ids", "attention_mask"],
+    )
+    assert tokenizer.pad_token is None
+    config = GPT2Config(vocab_size=len(words), n_positions=64, n_embd=16, n_layer=1, n_head=2, num_labels=2)
+    path = root / f"gpt2-{'eos' if eos else 'no-eos'}"
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def gpt2_settings(model_dir: Path, glue_dir: Path, out_rows: int = 16):
+    return validate_settings(
+        {
+            "run": {"device": "cpu"},
+            "data": {"data_dir": str(glue_dir), "max_length": 32, "max_train_samples": out_rows,
+                     "max_eval_samples": 8},
+            "model": {"name_or_path": str(model_dir)},
+            "lora": {"rank": 2, "target_modules": ["c_attn"]},
+            "federation": {"num_clients": 2, "clients_per_round": 2, "rounds": 1, "min_client_size": 4},
+            "train": {"batch_size": 4, "local_steps": 1},
+        }
+    )  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:fan_in_fan_out:UserWarning")  # PEFT on GPT-2's Conv1D, as expected
+def test_a_tokenizer_without_pad_token_pads_with_eos_and_the_run_trains(tmp_path, glue_dir):
+    settings = gpt2_settings(gpt2_dir(tmp_path, eos=True), glue_dir)
+    loaded = load_base(settings.model, num_labels=2, seed=0)
+    assert loaded.tokenizer.pad_token == "<eos>"
+    assert loaded.model.config.pad_token_id == loaded.tokenizer.eos_token_id == 1
+    summary = simulation.run(simulation.prepare(settings), create_run_dir(tmp_path / "run"), progress=False)
+    assert 0 <= summary["final_accuracy"] <= 1
+
+
+def test_a_tokenizer_without_pad_nor_eos_token_is_refused(tmp_path, glue_dir):
+    settings = gpt2_settings(gpt2_dir(tmp_path, eos=False), glue_dir)
+    with pytest.raises(ModelError, match="has no pad token and no end-of-sequence token"):
+        simulation.prepare(settings)
+
+
+# --- settings the model cannot serve, found without loading its weights ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lora", "message"),
+    [
+        ({"target_modules": ["query", "nope"]}, "lora.target_modules: 'nope' names no module"),
+        ({"target_modules": ["attention"]}, "names bert.encoder.layer.0.attention, a BertAttention"),
+        ({"modules_to_save": ["nope"]}, "lora.modules_to_save: 'nope' names no module"),
+        ({"rank": 33}, "lora.rank 33 is above min(m, n) = 32 of bert.encoder.layer.0.attention.self.query"),
+        ({"target_modules": ["classifier"], "rank": 3}, "lora.rank 3 is above min(m, n) = 2 of classifier"),
+        ({"rank_policy": "tiers", "tiers": [2, 40]}, "lora.tiers rank 40 is above min(m, n) = 32"),
+        ({"rank": 4, "bank_rank": 33}, "lora.bank_rank 33 is above min(m, n) = 32"),
+    ],
+)
+def test_check_fit_refuses_what_the_model_cannot_serve(tiny_model_dir, lora, message):
+    settings = validate_settings({"model": {"name_or_path": str(tiny_model_dir)}, "lora": lora})
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_fit(settings)
+
+
+def test_check_fit_passes_what_fits(tiny_model_dir):
+    check_fit(validate_settings({"model": {"name_or_path": str(tiny_model_dir)}, "lora": {"rank": 32}}))
+    check_fit(validate_settings({"lora": {"rank": 384}, "data": {"max_length": 512}}))  # the packaged one
+    with pytest.raises(ModelError, match="data.max_length 513 is above the 512 positions"):
+        check_fit(validate_settings({"data": {"max_length": 513}}))
+
+
+def test_positions_of_roberta_style_models_leave_out_the_padding_offset():
+    from transformers import BertConfig, RobertaConfig
+
+    assert usable_positions(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512
+    assert usable_positions(BertConfig(max_position_embeddings=512)) == 512

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
@@ -113,6 +114,8 @@ class Checkpoint:
             raise CheckpointError(
                 f"{folder / STATE_FILE} is of format {state.get('format')!r}; this hlora reads {FORMAT}"
             )
+        common = {k: state[k] for k in ("format", "round", "server") if k in state}
+        _validate(_State, common, folder / STATE_FILE)
         try:
             adapter = load_file(paths[ADAPTER_FILE])
             method_tensors = load_file(paths[AGGREGATOR_FILE])
@@ -123,6 +126,88 @@ class Checkpoint:
         server["global_weights"] = adapter
         run = {k: v for k, v in state.items() if k not in ("format", "round", "server")}
         return cls(int(state["round"]), server, run)
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class _Server(_Record):
+    version: int = Field(ge=0)
+    synced: dict[str, int]
+    aggregator: dict[str, Any]
+
+
+class _Rng(BaseModel):
+    python: tuple[int, list[int], float | None]
+    numpy: tuple[str, list[int], int, int, float]
+    torch: str
+    cuda: list[str] | None = None
+
+
+class _Partition(_Record):
+    sizes: list[int]
+    sha256: str
+
+
+class _MetricsRow(_Record):
+    round: int
+    accuracy: float
+    uplink_bytes: int
+    downlink_bytes: int
+    wall_s: float
+
+
+class _State(_Record):
+    """What `Checkpoint.write` puts in `state.json` for every runtime; the runtime's own keys follow."""
+
+    format: int
+    round: int = Field(ge=1)
+    server: _Server
+
+
+class _RunRecord(_Record):
+    """The part of `state.json` the runtimes write (`save_checkpoint`; `settings` absent in older ones)."""
+
+    fingerprint: str
+    settings: dict[str, Any] | None = None
+    bank_rank: int = Field(ge=1)
+    client_ranks: dict[str, int]
+    partition: _Partition
+    rng: _Rng
+    metrics: list[_MetricsRow]
+
+
+def _validate(model: type[BaseModel], data: Any, path: Path) -> None:
+    """CheckpointError, in one line, unless `data` (JSON values) has `model`'s structure, strictly (no
+    string for a number)."""
+    try:
+        model.model_validate_json(json.dumps(data), strict=True)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "the top level"
+        raise CheckpointError(f"{path} is damaged: {where}: {err['msg']}") from None
+
+
+def check_run_record(ckpt: Checkpoint, run_dir: Path) -> None:
+    """CheckpointError, in one line, for a checkpoint whose runtime part is not what `save_checkpoint`
+    made: a key missing, a value of the wrong type, metrics rows that are not rounds 1 to `round`, RNG
+    states that the RNGs refuse. Changes nothing."""
+    path = Path(run_dir) / CHECKPOINT_DIR / STATE_FILE
+    _validate(_RunRecord, ckpt.run, path)
+    rounds = [row["round"] for row in ckpt.metrics]
+    if rounds != list(range(1, ckpt.round + 1)):
+        raise CheckpointError(
+            f"{path} is damaged: its metrics rows are of rounds {rounds[:5]}, not 1 to {ckpt.round}"
+        )
+    kept = rng_state()
+    try:
+        # The only sure test of a state is to set it (CUDA's aside: setting them would initialise CUDA).
+        set_rng_state({k: v for k, v in ckpt.rng.items() if k != "cuda"})
+    except (ValueError, TypeError, RuntimeError, OverflowError, IndexError, KeyError) as e:
+        raise CheckpointError(f"{path} is damaged: its RNG states cannot be restored ({e})") from None
+    finally:
+        set_rng_state(kept)
 
 
 def save_checkpoint(run_dir: Path, exp: Experiment, rnd: int, metrics: Sequence[dict[str, Any]]) -> None:
@@ -161,7 +246,7 @@ def restore(exp: Experiment, ckpt: Checkpoint) -> int:
             )
     try:
         exp.server.load_state_dict(ckpt.server)
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise CheckpointError(f"the checkpoint's server state does not fit this run: {e}") from None
     merge_base(exp.model, exp.server.model_plan())  # the model is fresh: it holds no delta yet
     return ckpt.round
@@ -182,6 +267,7 @@ def open_resume(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[Settings,
     settings = _run_config(Path(run_dir), overrides)
     ckpt = Checkpoint.read(run_dir)
     if ckpt is not None:
+        check_run_record(ckpt, run_dir)
         check_config(ckpt, settings)
     done = ckpt.round if ckpt is not None else 0
     rounds = settings.federation.rounds
@@ -207,6 +293,7 @@ def restore_run(run_dir: Path) -> Experiment:
     ckpt = Checkpoint.read(run_dir)
     if ckpt is None:
         raise CheckpointError(f"run {run_dir} has no checkpoint yet: no round has finished")
+    check_run_record(ckpt, run_dir)
     check_config(ckpt, settings)
     exp = simulation.prepare(settings)
     restore(exp, ckpt)
@@ -374,13 +461,16 @@ def _committed(folder: Path) -> tuple[dict[str, Any], dict[str, Path]] | None:
         state = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {path}: {e}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is damaged: it holds a JSON {type(state).__name__}, not an object")
     paths = {name: folder / name for name in _TENSOR_FILES}
     for file in paths.values():
         found = _round_of(file)
         if found != state.get("round"):
             held = "is missing or unreadable" if found is None else f"holds round {found}"
             raise CheckpointError(
-                f"{file} {held}, but {STATE_FILE} names round {state.get('round')}: the checkpoint is damaged"
+                f"{file} {held}, but {STATE_FILE} names round {state.get('round')!r}: "
+                "the checkpoint is damaged"
             )
     return state, paths
 
@@ -392,6 +482,8 @@ def _interrupted_commit(folder: Path) -> tuple[dict[str, Any], dict[str, Path]] 
     try:
         state = json.loads(_tmp(folder / STATE_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict):
         return None
     paths = {}
     for name in _TENSOR_FILES:

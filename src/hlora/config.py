@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hlora.errors import ConfigError
 
 DEFAULT_MODEL = "packaged:all-MiniLM-L6-v2"
+# The largest seed every library a run seeds accepts (numpy's legacy global RNG takes 0 .. 2**32 - 1).
+MAX_SEED = 2**32 - 1
 
 
 class _Section(BaseModel):
@@ -25,13 +27,23 @@ class _Section(BaseModel):
 
 
 class RunSettings(_Section):
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     # "centralized": one client holding all the data (the upper reference); "local": client `client` of
     # the federated partition training alone on its own data at its own rank (the lower reference).
     mode: Literal["federated", "centralized", "local"] = "federated"
     client: int | None = Field(None, ge=0)  # "local" mode only: the client id, 0 .. num_clients - 1
     device: str = "auto"  # "auto" picks CUDA when present, else CPU; or any torch device string
     name: str | None = None  # run directory name under runs/ when --out is not given
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        # The name goes under runs/: one path component, or the run would be written elsewhere.
+        if v is not None and (
+            v.strip() in ("", ".", "..") or any(c in v for c in "/\\\0") or Path(v).is_absolute()
+        ):
+            raise ValueError("must be a plain folder name (no '/', '\\', not '.' or '..')")
+        return v
 
 
 class DataSettings(_Section):
@@ -54,7 +66,8 @@ class ModelSettings(_Section):
 
 class LoraSettings(_Section):
     rank: int = Field(8, ge=1)
-    scale: float = Field(2.0, gt=0)  # one scaling for every rank: lora_alpha = scale * rank (METHOD.md)
+    # One scaling for every rank: lora_alpha = scale * rank (METHOD.md).
+    scale: float = Field(2.0, gt=0, allow_inf_nan=False)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
     # Trained, non-LoRA modules (the head); None lets PEFT pick the classifier for sequence classification.
@@ -138,16 +151,16 @@ class FederationSettings(_Section):
 
 class TrainSettings(_Section):
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
     # The learning rate of the trained non-LoRA modules (lora.modules_to_save: the head, and a pooler
     # when it trains); None: `lr`. Pre-trained dense weights usually want a smaller step than LoRA.
-    head_lr: float | None = Field(None, gt=0)
+    head_lr: float | None = Field(None, gt=0, allow_inf_nan=False)
     batch_size: int = Field(16, ge=1)
-    local_epochs: float = Field(1.0, gt=0)  # used when local_steps is 0
+    local_epochs: float = Field(1.0, gt=0, allow_inf_nan=False)  # used when local_steps is 0
     local_steps: int = Field(0, ge=0)  # > 0: exactly this many steps per round, cycling the data
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
     momentum: float = Field(0.0, ge=0, lt=1)  # SGD only
-    max_grad_norm: float | None = Field(1.0, gt=0)  # None: no clipping
+    max_grad_norm: float | None = Field(1.0, gt=0, allow_inf_nan=False)  # None: no clipping
     # Batches of rows of similar length (shuffled in groups of 50 batches, as transformers' Trainer does):
     # less padding, so more rows a second, at the price of less random batches.
     group_by_length: bool = False

@@ -126,19 +126,10 @@ def methods() -> None:
 
 
 def _device(name: str):
-    """`auto`, or a torch device this machine has; ConfigError otherwise."""
-    import torch
-
-    from hlora.errors import ConfigError
+    """`auto`, or a torch device this machine has; ConfigError naming --device otherwise."""
     from hlora.federation.simulation import pick_device
 
-    try:
-        device = pick_device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}: use auto, cpu or cuda[:i]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for, but this machine has no CUDA device")
-    return device
+    return pick_device(name, key="--device")
 
 
 @app.command("eval")
@@ -177,6 +168,7 @@ def eval_(
     from hlora.errors import DataError, ExportError
     from hlora.evaluation import predict_logits, task_metrics
     from hlora.export import load_model_folder, read_export_info
+    from hlora.models.lora_model import check_max_length, ensure_pad_token
     from hlora.outputs import write_json
 
     _setup_logging(quiet)
@@ -192,6 +184,10 @@ def eval_(
     rows = rows.head(max_samples)
     torch_device = _device(device)
     loaded = load_model_folder(adapter, spec.num_labels, torch_device, base_model=base)
+    model_config = getattr(loaded.module, "config", None)
+    if max_length is not None:
+        check_max_length(model_config, max_length, "--max-length")
+    ensure_pad_token(loaded.tokenizer, loaded.module, str(adapter))
     data = encode(rows, loaded.tokenizer, max_length or int(info.get("max_length", 128)))
     logits = predict_logits(loaded.module, data, batch_size, make_collator(loaded.tokenizer), torch_device)
     scores = task_metrics(spec, data.labels, logits.argmax(axis=1))

@@ -32,7 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from hlora.config import Settings, apply_override, load_settings, settings_differences, validate_settings
+from hlora.config import (
+    MAX_SEED,
+    Settings,
+    apply_override,
+    load_settings,
+    settings_differences,
+    validate_settings,
+)
 from hlora.errors import ConfigError, RunDirError
 from hlora.outputs import CONFIG_FILE, LOCK_FILE, SUMMARY_FILE, lock_run_dir
 
@@ -86,6 +93,9 @@ def parse_seeds(text: str) -> list[int]:
         raise ConfigError(f"--seeds: expected comma-separated integers, got {text!r}") from None
     if not seeds:
         raise ConfigError("--seeds names no seed")
+    for seed in seeds:
+        if not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"--seeds: {seed} is not a seed; seeds run from 0 to {MAX_SEED}")
     return list(dict.fromkeys(seeds))
 
 
@@ -289,9 +299,21 @@ def prepare_comparison(
     planned = []
     for spec in specs:
         settings = spec_settings(base, spec)
+        check_runnable(settings)
         run_dir = out / RUNS_DIR / spec.dir_name
         planned.append(PlannedRun(spec, settings, run_dir, run_state(run_dir, settings)))
     return planned
+
+
+def check_runnable(settings: Settings) -> None:
+    """What `simulation.prepare` would refuse in the model and the device, checked for every run of the
+    comparison before the first one trains (a reference's own rank or `--central-set` could fail one that
+    comes late), without loading any weights."""
+    from hlora.federation.simulation import pick_device
+    from hlora.models.lora_model import check_fit
+
+    check_fit(settings)
+    pick_device(settings.run.device)
 
 
 def run_comparison(

@@ -38,7 +38,7 @@ from hlora.federation.faults import ClientFailure, FaultInjector
 from hlora.federation.ranks import assign_ranks, resolve_bank_rank
 from hlora.federation.server import FederatedServer, RoundOutcome, RoundTraffic, derive_seed, traffic
 from hlora.federation.validation import Rejection
-from hlora.models.lora_model import LoraModel, load_base_model
+from hlora.models.lora_model import LoraModel, check_fit, load_base_model
 from hlora.outputs import (
     CONFIG_FILE,
     PARTITION_FILE,
@@ -56,10 +56,31 @@ from hlora.provenance import environment
 log = logging.getLogger("hlora")
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, key: str = "run.device") -> torch.device:
+    """`auto` (CUDA when present, else the CPU), or a device this machine has: `cpu`, `cuda[:i]`, `mps`.
+    ConfigError naming `key` (the setting or option it came from) for any other."""
+    from hlora.errors import ConfigError  # here: the rest of this module never raises it
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"{key}: unknown device {name!r}; use auto, cpu or cuda[:i]")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{key}: {name!r} asked for, but this machine has no CUDA device")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(
+                f"{key}: {name!r} asked for, but this machine has {count} CUDA device(s), "
+                f"cuda:0 to cuda:{count - 1}"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{key}: {name!r} asked for, but this machine has no MPS device")
+    return device
 
 
 def effective_settings(settings: Settings) -> Settings:
@@ -133,6 +154,7 @@ def split_clients(settings: Settings, labels: Any) -> tuple[list[np.ndarray], di
 
 def prepare(settings: Settings) -> Experiment:
     """Load and check the data, partitions and model. Raises HloraError on bad input; writes nothing."""
+    check_fit(settings)  # what the model cannot serve, before anything slow
     settings = effective_settings(settings)
     t0 = time.perf_counter()
     task = get_task(settings.data.task)

@@ -8,7 +8,9 @@ with the number of distinct ranks, never with the number of clients.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,8 +23,8 @@ from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError
 from torch import nn
 
-from hlora.config import DEFAULT_MODEL, LoraSettings, ModelSettings
-from hlora.errors import ModelError
+from hlora.config import DEFAULT_MODEL, LoraSettings, ModelSettings, Settings
+from hlora.errors import ConfigError, ModelError
 from hlora.weights import AdapterWeights, LoraFactors
 
 log = logging.getLogger("hlora.models")
@@ -77,6 +79,132 @@ def quiet_transformers() -> Iterator[None]:
         hf_logging.enable_progress_bar()
 
 
+# Models whose position ids start after the padding index (RoBERTa's scheme): they use
+# max_position_embeddings - pad_token_id - 1 positions at most.
+_OFFSET_POSITIONS = frozenset(
+    {"roberta", "xlm-roberta", "camembert", "roberta-prelayernorm", "mpnet", "xmod"}
+)
+
+
+def usable_positions(config: object) -> int | None:
+    """How many tokens a row of this model (its transformers config) may hold; None where it says not."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or isinstance(positions, bool):
+        return None
+    if getattr(config, "model_type", None) in _OFFSET_POSITIONS:
+        positions -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return positions
+
+
+def check_max_length(config: object, max_length: int, key: str) -> None:
+    """ModelError naming `key` when rows of `max_length` tokens do not fit the model's positions (they
+    would fail on the first long row)."""
+    positions = usable_positions(config)
+    if positions is not None and max_length > positions:
+        raise ModelError(
+            f"{key} {max_length} is above the {positions} positions of the model's position embeddings "
+            f"(max_position_embeddings): use at most {positions}"
+        )
+
+
+def ensure_pad_token(tokenizer: object, model: nn.Module, path: str) -> None:
+    """Batches are padded: a tokenizer without a pad token (GPT-2's) pads with its end-of-sequence token,
+    and the model's config learns that id (transformers' documented way; sequence classification finds
+    each row's last token by it). ModelError where there is no end-of-sequence token either."""
+    if getattr(tokenizer, "pad_token", None) is None:
+        eos = getattr(tokenizer, "eos_token", None)
+        if eos is None:
+            raise ModelError(
+                f"the tokenizer of {path!r} has no pad token and no end-of-sequence token to pad with: "
+                "give the model folder a tokenizer with a pad_token"
+            )
+        tokenizer.pad_token = eos  # type: ignore[attr-defined]
+        log.info("the tokenizer has no pad token: padding with its end-of-sequence token %r", eos)
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = tokenizer.pad_token_id  # type: ignore[attr-defined]
+
+
+# What PEFT's LoRA can adapt (transformers' Conv1D is GPT-2's linear layer).
+_ADAPTABLE = ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "Conv1D")
+
+
+@functools.lru_cache(maxsize=8)
+def _model_outline(
+    path: str, num_labels: int, local_only: bool
+) -> tuple[object, dict[str, tuple[str, tuple[int, ...]]]]:
+    """The model's transformers config, and each of its modules' class name and weight shape (() for a
+    module without a weight), from the model built on the meta device: no weights are read or allocated."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    with quiet_transformers():
+        try:
+            config = AutoConfig.from_pretrained(path, num_labels=num_labels, local_files_only=local_only)
+            with torch.device("meta"):
+                model = AutoModelForSequenceClassification.from_config(config)
+        except LOAD_ERRORS as e:
+            raise ModelError(
+                f"cannot load a sequence-classification model from {path!r}: {one_line(e)}"
+            ) from None
+    modules = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = getattr(module, "weight", None)
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else ()
+        modules[name] = (type(module).__name__, shape)
+    return config, modules
+
+
+def check_fit(settings: Settings) -> None:
+    """Refuse, before any weight is loaded or any file written, the settings this model cannot serve:
+    rows longer than its positions (`data.max_length`), `lora.target_modules` or `lora.modules_to_save`
+    names that match no module of it (PEFT's matching), target modules LoRA cannot adapt, and a rank
+    (`lora.rank`, a tier's, `lora.bank_rank`) above an adapted weight's min(m, n). ModelError or
+    ConfigError, naming the setting."""
+    from hlora.data.glue import get_task
+
+    path = resolve_model_path(settings.model.name_or_path)
+    local_only = Path(path).exists() or os.environ.get("HF_HUB_OFFLINE") == "1"
+    config, modules = _model_outline(path, get_task(settings.data.task).num_labels, local_only)
+    check_max_length(config, settings.data.max_length, "data.max_length")
+    lora = settings.lora
+    for name in lora.modules_to_save or ():
+        if not any(key.endswith(name) for key in modules):  # PEFT's rule for modules_to_save
+            raise ConfigError(f"lora.modules_to_save: {name!r} names no module of this model")
+    adapted: dict[str, tuple] = {}
+    for name in lora.target_modules:
+        matched = [key for key in modules if key == name or key.endswith(f".{name}")]  # PEFT's rule
+        if not matched:
+            layers = sorted(
+                {key.rsplit(".", 1)[-1] for key, (kind, _) in modules.items() if kind in _ADAPTABLE}
+            )
+            raise ConfigError(
+                f"lora.target_modules: {name!r} names no module of this model "
+                f"(its layers LoRA can adapt end in: {', '.join(layers[:12])})"
+            )
+        for key in matched:
+            kind, shape = modules[key]
+            if kind not in _ADAPTABLE or len(shape) < 2:
+                raise ConfigError(
+                    f"lora.target_modules: {name!r} names {key}, a {kind}, which is no layer LoRA can "
+                    "adapt (Linear, Embedding, Conv)"
+                )
+            adapted[key] = shape
+    ranks = [("lora.rank", lora.rank)] if lora.rank_policy != "tiers" else []
+    ranks += [("lora.tiers rank", max(lora.tiers))] if lora.rank_policy == "tiers" else []
+    ranks += [("lora.bank_rank", lora.bank_rank)] if lora.bank_rank is not None else []
+    key, shape = min(adapted.items(), key=lambda item: _full_rank(item[1]))
+    for what, rank in ranks:
+        if rank > _full_rank(shape):
+            raise ConfigError(
+                f"{what} {rank} is above min(m, n) = {_full_rank(shape)} of {key} "
+                f"({shape[0]} x {math.prod(shape[1:])}): a LoRA factor cannot exceed the weight's rank"
+            )
+
+
+def _full_rank(shape: tuple) -> int:
+    return min(shape[0], math.prod(shape[1:]))
+
+
 @dataclass(frozen=True)
 class LoadedBase:
     """A freshly loaded base model with what an export needs to know about it."""
@@ -115,6 +243,7 @@ def load_base(settings: ModelSettings, num_labels: int, seed: int) -> LoadedBase
             raise ModelError(
                 f"cannot load a sequence-classification model from {path!r}: {one_line(e)}"
             ) from None
+    ensure_pad_token(tokenizer, model, path)
     params = dict(model.named_parameters())
     new = tuple(sorted(k for k in info.get("missing_keys", ()) if k in params))
     return LoadedBase(model, tokenizer, path, new)
