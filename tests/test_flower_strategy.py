@@ -6,6 +6,7 @@ reply with what does not decode."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from hlora.config import settings_to_toml, validate_settings
 from hlora.federation import simulation
 from hlora.flower import client_app, server_app
 from hlora.flower.server_app import NodeError
-from hlora.flower.wire import UPDATE_ARRAYS
+from hlora.flower.wire import UPDATE_ARRAYS, UPDATE_METRICS
 from hlora.outputs import create_run_dir, read_metrics
 
 # A node's behaviour: given the message and what the ClientApp would reply, the reply to deliver
@@ -268,3 +269,29 @@ def test_a_run_goes_on_past_nodes_with_false_claims(tiny_settings, tmp_path):
     assert [r["aggregated_clients"] for r in rows] == [[0, 1, 2]] * 2
     trained = {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "train"}
     assert trained == {node_of(grid, k) for k in range(3)}
+
+
+def test_figures_a_node_reports_out_of_bounds_are_recorded_as_missing_not_averaged(tiny_settings, tmp_path):
+    """A node replies with a NaN loss, a 2^62-byte peak and a NaN where a count belongs: its update
+    still counts (it is judged on its own), its figures are named in `invalid_reports` and reach
+    neither the loss, nor the tier's peak, nor the summary's maximum."""
+    grid = LoopbackGrid(node_configs())
+
+    def boasts(msg, reply):
+        answer = reply()
+        if msg.metadata.message_type == "train":
+            figures = answer.content.metric_records[UPDATE_METRICS]
+            figures["mean-loss"], figures["peak-bytes"], figures["state-bytes"] = math.nan, 2**62, math.nan
+        return answer
+
+    grid.behaviour = {node_of(grid, 0): boasts}
+    out = run_server(grid, mixed(tiny_settings), tmp_path)
+    text = (out / "metrics.jsonl").read_text(encoding="utf-8")
+    assert "NaN" not in text and str(2**62) not in text
+    for row in read_metrics(out):
+        assert row["invalid_reports"] == {"0": ["mean_loss", "peak_bytes", "state_bytes"]}
+        assert row["aggregated_clients"] == [0, 1, 2] and row["rejected"] == {}
+        assert math.isfinite(row["train_loss"])
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["invalid_reports_by_field"] == {"mean_loss": 2, "peak_bytes": 2, "state_bytes": 2}
+    assert all(v < 2**50 for v in summary["max_tier_peak_bytes"].values())
