@@ -441,12 +441,6 @@ def round_row(
     return row
 
 
-def _per_tier_figure(by_tier: dict[int, list[TrainResult]], figure: str, combine) -> dict[str, Any]:
-    """`{rank: combine(the tier's values of figure)}` over the values that are not missing (None)."""
-    values = {r: [v for v in (getattr(x, figure) for x in xs) if v is not None] for r, xs in by_tier.items()}
-    return {str(r): combine(vs) for r, vs in values.items() if vs}
-
-
 def reliability_fields(
     outcome: RoundOutcome, lost: dict[int, str], corrupted: dict[int, str]
 ) -> dict[str, Any]:
@@ -472,6 +466,12 @@ def _same_model(a: ClientPlan, b: ClientPlan) -> bool:
     return ta.keys() == tb.keys() and all(
         ta[k].shape == tb[k].shape and torch.equal(ta[k], tb[k]) for k in ta
     )
+
+
+def _per_tier_figure(by_tier: dict[int, list[TrainResult]], figure: str, combine) -> dict[str, Any]:
+    """`{rank: combine(the tier's values of figure)}` over the values that are not missing (None)."""
+    values = {r: [v for v in (getattr(x, figure) for x in xs) if v is not None] for r, xs in by_tier.items()}
+    return {str(r): combine(vs) for r, vs in values.items() if vs}
 
 
 def _rank_counts(client_ranks: dict[int, int]) -> str:
