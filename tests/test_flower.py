@@ -73,7 +73,7 @@ def test_a_flower_run_ends_with_the_simulations_adapter_and_traffic(tiny_setting
     assert [r["round"] for r in rows] == [1, 2]
     for row, sim_row in zip(rows, sim_rows, strict=True):
         for key in ("uplink_bytes", "downlink_bytes", "client_uplink_bytes", "client_downlink_bytes",
-                    "client_ranks", "aggregated_clients", "failed_clients", "rejected"):
+                    "client_ranks", "aggregated_clients", "failed_clients", "rejected", "invalid_reports"):
             assert row[key] == sim_row[key], key
         assert len(set(row["client_ranks"].values())) == 3  # mixed ranks, one client in each tier
         assert row["accuracy"] == pytest.approx(sim_row["accuracy"], abs=1e-6)

@@ -122,7 +122,8 @@ def test_the_apps_in_one_process_give_the_simulations_run(tiny_settings, tmp_pat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for got, want in zip(read_metrics(out), read_metrics(sim), strict=True):
         for key in ("accuracy", "train_loss", "uplink_bytes", "downlink_bytes", "client_uplink_bytes",
-                    "client_downlink_bytes", "aggregated_clients", "failed_clients", "rejected"):
+                    "client_downlink_bytes", "aggregated_clients", "failed_clients", "rejected",
+                    "invalid_reports"):
             assert got[key] == want[key], key
     assert json.loads((out / "summary.json").read_text())["rounds"] == 2
 

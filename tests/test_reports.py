@@ -102,3 +102,10 @@ def test_a_run_with_honest_clients_records_no_invalid_report(tiny_settings, tmp_
     summary = simulation.run(simulation.prepare(tiny_settings), create_run_dir(out), progress=False)
     assert [row["invalid_reports"] for row in read_metrics(out)] == [{}, {}]
     assert summary["invalid_reports_by_field"] == {}
+
+
+def test_the_round_line_names_the_clients_whose_figures_were_left_out():
+    row = {"round": 1, "accuracy": 0.5, "train_loss": 0.7, "uplink_bytes": 0, "downlink_bytes": 0,
+           "wall_s": 1.0, "invalid_reports": {"1": ["mean_loss", "peak_bytes"]}}
+    assert simulation.round_line(row, 2).endswith("  bad figures c1 mean_loss,peak_bytes")
+    assert "bad figures" not in simulation.round_line({**row, "invalid_reports": {}}, 2)

@@ -491,6 +491,10 @@ def round_line(row: dict[str, Any], rounds: int) -> str:
         for label, key in (("rejected", "rejected"), ("lost", "failed_clients"))
         if row.get(key)
     )
+    if row.get("invalid_reports"):
+        trouble += "  bad figures " + " ".join(
+            f"c{cid} {','.join(names)}" for cid, names in row["invalid_reports"].items()
+        )
     if row.get("round_failed"):
         trouble += "  round failed: global model kept"
     return (
