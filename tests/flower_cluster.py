@@ -45,8 +45,42 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-class PortTaken(RuntimeError):
+class ProcessExited(RuntimeError):
+    """A process exited before it served."""
+
+
+class PortTaken(ProcessExited):
     """A process could not bind the port chosen for it: another program took it meanwhile."""
+
+
+def start_process(
+    args: list[str], log: Path, cwd: Path, env: dict[str, str], ready, timeout: float = START_TIMEOUT_S,
+    on_start=None,
+) -> subprocess.Popen:
+    """Start `args` in a session of its own, its output appended to `log`, and poll until `ready()`.
+    PortTaken where it exits for want of its port, ProcessExited where it exits otherwise (both with
+    what it wrote), RuntimeError where it does not serve in `timeout` seconds (still running: the
+    caller stops it). `on_start(proc)` is called as soon as it runs, so that the caller can stop it
+    whatever happens next."""
+    start = log.stat().st_size if log.exists() else 0  # this start's lines, after any earlier one's
+    with log.open("ab") as f:
+        proc = subprocess.Popen(
+            args, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    if on_start is not None:
+        on_start(proc)
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            with log.open("rb") as f:
+                f.seek(start)
+                text = f.read().decode("utf-8", errors="replace")
+            error = PortTaken if "address already in use" in text.lower() else ProcessExited
+            raise error(f"{args[0]} exited with status {proc.returncode}\n{text[-3000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{args[0]} did not serve in {timeout:g} s")
+        time.sleep(0.2)
+    return proc
 
 
 class Cluster:
@@ -153,29 +187,22 @@ class Cluster:
         raise RuntimeError(f"{name} found no free port in {PORT_TRIES} tries\n{self.tail()}")
 
     def _start(self, name: str, args: list[str], ready, exit_ok: bool = False) -> None:
-        """Start `args` as `name` and wait until `ready()`. PortTaken where it exits for want of its
-        port; RuntimeError where it exits otherwise (unless `exit_ok`) or is not ready in time."""
+        """Start `args` as `name` (`start_process`); with `exit_ok`, a process that exits (not for its
+        port) is not an error here."""
         log = self.root / f"{name}.log"
         self.logs[name] = log
-        start = log.stat().st_size if log.exists() else 0  # this start's lines, after any earlier one's
-        with log.open("ab") as f:
-            proc = self.procs[name] = subprocess.Popen(
-                args, cwd=self.root, env=self.env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not ready():
-            if proc.poll() is not None:
-                with log.open("rb") as f:
-                    f.seek(start)
-                    text = f.read().decode("utf-8", errors="replace")
-                if "address already in use" in text.lower():
-                    raise PortTaken(name)
-                if exit_ok:
-                    return
-                raise RuntimeError(f"{name} exited with status {proc.returncode}\n{text[-3000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not serve in {START_TIMEOUT_S} s\n{self.tail()}")
-            time.sleep(0.2)
+        def keep(proc: subprocess.Popen) -> None:
+            self.procs[name] = proc
+
+        try:
+            start_process(args, log, self.root, self.env, ready, on_start=keep)
+        except PortTaken:
+            raise
+        except ProcessExited:
+            if not exit_ok:
+                raise
+        except RuntimeError as e:
+            raise RuntimeError(f"{name}: {e}\n{self.tail()}") from None
 
     def flwr(self, *args: str, timeout: float = START_TIMEOUT_S) -> subprocess.CompletedProcess:
         return subprocess.run(

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import socket
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from hlora.config import settings_to_toml, validate_settings
 from hlora.federation import simulation
 from hlora.outputs import METRICS_FILE, SUMMARY_FILE, create_run_dir, read_metrics
 
-from .flower_cluster import REPO, Cluster, wait_for
+from .flower_cluster import REPO, Cluster, PortTaken, free_port, listening, start_process, wait_for
 
 # In the default suite, so CI runs them (issue 6): about 3 minutes on 2 idle cores.
 pytestmark = pytest.mark.integration
@@ -156,3 +158,23 @@ def _listed(cluster: Cluster) -> list[dict]:
 
 def _online(cluster: Cluster) -> bool:
     return any(node["status"] == "online" for node in _listed(cluster))
+
+
+def test_a_process_that_loses_its_free_port_is_told_apart_so_that_the_cluster_tries_another(tmp_path):
+    """The port was free when chosen and another program bound it before the process did: that exit
+    raises PortTaken (the cluster then starts the process again on a new port), in seconds."""
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        server = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+        with pytest.raises(PortTaken, match="(?i)address already in use"):
+            start_process(server, tmp_path / "server.log", tmp_path, {}, ready=lambda: False, timeout=120)
+    procs = []
+    proc = start_process(server, tmp_path / "server.log", tmp_path, {}, ready=lambda: listening(port),
+                         timeout=120, on_start=procs.append)
+    try:
+        assert procs == [proc] and proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
