@@ -233,7 +233,7 @@ def claims(pid: object, num: object) -> Behaviour:
     return behaviour
 
 
-@pytest.mark.parametrize("pid", [7, -1, 3, "0", 0.5, True])
+@pytest.mark.parametrize("pid", [7, -1, 3, "0", 0.5, True, "x" * 10_000])
 def test_a_claimed_partition_outside_the_run_is_ignored_and_does_not_complete_the_count(pid, caplog):
     """Nodes of partitions 0 and 1, and a third node that claims partition `pid` of 3: the count of
     three nodes is not complete, partition 2 is still missing."""
@@ -243,7 +243,7 @@ def test_a_claimed_partition_outside_the_run_is_ignored_and_does_not_complete_th
     grid.behaviour = {99: claims(pid, 3)}
     with pytest.raises(NodeError, match=r"no node holds partition\(s\) \[2\]") as e:
         server_app.find_nodes(grid, 3, timeout=0.0)
-    assert "node 99" in str(e.value)  # the error says which node was ignored and why
+    assert "node 99" in str(e.value) and len(str(e.value)) < 200  # which node was ignored and why, briefly
     assert "node 99" in caplog.text
 
 

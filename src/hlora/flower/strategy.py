@@ -218,7 +218,7 @@ def claim_problem(node: int, pid: object, num: object, num_partitions: int, hold
     `num_partitions` partitions and `holder` is the node that holds `pid` already (None if none does).
     Both must be ints as hlora's ClientApp sends them, not a string, float or bool that int() takes."""
     if type(pid) is not int or type(num) is not int:
-        return f"partition {pid!r} of {num!r} is not a pair of ints"
+        return f"partition {repr(pid)[:24]} of {repr(num)[:24]} is not a pair of ints"
     if num != num_partitions:
         return f"partition {pid} of {num}, but the run has federation.num_clients = {num_partitions}"
     if not 0 <= pid < num_partitions:
