@@ -39,6 +39,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _pythonpath() -> str:
+    """PYTHONPATH for the processes: first the folder this process's hlora was imported from, then the
+    caller's entries made absolute."""
+    import hlora
+
+    entries = [Path(hlora.__file__).resolve().parents[1]]
+    entries += [Path(p).resolve() for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join(dict.fromkeys(str(p) for p in entries))
+
+
 def listening(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(1.0)
@@ -105,6 +115,9 @@ class Cluster:
             "HOME": str(self.home),
             "FLWR_HOME": str(self.home / ".flwr"),
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            # The apps import the hlora under test (this checkout's), whatever else the venv points at;
+            # a relative PYTHONPATH would not hold in the processes' own folders.
+            "PYTHONPATH": _pythonpath(),
             "OMP_NUM_THREADS": "1",
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
