@@ -14,6 +14,9 @@ writes into the folder:
   format: `nodeK` is `flower-supernode --auth-supernode-private-key`, `nodeK.pub` is what
   `flwr supernode register` tells a SuperLink started with `--enable-supernode-auth`).
 
+The private keys (`ca.key`, `server.key`, `nodeK`) are created with mode 0600 (readable by their owner
+alone), the certificates and public keys with 0644.
+
 Uses `cryptography`, which flwr depends on. Refuses to overwrite existing files.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import ipaddress
+import os
 import sys
 from pathlib import Path
 
@@ -99,23 +103,30 @@ def make_certs(folder: Path, hosts: list[str], nodes: int = 0) -> dict[str, Path
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    paths["ca.crt"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths["ca.key"].write_bytes(_pem_key(ca_key))
-    paths["server.crt"].write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    paths["server.key"].write_bytes(_pem_key(server_key))
+    _write(paths["ca.crt"], ca.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write(paths["ca.key"], _pem_key(ca_key), 0o600)
+    _write(paths["server.crt"], server.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write(paths["server.key"], _pem_key(server_key), 0o600)
     for k in range(nodes):
         key = ec.generate_private_key(ec.SECP384R1())
-        paths[f"node{k}"].write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-            )
+        private = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
         )
-        paths[f"node{k}.pub"].write_bytes(
-            key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        _write(paths[f"node{k}"], private, 0o600)
+        public = key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
         )
-    for name in ("ca.key", "server.key", *(f"node{k}" for k in range(nodes))):
-        paths[name].chmod(0o600)
+        _write(paths[f"node{k}.pub"], public, 0o644)
     return paths
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """Create `path` with `mode` (narrowed further by the umask) and write `data`: a private key is
+    never readable by others, not even between its creation and a later chmod. O_EXCL: a file that
+    appeared since the check (or a symlink planted there) is not written through."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def main(argv: list[str] | None = None) -> int:

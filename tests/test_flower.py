@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import socket
+import sys
 import time
 from pathlib import Path
 
@@ -30,12 +32,13 @@ from hlora.config import settings_to_toml, validate_settings
 from hlora.federation import simulation
 from hlora.outputs import METRICS_FILE, SUMMARY_FILE, create_run_dir, read_metrics
 
-from .flower_cluster import REPO, Cluster, wait_for
+from .flower_cluster import REPO, Cluster, PortTaken, free_port, listening, start_process, wait_for
 
 # In the default suite, so CI runs them (issue 6): about 3 minutes on 2 idle cores.
 pytestmark = pytest.mark.integration
 
 RUN_TIMEOUT_S = 900  # a whole run, on a busy 2-core machine
+REFUSE_TIMEOUT_S = 300  # for a refused SuperNode to give up, on a busy machine
 
 
 def mixed(settings, **federation):
@@ -52,7 +55,7 @@ def nodes(n: int) -> list[str]:
 def submit(cluster: Cluster, settings, out: Path, **run_config) -> None:
     config = cluster.root / "hlora.toml"
     config.write_text(settings_to_toml(settings), encoding="utf-8")
-    cluster.submit({"config": str(config), "out": str(out), "node-timeout": 300.0, **run_config})
+    cluster.submit({"config": str(config), "out": str(out), "node-timeout": 600.0, **run_config})
 
 
 def test_a_flower_run_ends_with_the_simulations_adapter_and_traffic(tiny_settings, tmp_path):
@@ -72,7 +75,7 @@ def test_a_flower_run_ends_with_the_simulations_adapter_and_traffic(tiny_setting
     assert [r["round"] for r in rows] == [1, 2]
     for row, sim_row in zip(rows, sim_rows, strict=True):
         for key in ("uplink_bytes", "downlink_bytes", "client_uplink_bytes", "client_downlink_bytes",
-                    "client_ranks", "aggregated_clients", "failed_clients", "rejected"):
+                    "client_ranks", "aggregated_clients", "failed_clients", "rejected", "invalid_reports"):
             assert row[key] == sim_row[key], key
         assert len(set(row["client_ranks"].values())) == 3  # mixed ranks, one client in each tier
         assert row["accuracy"] == pytest.approx(sim_row["accuracy"], abs=1e-6)
@@ -83,7 +86,7 @@ def test_a_node_killed_mid_run_is_recorded_and_its_restart_takes_its_partition_b
     settings = mixed(tiny_settings, min_clients=2, rounds=3)
     out = tmp_path / "flower-run"
     with Cluster(tmp_path / "cluster", nodes(3)) as cluster:
-        submit(cluster, settings, out, **{"reply-timeout": 120.0})
+        submit(cluster, settings, out, **{"reply-timeout": 300.0})
         deadline = time.monotonic() + RUN_TIMEOUT_S
         metrics = out / METRICS_FILE
         while not (metrics.exists() and metrics.read_text(encoding="utf-8").count("\n") >= 1):
@@ -124,3 +127,54 @@ def test_a_run_over_tls_with_authenticated_supernodes(tiny_settings, tmp_path):
     rows = read_metrics(out)
     assert len(rows) == 1 and rows[0]["aggregated_clients"] == [0, 1]
     assert "http://" not in log.split("Uvicorn running on", 1)[-1].splitlines()[0]  # it serves HTTPS
+
+
+def test_a_supernode_whose_key_was_never_registered_is_refused(tmp_path):
+    """Under SuperNode authentication, node 1 connects with a key pair that was never registered (node
+    0's was): the SuperLink refuses to activate it, the SuperNode exits saying so, and the SuperLink
+    lists node 0 alone, online."""
+    certs = tmp_path / "certs"
+    _make_certs(certs, nodes=2)
+    with Cluster(tmp_path / "cluster", nodes(2)[:1], tls=certs, auth=True) as cluster:
+        cluster.start_node(1, nodes(2)[1])
+        deadline = time.monotonic() + REFUSE_TIMEOUT_S
+        while cluster.alive("node1") or not _online(cluster):
+            assert time.monotonic() < deadline, cluster.tail()
+            time.sleep(0.5)
+        listed = _listed(cluster)
+        node_log = cluster.logs["node1"].read_text(encoding="utf-8", errors="replace")
+        link_log = cluster.logs["superlink"].read_text(encoding="utf-8", errors="replace")
+    assert cluster.procs["node1"].returncode != 0
+    assert "Failed to activate SuperNode" in node_log
+    assert "No SuperNode found with the given public key" in link_log
+    assert [node["status"] for node in listed] == ["online"]  # node 0, and nothing of node 1
+
+
+def _listed(cluster: Cluster) -> list[dict]:
+    """The SuperNodes the SuperLink knows (`flwr supernode list`)."""
+    done = cluster.flwr("supernode", "list", "test", "--format", "json")
+    return json.loads(done.stdout)["nodes"] if done.returncode == 0 else []
+
+
+def _online(cluster: Cluster) -> bool:
+    return any(node["status"] == "online" for node in _listed(cluster))
+
+
+def test_a_process_that_loses_its_free_port_is_told_apart_so_that_the_cluster_tries_another(tmp_path):
+    """The port was free when chosen and another program bound it before the process did: that exit
+    raises PortTaken (the cluster then starts the process again on a new port), in seconds."""
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        server = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+        with pytest.raises(PortTaken, match="(?i)address already in use"):
+            start_process(server, tmp_path / "server.log", tmp_path, {}, ready=lambda: False, timeout=120)
+    procs = []
+    proc = start_process(server, tmp_path / "server.log", tmp_path, {}, ready=lambda: listening(port),
+                         timeout=120, on_start=procs.append)
+    try:
+        assert procs == [proc] and proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)

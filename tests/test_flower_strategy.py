@@ -6,12 +6,13 @@ reply with what does not decode."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
@@ -21,7 +22,7 @@ from hlora.config import settings_to_toml, validate_settings
 from hlora.federation import simulation
 from hlora.flower import client_app, server_app
 from hlora.flower.server_app import NodeError
-from hlora.flower.wire import UPDATE_ARRAYS
+from hlora.flower.wire import UPDATE_ARRAYS, UPDATE_METRICS
 from hlora.outputs import create_run_dir, read_metrics
 
 # A node's behaviour: given the message and what the ClientApp would reply, the reply to deliver
@@ -121,7 +122,8 @@ def test_the_apps_in_one_process_give_the_simulations_run(tiny_settings, tmp_pat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for got, want in zip(read_metrics(out), read_metrics(sim), strict=True):
         for key in ("accuracy", "train_loss", "uplink_bytes", "downlink_bytes", "client_uplink_bytes",
-                    "client_downlink_bytes", "aggregated_clients", "failed_clients", "rejected"):
+                    "client_downlink_bytes", "aggregated_clients", "failed_clients", "rejected",
+                    "invalid_reports"):
             assert got[key] == want[key], key
     assert json.loads((out / "summary.json").read_text())["rounds"] == 2
 
@@ -166,11 +168,11 @@ def test_a_reply_that_does_not_decode_is_a_rejection_and_below_min_clients_the_r
 
 def test_nodes_that_do_not_cover_the_partitions_are_refused(tiny_settings, tmp_path):
     two = {1: {"partition-id": 0, "num-partitions": 3}, 2: {"partition-id": 0, "num-partitions": 3}}
-    with pytest.raises(NodeError, match="both hold partition 0"):
-        run_server(LoopbackGrid(two), mixed(tiny_settings), tmp_path)
+    with pytest.raises(NodeError, match="node 2: partition 0 is held by node 1"):
+        run_server(LoopbackGrid(two), mixed(tiny_settings), tmp_path, **{"node-timeout": 0.0})
     other = {1: {"partition-id": 0, "num-partitions": 4}}
     with pytest.raises(NodeError, match="num_clients = 3"):
-        run_server(LoopbackGrid(other), mixed(tiny_settings), tmp_path)
+        run_server(LoopbackGrid(other), mixed(tiny_settings), tmp_path, **{"node-timeout": 0.0})
     missing = {1: {"partition-id": 0, "num-partitions": 3}}
     with pytest.raises(NodeError, match=r"no node holds partition\(s\) \[1, 2\]"):
         run_server(LoopbackGrid(missing), mixed(tiny_settings), tmp_path, **{"node-timeout": 0.0})
@@ -216,3 +218,81 @@ def test_a_restarted_node_takes_its_partition_back_and_is_sent_everything(tiny_s
     assert all(r["failed_clients"] == {} for r in rows)
     to_new = [m for m in grid.sent if m.metadata.dst_node_id == 4242 and m.metadata.message_type == "train"]
     assert [list(m.content.config_records["hlora.plan"]["merge"]) for m in to_new] == [[1, 2]]
+
+
+def claims(pid: object, num: object) -> Behaviour:
+    """A node that answers the partition query with its own claim, whatever its node config says (a
+    node that does not run hlora's ClientApp)."""
+
+    def behaviour(msg: Message, reply: Callable[[], Message]) -> Message | None:
+        if msg.metadata.message_type != "query":
+            return reply()
+        record = ConfigRecord({"partition-id": pid, "num-partitions": num})
+        return Message(RecordDict({client_app.NODE_RECORD: record}), reply_to=msg)
+
+    return behaviour
+
+
+@pytest.mark.parametrize("pid", [7, -1, 3, "0", 0.5, True, "x" * 10_000])
+def test_a_claimed_partition_outside_the_run_is_ignored_and_does_not_complete_the_count(pid, caplog):
+    """Nodes of partitions 0 and 1, and a third node that claims partition `pid` of 3: the count of
+    three nodes is not complete, partition 2 is still missing."""
+    grid = LoopbackGrid({**node_configs(2), 99: {}})
+    for node in list(grid.contexts)[:2]:
+        grid.contexts[node].node_config["num-partitions"] = 3
+    grid.behaviour = {99: claims(pid, 3)}
+    with pytest.raises(NodeError, match=r"no node holds partition\(s\) \[2\]") as e:
+        server_app.find_nodes(grid, 3, timeout=0.0)
+    assert "node 99" in str(e.value) and len(str(e.value)) < 200  # which node was ignored and why, briefly
+    assert "node 99" in caplog.text
+
+
+def test_a_second_claim_of_a_partition_is_refused_and_the_first_node_keeps_it(caplog):
+    grid = LoopbackGrid(node_configs(3))
+    first = node_of(grid, 1)
+    grid.contexts[5] = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    grid.behaviour = {5: claims(1, 3)}
+    found = server_app.find_nodes(grid, 3, timeout=0.0)
+    assert found == {k: node_of(grid, k) for k in range(3)} and found[1] == first
+    assert "node 5" in caplog.text and "partition 1" in caplog.text
+
+
+def test_a_run_goes_on_past_nodes_with_false_claims(tiny_settings, tmp_path):
+    """Beside the three honest nodes: one claims partition 7 of 3, one a partition another node holds,
+    one another run's count. None of them stops the run or is sent a plan."""
+    grid = LoopbackGrid(node_configs())
+    for node, claim in ((11, claims(7, 3)), (12, claims(0, 3)), (13, claims(0, 4))):
+        grid.contexts[node] = Context(
+            run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={}
+        )
+        grid.behaviour[node] = claim
+    rows = read_metrics(run_server(grid, mixed(tiny_settings), tmp_path))
+    assert [r["aggregated_clients"] for r in rows] == [[0, 1, 2]] * 2
+    trained = {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "train"}
+    assert trained == {node_of(grid, k) for k in range(3)}
+
+
+def test_figures_a_node_reports_out_of_bounds_are_recorded_as_missing_not_averaged(tiny_settings, tmp_path):
+    """A node replies with a NaN loss, a 2^62-byte peak and a NaN where a count belongs: its update
+    still counts (it is judged on its own), its figures are named in `invalid_reports` and reach
+    neither the loss, nor the tier's peak, nor the summary's maximum."""
+    grid = LoopbackGrid(node_configs())
+
+    def boasts(msg, reply):
+        answer = reply()
+        if msg.metadata.message_type == "train":
+            figures = answer.content.metric_records[UPDATE_METRICS]
+            figures["mean-loss"], figures["peak-bytes"], figures["state-bytes"] = math.nan, 2**62, math.nan
+        return answer
+
+    grid.behaviour = {node_of(grid, 0): boasts}
+    out = run_server(grid, mixed(tiny_settings), tmp_path)
+    text = (out / "metrics.jsonl").read_text(encoding="utf-8")
+    assert "NaN" not in text and str(2**62) not in text
+    for row in read_metrics(out):
+        assert row["invalid_reports"] == {"0": ["mean_loss", "peak_bytes", "state_bytes"]}
+        assert row["aggregated_clients"] == [0, 1, 2] and row["rejected"] == {}
+        assert math.isfinite(row["train_loss"])
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["invalid_reports_by_field"] == {"mean_loss": 2, "peak_bytes": 2, "state_bytes": 2}
+    assert all(v < 2**50 for v in summary["max_tier_peak_bytes"].values())

@@ -3,6 +3,9 @@ and the bytes counted from the records are the simulation's traffic figures."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -10,6 +13,7 @@ from hlora.aggregation.base import ClientUpdate
 from hlora.client.trainer import TrainResult
 from hlora.config import validate_settings
 from hlora.federation import simulation
+from hlora.federation.reports import check_reports, planned_work
 from hlora.federation.server import traffic
 from hlora.flower.wire import (
     PLAN_ARRAYS,
@@ -128,6 +132,23 @@ def test_what_is_not_an_update_raises_wire_error(tiny_settings):
     del content.metric_records["hlora.train"]
     with pytest.raises(WireError, match="not an update"):
         decode_update(content, 0, plan)
+
+
+def test_figures_out_of_bounds_travel_as_sent_and_the_reports_check_names_them(tiny_settings):
+    """The codec keeps a NaN loss, a 2^62-byte peak and a NaN count as sent (a bad figure does not make
+    the update unreadable); `check_reports`, which `RoundLoop.finish` runs on every reply, names them."""
+    exp = simulation.prepare(mixed(tiny_settings, "hlora"))
+    plan = exp.server.configure(1)[0]
+    rows = len(exp.partitions[0])
+    sent = replace(result_of(plan.adapter, rows), mean_loss=math.nan, peak_bytes=2**62, steps=2)
+    content = encode_update(plan, sent)
+    content.metric_records["hlora.train"]["state-bytes"] = math.nan
+    _, result = decode_update(content, 0, plan)
+    assert math.isnan(result.mean_loss) and result.peak_bytes == 2**62 and math.isnan(result.state_bytes)
+    work = planned_work(exp.settings.train, rows)
+    checked, invalid = check_reports({0: result}, {0: work})
+    assert invalid == {0: ["mean_loss", "peak_bytes", "state_bytes"]}
+    assert checked[0].mean_loss is None and checked[0].peak_bytes is None and checked[0].wall_s == 0.5
 
 
 def test_a_plan_with_tensors_it_does_not_use_is_refused(tiny_settings):

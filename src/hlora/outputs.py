@@ -96,7 +96,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 def summarise(rows: Sequence[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
     """Best and final quality (global, and per rank tier where tiers were scored), totals over the run,
     each tier's cost (mean seconds per local step, largest peak memory), and failed rounds, refused
-    updates by reason and lost clients by kind."""
+    updates by reason, lost clients by kind and client figures recorded as missing by name."""
     if not rows:
         return dict(extra, rounds=0)
     best = max(rows, key=lambda r: (r["accuracy"], -r["round"]))
@@ -129,6 +129,10 @@ def summarise(rows: Sequence[dict[str, Any]], extra: dict[str, Any]) -> dict[str
         summary["rejected_by_reason"] = _counts(rows, "rejected")
         summary["failed_clients_by_kind"] = _counts(rows, "failed_clients")
         summary["corrupted_by_kind"] = _counts(rows, "corrupted_clients")
+    if any("invalid_reports" in r for r in rows):  # client figures recorded as missing (federation.reports)
+        reports = (names for row in rows for names in row.get("invalid_reports", {}).values())
+        names = Counter(name for names in reports for name in names)
+        summary["invalid_reports_by_field"] = dict(sorted(names.items()))
     return summary
 
 
@@ -150,11 +154,13 @@ def _counts(rows: Sequence[dict[str, Any]], key: str) -> dict[str, int]:
 
 
 def _per_tier(rows: Sequence[dict[str, Any]], key: str) -> dict[str, list[Any]]:
-    """`{rank: [value of each round the tier trained in]}` from a per-tier field, ranks ascending."""
+    """`{rank: [value of each round the tier trained in]}` from a per-tier field, ranks ascending;
+    missing values (None) left out."""
     values: dict[str, list[Any]] = {}
     for row in rows:
         for rank, value in row.get(key, {}).items():
-            values.setdefault(rank, []).append(value)
+            if value is not None:
+                values.setdefault(rank, []).append(value)
     return dict(sorted(values.items(), key=lambda item: int(item[0])))
 
 

@@ -25,6 +25,11 @@ from hlora.weights import AdapterWeights
 
 @dataclass(frozen=True)
 class TrainResult:
+    """What a client reports of a round's training: its adapter and figures. The server takes the
+    figures as claims: `hlora.federation.reports.check_reports` sets each one out of bounds (not a
+    number of its kind, not finite, negative, beyond a sane maximum) to None before they enter the
+    metrics, so past that check any figure may be None (missing)."""
+
     weights: AdapterWeights  # the trained adapter, at the rank it started with
     num_samples: int  # rows the client holds (n_k)
     steps: int

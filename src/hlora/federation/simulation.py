@@ -36,6 +36,7 @@ from hlora.data.tokenize import EncodedSplit, encode, make_collator
 from hlora.evaluation import evaluate
 from hlora.federation.faults import ClientFailure, FaultInjector
 from hlora.federation.ranks import assign_ranks, resolve_bank_rank
+from hlora.federation.reports import check_reports, planned_work
 from hlora.federation.server import FederatedServer, RoundOutcome, RoundTraffic, derive_seed, traffic
 from hlora.federation.validation import Rejection
 from hlora.models.lora_model import LoraModel, check_fit, load_base_model
@@ -297,8 +298,17 @@ class RoundLoop:
             timings["tier_eval_s"] = t4 - t3
         timings["wall_s"] = t4 - self._t0
         sent = replies.sent if replies.sent is not None else traffic(plans, replies.updates)
-        row = round_row(rnd, scores, tiers, replies.results, sent, exp.client_ranks, timings)
+        # The clients' own figures are claims: those out of bounds are recorded as missing, not averaged.
+        work = {cid: planned_work(s.train, len(exp.partitions[cid])) for cid in replies.results}
+        results, invalid = check_reports(replies.results, work)
+        if invalid:
+            log.warning(
+                "round %d: client figures out of bounds, recorded as missing: %s", rnd,
+                "; ".join(f"client {cid}: {', '.join(names)}" for cid, names in sorted(invalid.items())),
+            )
+        row = round_row(rnd, scores, tiers, results, sent, exp.client_ranks, timings)
         row.update(reliability_fields(outcome, replies.lost, replies.corrupted))
+        row["invalid_reports"] = {str(cid): names for cid, names in sorted(invalid.items())}
         self.metrics.append(row)
         checkpoint.save_checkpoint(self.run_dir, exp, rnd, self.metrics.rows)
         return row
@@ -425,7 +435,9 @@ def round_row(
     """One `metrics.jsonl` row: the global scores, each tier's (keyed by rank, as a string), the
     training loss, traffic, and each tier's cost (mean seconds per step over the tier's clients this
     round, the largest peak memory among them). `clients` are the round's sampled clients; loss and cost
-    come from those whose reply arrived (`results`; the loss is None when none did)."""
+    come from those whose reply arrived (`results`; the loss is None when none did). A figure that is
+    None (missing: `hlora.federation.reports` refused it) is left out of the loss, the tier's mean or
+    maximum and the sample count; a tier with none left has no entry."""
     ids = sorted(sent.downlink_bytes_by_client)
     replied = sorted(results)
     row: dict[str, Any] = {"round": rnd, **scores}
@@ -436,6 +448,7 @@ def round_row(
     for cid in sorted(replied, key=client_ranks.get):  # ranks ascending, so the tier keys come out in order
         by_tier.setdefault(client_ranks[cid], []).append(results[cid])
     loss = [(results[c].mean_loss, results[c].num_samples) for c in replied]
+    loss = [(x, n) for x, n in loss if x is not None and n is not None]
     row.update(
         train_loss=float(np.average([x for x, _ in loss], weights=[n for _, n in loss])) if loss else None,
         uplink_bytes=sent.uplink_bytes,
@@ -444,10 +457,10 @@ def round_row(
         client_ranks={str(cid): client_ranks[cid] for cid in ids},
         client_uplink_bytes={str(cid): n for cid, n in sorted(sent.uplink_bytes_by_client.items())},
         client_downlink_bytes={str(cid): n for cid, n in sorted(sent.downlink_bytes_by_client.items())},
-        tier_step_s={str(r): round(float(np.mean([x.step_s for x in xs])), 6) for r, xs in by_tier.items()},
-        tier_peak_bytes={str(r): max(x.peak_bytes for x in xs) for r, xs in by_tier.items()},
-        tier_state_bytes={str(r): max(x.state_bytes for x in xs) for r, xs in by_tier.items()},
-        train_samples=sum(results[c].samples_seen for c in replied),
+        tier_step_s=_per_tier_figure(by_tier, "step_s", lambda v: round(float(np.mean(v)), 6)),
+        tier_peak_bytes=_per_tier_figure(by_tier, "peak_bytes", max),
+        tier_state_bytes=_per_tier_figure(by_tier, "state_bytes", max),
+        train_samples=sum(results[c].samples_seen for c in replied if results[c].samples_seen is not None),
         **{name: round(seconds, 4) for name, seconds in timings.items()},
     )
     return row
@@ -487,6 +500,12 @@ def _same_model(a: ClientPlan, b: ClientPlan) -> bool:
     )
 
 
+def _per_tier_figure(by_tier: dict[int, list[TrainResult]], figure: str, combine) -> dict[str, Any]:
+    """`{rank: combine(the tier's values of figure)}` over the values that are not missing (None)."""
+    values = {r: [v for v in (getattr(x, figure) for x in xs) if v is not None] for r, xs in by_tier.items()}
+    return {str(r): combine(vs) for r, vs in values.items() if vs}
+
+
 def _rank_counts(client_ranks: dict[int, int]) -> str:
     """`"1 x2, 4 x1"`: each distinct rank and how many clients train at it."""
     ranks = list(client_ranks.values())
@@ -504,6 +523,10 @@ def round_line(row: dict[str, Any], rounds: int) -> str:
         for label, key in (("rejected", "rejected"), ("lost", "failed_clients"))
         if row.get(key)
     )
+    if row.get("invalid_reports"):
+        trouble += "  bad figures " + " ".join(
+            f"c{cid} {','.join(names)}" for cid, names in row["invalid_reports"].items()
+        )
     if row.get("round_failed"):
         trouble += "  round failed: global model kept"
     return (

@@ -28,7 +28,7 @@ from hlora import checkpoint
 from hlora.config import load_settings
 from hlora.errors import HloraError
 from hlora.federation.simulation import RoundLoop, prepare
-from hlora.flower.strategy import HloraStrategy, ask_partitions
+from hlora.flower.strategy import HloraStrategy, ask_partitions, claim_problem
 from hlora.flower.wire import to_record
 from hlora.outputs import create_run_dir, default_run_dir
 
@@ -87,32 +87,36 @@ def main(grid: Grid, context: Context) -> None:
 
 def find_nodes(grid: Grid, num_partitions: int, timeout: float) -> dict[int, int]:
     """`{partition id: node id}` for every partition, asking each connected node which partition it
-    holds (a `query` message). Waits up to `timeout` seconds for a node of every partition; raises
-    NodeError where nodes disagree with the run on the number of partitions, two nodes claim one, or a
-    partition has no node by then."""
+    holds (a `query` message). Waits up to `timeout` seconds for a node of every partition.
+
+    A node's answer is a claim, not a fact: one that names a partition outside `0..num_partitions - 1`
+    or another count of partitions, or a partition another node already holds (the first claim keeps
+    it), is ignored with a warning and never counted, so no node can complete the count with a false
+    claim or stop the run by repeating another's. Raises NodeError where a partition has no node by
+    then, naming the ignored claims."""
     deadline = time.monotonic() + timeout
     found: dict[int, int] = {}  # partition id -> node id
     answered: set[int] = set()
+    ignored: dict[int, str] = {}  # node id -> why its claim was not taken
     while True:
         new = [node for node in grid.get_node_ids() if node not in answered]
         if new:
             wait = max(1.0, min(60.0, deadline - time.monotonic()))
             for node, (pid, num) in ask_partitions(grid, new, wait).items():
                 answered.add(node)
-                if num != num_partitions:
-                    raise NodeError(
-                        f"node {node} holds partition {pid} of {num}, but the run has "
-                        f"federation.num_clients = {num_partitions} partitions"
-                    )
-                if pid in found and found[pid] != node:
-                    raise NodeError(f"nodes {found[pid]} and {node} both hold partition {pid}")
+                why = claim_problem(node, pid, num, num_partitions, found.get(pid))
+                if why is not None:
+                    ignored[node] = why
+                    log.warning("node %d ignored: %s", node, why)
+                    continue
                 found[pid] = node
                 log.info("partition %d is on node %d", pid, node)
         if len(found) == num_partitions:
             return found
         if time.monotonic() > deadline:
             missing = sorted(set(range(num_partitions)) - found.keys())
-            raise NodeError(f"no node holds partition(s) {missing} after {timeout:g} s")
+            why = "".join(f"; node {node}: {reason}" for node, reason in sorted(ignored.items()))
+            raise NodeError(f"no node holds partition(s) {missing} after {timeout:g} s{why}")
         time.sleep(1.0)
 
 

@@ -118,9 +118,10 @@ class HloraStrategy(Strategy):
         if not new:
             return
         for node, (pid, num) in ask_partitions(grid, new, self.query_timeout).items():
-            if num != len(self.loop.exp.client_ranks) or not 0 <= pid < num:
+            why = claim_problem(node, pid, num, len(self.loop.exp.client_ranks), None)
+            if why is not None:
                 self._strangers.add(node)
-                log.warning("round %d: node %d holds partition %d of %d: not this run's", rnd, node, pid, num)
+                log.warning("round %d: node %d ignored: %s", rnd, node, why)
                 continue
             old = self.nodes.get(pid)
             if old is not None and old in online and pid not in self._lost:
@@ -190,9 +191,10 @@ class HloraStrategy(Strategy):
         return None
 
 
-def ask_partitions(grid: Grid, node_ids: Iterable[int], timeout: float) -> dict[int, tuple[int, int]]:
+def ask_partitions(grid: Grid, node_ids: Iterable[int], timeout: float) -> dict[int, tuple[object, object]]:
     """`{node id: (partition-id, num-partitions)}` of the given nodes that answer a `query` message
-    within `timeout` seconds (the ClientApp's `query`)."""
+    within `timeout` seconds (the ClientApp's `query`): what each node claims, as it came, for the
+    caller to check against the run (`claim_problem`)."""
     messages = [
         Message(RecordDict({}), dst_node_id=node, message_type=MessageType.QUERY, group_id="nodes")
         for node in node_ids
@@ -205,7 +207,22 @@ def ask_partitions(grid: Grid, node_ids: Iterable[int], timeout: float) -> dict[
             continue
         try:
             record = reply.content.config_records[NODE_RECORD]
-            found[node] = (int(record["partition-id"]), int(record["num-partitions"]))
-        except (KeyError, TypeError, ValueError):
-            log.warning("node %d answered the partition query with something else", node)
+            found[node] = (record["partition-id"], record["num-partitions"])
+        except (KeyError, TypeError):
+            log.warning("node %d answered the partition query with something else: ignored", node)
     return found
+
+
+def claim_problem(node: int, pid: object, num: object, num_partitions: int, holder: int | None) -> str | None:
+    """Why `node`'s claim to hold partition `pid` of `num` is not taken (None: it is), where the run has
+    `num_partitions` partitions and `holder` is the node that holds `pid` already (None if none does).
+    Both must be ints as hlora's ClientApp sends them, not a string, float or bool that int() takes."""
+    if type(pid) is not int or type(num) is not int:
+        return f"partition {repr(pid)[:24]} of {repr(num)[:24]} is not a pair of ints"
+    if num != num_partitions:
+        return f"partition {pid} of {num}, but the run has federation.num_clients = {num_partitions}"
+    if not 0 <= pid < num_partitions:
+        return f"partition {pid} is outside 0..{num_partitions - 1}"
+    if holder is not None and holder != node:
+        return f"partition {pid} is held by node {holder}"
+    return None

@@ -41,6 +41,19 @@ _DTYPES = {
 }
 
 
+# The figures of an update's MetricRecord, and the TrainResult field each is
+_FIGURES = {
+    "num-samples": "num_samples",
+    "steps": "steps",
+    "samples-seen": "samples_seen",
+    "mean-loss": "mean_loss",
+    "wall-s": "wall_s",
+    "step-s": "step_s",
+    "peak-bytes": "peak_bytes",
+    "state-bytes": "state_bytes",
+}
+
+
 class WireError(ValueError):
     """A record that does not decode into what it claims to be."""
 
@@ -154,18 +167,7 @@ def encode_update(plan: ClientPlan, result: TrainResult) -> RecordDict:
     return RecordDict(
         {
             UPDATE_ARRAYS: to_record(plan.uplink(result.weights)),
-            UPDATE_METRICS: MetricRecord(
-                {
-                    "num-samples": result.num_samples,
-                    "steps": result.steps,
-                    "samples-seen": result.samples_seen,
-                    "mean-loss": result.mean_loss,
-                    "wall-s": result.wall_s,
-                    "step-s": result.step_s,
-                    "peak-bytes": result.peak_bytes,
-                    "state-bytes": result.state_bytes,
-                }
-            ),
+            UPDATE_METRICS: MetricRecord({key: getattr(result, field) for key, field in _FIGURES.items()}),
         }
     )
 
@@ -177,25 +179,20 @@ def decode_update(content: RecordDict, client_id: int, plan: ClientPlan) -> tupl
     try:
         received = from_record(content.array_records[UPDATE_ARRAYS])
         m = content.metric_records[UPDATE_METRICS]
-        num_samples = m["num-samples"]  # as sent (a float, a negative number): validation judges it
-        counts = {key: int(m[key]) for key in ("steps", "samples-seen", "peak-bytes", "state-bytes")}
-        floats = {key: float(m[key]) for key in ("mean-loss", "wall-s", "step-s")}
-    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        # As sent (a float count, a NaN, 2^62 bytes): the update's validation judges num_samples, and
+        # hlora.federation.reports every figure before it enters the metrics. Only a figure that is not
+        # one number makes the reply unreadable.
+        figures = {key: m[key] for key in _FIGURES}
+    except (KeyError, TypeError, ValueError) as e:
         raise WireError(f"not an update: {e}") from None
+    for key, value in figures.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise WireError(f"not an update: {key} is a {type(value).__name__}, not a number")
+    num_samples = figures["num-samples"]
     kept = {name: t for name, t in plan.adapter.tensors().items() if name not in plan.uplink(plan.adapter)}
     try:
         weights = AdapterWeights.from_tensors({**kept, **received})
     except ValueError as e:
         raise WireError(f"not an adapter: {e}") from None
-    result = TrainResult(
-        weights=weights,
-        num_samples=num_samples,
-        steps=counts["steps"],
-        samples_seen=counts["samples-seen"],
-        mean_loss=floats["mean-loss"],
-        wall_s=floats["wall-s"],
-        step_s=floats["step-s"],
-        peak_bytes=counts["peak-bytes"],
-        state_bytes=counts["state-bytes"],
-    )
+    result = TrainResult(weights, **{_FIGURES[key]: value for key, value in figures.items()})
     return ClientUpdate(client_id, num_samples, weights), result
