@@ -178,7 +178,7 @@ class EvalSettings(_Section):
 
 
 # The ways hlora.federation.faults can mangle an update, each one a reason validation rejects it for
-# ("scale" only when federation.max_update_norm is set).
+# (a "scale" one as an outlier by default, or by federation.max_update_norm where set).
 CorruptKind = Literal["nan", "inf", "shape", "rank", "missing", "extra", "dtype", "scale", "weight"]
 CORRUPT_KINDS: tuple[str, ...] = get_args(CorruptKind)
 
