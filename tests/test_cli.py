@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +52,7 @@ def test_run_prints_per_round_accuracy(tiny_model_dir, glue_dir, tmp_path):
     code, out, err = cli(
         "run",
         "-c",
-        str(CONFIGS / "mrpc.toml"),
+        str(CONFIGS / "mrpc-fedit.toml"),
         "--out",
         str(tmp_path / "run"),
         "-q",
@@ -61,6 +62,32 @@ def test_run_prints_per_round_accuracy(tiny_model_dir, glue_dir, tmp_path):
     assert "round   1/1  acc " in out
     assert "done: final accuracy" in out
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
+def test_the_main_job_trains_mixed_ranks_with_hlora_and_prints_each_tier(tiny_model_dir, glue_dir, tmp_path):
+    # `make run`'s config, on the tiny model: three clients of ranks 4, 8 and 16, HLoRA, and the last
+    # round's line says what each tier holds.
+    code, out, err = cli(
+        "run",
+        "-c",
+        str(CONFIGS / "mrpc.toml"),
+        "--out",
+        str(tmp_path / "run"),
+        "-q",
+        *tiny_args(tiny_model_dir, glue_dir),
+        "--set",
+        "federation.num_clients=3",
+        "--set",
+        "federation.clients_per_round=3",
+        "--set",
+        "data.max_train_samples=48",
+    )
+    assert code == 0, err
+    (line,) = [x for x in out.splitlines() if x.startswith("round   1/1")]
+    assert " tiers r4 " in line and " r8 " in line and " r16 " in line, line
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["method"] == "hlora" and summary["client_ranks"] == [4, 8, 16]
+    assert summary["bank_rank"] == 16 and set(summary["final_tier_accuracy"]) == {"4", "8", "16"}
 
 
 @pytest.mark.parametrize(
@@ -85,7 +112,7 @@ def test_bad_input_is_one_line_exit_2_and_no_run_dir(
             [
                 "run",
                 "-c",
-                str(CONFIGS / "mrpc.toml"),
+                str(CONFIGS / "mrpc-fedit.toml"),
                 "--out",
                 str(out_dir),
                 "-q",

@@ -249,7 +249,7 @@ def test_the_command_line_reports_a_round_that_failed(tiny_model_dir, glue_dir, 
     from hlora.cli.main import main
     from tests.test_cli import CONFIGS, tiny_args
 
-    args = ["run", "-c", str(CONFIGS / "mrpc.toml"), "--out", str(tmp_path / "run"), "-q"]
+    args = ["run", "-c", str(CONFIGS / "mrpc-fedit.toml"), "--out", str(tmp_path / "run"), "-q"]
     with pytest.raises(SystemExit) as info:
         main([*args, *tiny_args(tiny_model_dir, glue_dir), "--set", "faults.crash=1.0"])
     assert info.value.code == 0
