@@ -15,11 +15,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-
-def lower_median(values: Sequence[float]) -> float:
-    """As `hlora.federation.validation.lower_median` (kept here so the script runs without hlora)."""
-    ordered = sorted(values)
-    return ordered[(len(ordered) - 1) // 2]
+from hlora.federation.validation import lower_median
 
 
 def round_norms(root: Path) -> list[list[float]]:
