@@ -58,6 +58,14 @@ def test_mixed_ranks_run_end_to_end(tiny_settings, tmp_path, method):
         else:
             assert down == up
     assert summary["client_ranks"] == [1, 2, 4] and summary["bank_rank"] == 4
+    # The instruments, against the exact product mean of the round's updates: FLoRA's stack and FFA-LoRA's
+    # shared A keep it; zero-padding is biased; HLoRA and FlexLoRA cut the total rank 7 to the bank's 4.
+    for r in rows:
+        figures = r["instruments"]
+        assert list(figures["block_energy"]) == ["0-1", "1-2", "2-4", "4+"] and figures["norm"] > 0
+        assert sum(figures["block_energy"].values()) == pytest.approx(1.0)
+        assert (figures["rel_error"] < 1e-5) is (method in ("flora", "ffa"))
+        assert r["instruments_s"] >= 0
     table = (tmp_path / "run" / "partition.csv").read_text().splitlines()
     assert table[0].startswith("client,size,rank,")
     assert {int(line.split(",")[0]): int(line.split(",")[2]) for line in table[1:]} == exp.client_ranks

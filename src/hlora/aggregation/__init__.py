@@ -15,6 +15,8 @@ leaves `B @ A` unchanged and keeps the component trainable.
 
 Every method implements `base.Aggregator` and registers itself by name with `registry` when its module
 is imported, which importing this package does; a method's typed options are its `Options` class.
+`instruments` measures any method's aggregate against the exact product mean every round (relative
+error, spectrum, energy per rank block), from `Aggregator.global_update`.
 `aggregate_products(factors, weights, rank)` is HLoRA's core (METHOD.md rule 3), usable without any
 model.
 """

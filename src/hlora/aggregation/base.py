@@ -121,6 +121,12 @@ class Aggregator(ABC):
     def aggregate(self, global_weights: AdapterWeights, updates: Sequence[ClientUpdate]) -> AdapterWeights:
         """The next global adapter (at `bank_rank`) from this round's client updates."""
 
+    def global_update(self, result: AdapterWeights) -> Mapping[str, LoraFactors]:
+        """The update this round's aggregate stands for, per adapted weight, in the clients' adapter space:
+        what the rule made of the clients' products (`aggregation.instruments` measures it against their
+        exact mean). By default the factors of the global adapter `aggregate` just returned."""
+        return result.factors
+
     def state_dict(self) -> dict[str, Any]:
         """What this method has gathered over the rounds beyond the global adapter, for a checkpoint:
         name -> a tensor or a JSON value. By default nothing: a method's settings come from the config,

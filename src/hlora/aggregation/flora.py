@@ -52,6 +52,10 @@ class FLoRA(Aggregator):
         # The global adapter stays the fresh one (the round-0 init, B = 0): the update lives in the base.
         return AdapterWeights(global_weights.factors, average_dense(updates, p))
 
+    def global_update(self, result: AdapterWeights) -> Mapping[str, LoraFactors]:
+        """The round's stack, which the clients merge into their base (the global adapter is fresh)."""
+        return self.deltas[-1].weights.factors
+
     def state_dict(self) -> dict[str, Any]:
         """Every round's stack: their number (`deltas`) and each tensor as `deltas.<version>.<name>`."""
         state: dict[str, Any] = {"deltas": len(self.deltas)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -17,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from hlora.aggregation.base import Aggregator, ClientPlan, ClientUpdate
+from hlora.aggregation.base import Aggregator, ClientPlan, ClientUpdate, client_weights
+from hlora.aggregation.instruments import block_edges, round_instruments
 from hlora.errors import AggregationError
 from hlora.federation.validation import Rejection, lower_median, update_norm, validate_update
 from hlora.weights import AdapterWeights, tensor_bytes
@@ -61,6 +63,10 @@ class RoundOutcome:
     # client id -> the `num_samples` an accepted update claimed where it differs from the size the server
     # knows for that client (which is what it was weighted by)
     misreported: dict[int, float] = field(default_factory=dict)
+    # What the method made of the accepted updates, in product space (`aggregation.instruments`); None
+    # for a failed round, or where the figures could not be computed. `instruments_s`: their cost.
+    instruments: dict[str, Any] | None = None
+    instruments_s: float = 0.0
 
 
 class FederatedServer:
@@ -207,11 +213,39 @@ class FederatedServer:
             reason = f"{len(accepted)} valid update(s), min_clients is {self.min_clients}"
         else:
             reason = self._fold(accepted)
+        instruments, t0 = None, time.perf_counter()
         if reason:
             log.warning("round %d failed (%s): the global model is unchanged", rnd, reason)
+        else:
+            instruments = self._instruments(rnd, accepted)
         return RoundOutcome(
-            ids, rejected, missing, bool(reason), reason, update_norms=norms, misreported=misreported
+            ids,
+            rejected,
+            missing,
+            bool(reason),
+            reason,
+            update_norms=norms,
+            misreported=misreported,
+            instruments=instruments,
+            instruments_s=time.perf_counter() - t0,
         )
+
+    def _instruments(self, rnd: int, accepted: list[ClientUpdate]) -> dict[str, Any] | None:
+        """The round's instruments (`aggregation.instruments.round_instruments`) over the accepted updates,
+        with the federation's ranks as the block edges; None, logged, where they cannot be computed (they
+        are a record of the round, never a reason to fail it). Figures that are not finite are None."""
+        try:
+            figures = round_instruments(
+                self.aggregator.global_update(self.global_weights),
+                [u.weights.factors for u in accepted],
+                client_weights(accepted),
+                block_edges(self.client_ranks.values()),
+                self.aggregator.bank_rank,
+            )
+        except (ValueError, ArithmeticError, RuntimeError, KeyError) as e:
+            log.warning("round %d: the aggregation's instruments could not be computed: %s", rnd, e)
+            return None
+        return _finite_figures(figures)
 
     def _fold(self, accepted: list[ClientUpdate]) -> str:
         """Replace the global adapter by the method's aggregate of `accepted`; or, where the method
@@ -304,6 +338,18 @@ class FederatedServer:
             valid = [u for u in valid if u.client_id not in rejected]
             norms = {cid: norm for cid, norm in norms.items() if cid not in rejected}
         return valid, rejected, norms
+
+
+def _finite_figures(value: Any) -> Any:
+    """`value` with every float that is not finite (overflow of huge but finite updates) made None, so
+    that `metrics.jsonl` stays strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_figures(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_figures(v) for v in value]
+    return value
 
 
 def _finite(weights: AdapterWeights) -> bool:

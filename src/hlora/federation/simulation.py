@@ -293,7 +293,12 @@ class RoundLoop:
         score_tiers = s.eval.tiers is True or (s.eval.tiers == "final" and rnd == s.federation.rounds)
         tiers = evaluate_tiers(exp, held, scores) if score_tiers else {}
         t4 = time.perf_counter()
-        timings = {"train_s": t1 - self._t0, "aggregate_s": t2 - t1, "eval_s": t3 - t2}
+        timings = {
+            "train_s": t1 - self._t0,
+            "aggregate_s": t2 - t1 - outcome.instruments_s,
+            "instruments_s": outcome.instruments_s,
+            "eval_s": t3 - t2,
+        }
         if score_tiers:
             timings["tier_eval_s"] = t4 - t3
         timings["wall_s"] = t4 - self._t0
@@ -473,7 +478,8 @@ def reliability_fields(
     updates went into the global model and the norm of the change each valid one made, the updates the
     server refused and why, the clients whose reply never came, whether the round failed, which
     updates were corrupted on purpose (`[faults]`), and the sample counts clients claimed that differ
-    from their partition's size (which they were weighted by instead)."""
+    from their partition's size (which they were weighted by instead); and `instruments`, what the
+    method made of the accepted updates (`aggregation.instruments`; null for a failed round)."""
     return {
         "aggregated_clients": [] if outcome.failed else list(outcome.accepted),
         "client_update_norm": {str(cid): round(n, 6) for cid, n in sorted(outcome.update_norms.items())},
@@ -482,6 +488,7 @@ def reliability_fields(
         "failed_clients": {str(cid): kind for cid, kind in sorted(lost.items())},
         "round_failed": outcome.failed,
         "corrupted_clients": {str(cid): kind for cid, kind in sorted(corrupted.items())},
+        "instruments": outcome.instruments,
     }
 
 
