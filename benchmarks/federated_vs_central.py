@@ -22,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from hlora.outputs import read_metrics  # noqa: E402
+from hlora.outputs import evaluated_rows, read_metrics  # noqa: E402
 
 
 def hlora_run(config: str, out: Path, overrides: list[str]) -> None:
@@ -54,7 +54,7 @@ def main() -> None:
 
     rows = {mode: read_metrics(path) for mode, path in runs.items()}
     summaries = {mode: json.loads((path / "summary.json").read_text()) for mode, path in runs.items()}
-    has_f1 = "f1" in rows["federated"][0]
+    has_f1 = "f1" in rows["federated"][-1]  # the last round is always evaluated
     table = args.out / "per_round.csv"
     with table.open("w", newline="") as f:
         w = csv.writer(f)
@@ -73,6 +73,8 @@ def main() -> None:
         samples = 0
         for fr, cr in zip(rows["federated"], rows["centralized"], strict=True):
             samples += fr["train_samples"]
+            if "accuracy" not in fr or "accuracy" not in cr:  # a round eval.every skipped
+                continue
             w.writerow(
                 [
                     fr["round"],
@@ -93,6 +95,8 @@ def main() -> None:
     samples = 0
     for fr, cr in zip(rows["federated"], rows["centralized"], strict=True):
         samples += fr["train_samples"]
+        if "accuracy" not in fr or "accuracy" not in cr:
+            continue
         f1 = (f"{fr['f1']:.4f}", f"{cr['f1']:.4f}") if has_f1 else ("", "")
         lines.append(
             f"| {fr['round']} | {samples} | {fr['accuracy']:.4f} | {f1[0]} | {cr['accuracy']:.4f} | {f1[1]} |"
@@ -108,7 +112,8 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     for mode, style in (("federated", "o-"), ("centralized", "s--")):
-        ax.plot([r["round"] for r in rows[mode]], [r["accuracy"] for r in rows[mode]], style, label=mode)
+        scored = evaluated_rows(rows[mode])
+        ax.plot([r["round"] for r in scored], [r["accuracy"] for r in scored], style, label=mode)
     ax.axhline(
         summaries["federated"]["majority_baseline"], color="grey", linestyle=":", label="majority class"
     )

@@ -325,19 +325,22 @@ def resume_in_process(run_dir: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("method", "crash"),
+    ("method", "crash", "every"),
     [
-        ("fedit", "aggregate"),
-        ("hlora", "aggregate"),
-        ("hlora", "commit"),
-        ("flora", "aggregate"),
-        ("ffa", "aggregate"),
+        ("fedit", "aggregate", 1),
+        ("hlora", "aggregate", 1),
+        ("hlora", "commit", 1),
+        ("flora", "aggregate", 1),
+        ("ffa", "aggregate", 1),
+        # eval.every: round 1 not evaluated (FLoRA's base not merged for it), round 2 evaluated
+        ("flora", "aggregate", 2),
+        ("hlora", "commit", 2),
     ],
 )
 def test_a_run_crashed_in_round_2_resumes_to_the_uninterrupted_run(
-    tiny_settings, tmp_path, monkeypatch, method, crash
+    tiny_settings, tmp_path, monkeypatch, method, crash, every
 ):
-    settings = configured(tiny_settings, method)
+    settings = configured(tiny_settings, method, eval={"every": every})
     simulation.run(simulation.prepare(settings), create_run_dir(tmp_path / "whole"), progress=False)
 
     def aggregate(server, rnd, updates, original=FederatedServer.aggregate):
@@ -364,6 +367,7 @@ def test_a_run_crashed_in_round_2_resumes_to_the_uninterrupted_run(
 
     resume_in_process(run_dir)
     assert [row["round"] for row in read_metrics(run_dir)] == [1, 2, 3]
+    assert [row["evaluated"] for row in read_metrics(run_dir)] == [every == 1, True, True]
     assert_same_run(tmp_path / "whole", run_dir)
 
 
@@ -502,7 +506,8 @@ DAMAGED_STATES = [
     (with_value("server.aggregator", {"deltas": []}), "the checkpoint's server state does not fit this run"),
     (with_value("client_ranks", [4, 4, 4]), "state.json is damaged: client_ranks"),
     (with_value("metrics", {}), "state.json is damaged: metrics"),
-    (with_value("metrics.0", {"round": 1}), "state.json is damaged: metrics.0.accuracy: Field required"),
+    (with_value("metrics.0", {"round": 1}), "state.json is damaged: metrics.0.uplink_bytes: Field required"),
+    (with_value("metrics.0.accuracy", None), "metrics.0: Value error, an evaluated round without its accu"),
     (with_value("metrics.1.round", 7), "its metrics rows are of rounds [1, 7], not 1 to 2"),
     (with_value("rng", "seeded"), "state.json is damaged: rng"),
     (with_value("rng.python", [3, [1, 2], None]), "its RNG states cannot be restored"),

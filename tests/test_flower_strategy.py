@@ -128,6 +128,20 @@ def test_the_apps_in_one_process_give_the_simulations_run(tiny_settings, tmp_pat
     assert json.loads((out / "summary.json").read_text())["rounds"] == 2
 
 
+def test_the_apps_skip_the_rounds_eval_every_skips_as_the_simulation_does(tiny_settings, tmp_path):
+    raw = mixed(tiny_settings, rounds=3).model_dump()
+    raw["eval"]["every"] = 2
+    settings = validate_settings(raw)
+    out = run_server(LoopbackGrid(node_configs()), settings, tmp_path)
+    sim = tmp_path / "sim"
+    simulation.run(simulation.prepare(settings), create_run_dir(sim), progress=False)
+    got, want = read_metrics(out), read_metrics(sim)
+    assert [r["evaluated"] for r in got] == [r["evaluated"] for r in want] == [False, True, True]
+    assert ["accuracy" in r for r in got] == [False, True, True]
+    assert [r.get("accuracy") for r in got] == [r.get("accuracy") for r in want]
+    assert [r["train_loss"] for r in got] == [r["train_loss"] for r in want]
+
+
 def test_lost_and_unreadable_replies_are_recorded_and_the_round_aggregates_the_rest(tiny_settings, tmp_path):
     grid = LoopbackGrid(node_configs())
 

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
@@ -152,10 +152,19 @@ class _Partition(_Record):
 
 class _MetricsRow(_Record):
     round: int
-    accuracy: float
+    # absent on a round `eval.every` did not evaluate (`evaluated` false); rows older than `evaluated`
+    # were all evaluated
+    evaluated: bool = True
+    accuracy: float | None = None
     uplink_bytes: int
     downlink_bytes: int
     wall_s: float
+
+    @model_validator(mode="after")
+    def _scored_when_evaluated(self) -> _MetricsRow:
+        if self.evaluated and self.accuracy is None:
+            raise ValueError("an evaluated round without its accuracy")
+        return self
 
 
 class _State(_Record):

@@ -172,9 +172,12 @@ class TrainSettings(_Section):
 class EvalSettings(_Section):
     batch_size: int = Field(64, ge=1)
     # Also score the adapter each client rank tier holds (the global one cut to its rank): one more pass
-    # over the dev set per tier whose adapter differs from the global one. True: every round; "final":
+    # over the dev set per tier whose adapter differs from the global one. True: every scored round; "final":
     # the last round only (what the comparison's tier table needs, for a fraction of the passes).
     tiers: bool | Literal["final"] = True
+    # Score only the rounds divisible by `every`, and the last: on a long run a dev pass (and one per tier)
+    # costs as much as several clients' training. It changes no global adapter, only which rows have scores.
+    every: int = Field(1, ge=1)
 
 
 # The ways hlora.federation.faults can mangle an update, each one a reason validation rejects it for

@@ -99,21 +99,24 @@ def summarise(rows: Sequence[dict[str, Any]], extra: dict[str, Any]) -> dict[str
     updates by reason, lost clients by kind and client figures recorded as missing by name."""
     if not rows:
         return dict(extra, rounds=0)
-    best = max(rows, key=lambda r: (r["accuracy"], -r["round"]))
-    final = rows[-1]
+    scored = evaluated_rows(rows)
     summary: dict[str, Any] = dict(extra)
+    summary["rounds"] = len(rows)
+    # the last round is always evaluated; a run stopped early ends on its last evaluated one
+    final = scored[-1] if scored else {}
+    if scored:
+        best = max(scored, key=lambda r: (r["accuracy"], -r["round"]))
+        summary.update(
+            final_accuracy=final["accuracy"], best_accuracy=best["accuracy"], best_round=best["round"]
+        )
     summary.update(
-        rounds=len(rows),
-        final_accuracy=final["accuracy"],
-        best_accuracy=best["accuracy"],
-        best_round=best["round"],
         total_uplink_bytes=sum(r["uplink_bytes"] for r in rows),
         total_downlink_bytes=sum(r["downlink_bytes"] for r in rows),
         total_wall_s=round(sum(r["wall_s"] for r in rows), 3),
     )
     if "f1" in final:
         summary["final_f1"] = final["f1"]
-        summary["best_f1"] = max(r["f1"] for r in rows)
+        summary["best_f1"] = max(r["f1"] for r in scored)
     for metric in ("accuracy", "f1"):
         if f"tier_{metric}" in final:
             summary[f"final_tier_{metric}"] = final[f"tier_{metric}"]
@@ -134,6 +137,12 @@ def summarise(rows: Sequence[dict[str, Any]], extra: dict[str, Any]) -> dict[str
         names = Counter(name for names in reports for name in names)
         summary["invalid_reports_by_field"] = dict(sorted(names.items()))
     return summary
+
+
+def evaluated_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of the rounds whose global adapter was scored (`eval.every`): those with an accuracy.
+    Rows written before `evaluated` existed were all scored, and all have one."""
+    return [row for row in rows if "accuracy" in row]
 
 
 def failures_line(summary: dict[str, Any]) -> str | None:
@@ -167,14 +176,15 @@ def _per_tier(rows: Sequence[dict[str, Any]], key: str) -> dict[str, list[Any]]:
 def plot_accuracy(
     rows: Sequence[dict[str, Any]], path: Path, title: str, baseline: float | None = None
 ) -> None:
-    """Dev accuracy (and F1 where present) per round, with the majority-class baseline for scale; and,
-    where more than one rank tier was scored, a thinner line for the accuracy each tier holds."""
+    """Dev accuracy (and F1 where present) per evaluated round, with the majority-class baseline for
+    scale; and, where more than one rank tier was scored, a thinner line for the accuracy each tier holds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    rows = evaluated_rows(rows)  # the rounds `eval.every` skipped have no point
     rounds = [r["round"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     ax.plot(rounds, [r["accuracy"] for r in rows], marker="o", label="dev accuracy")

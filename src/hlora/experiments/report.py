@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from hlora.experiments.compare import CENTRAL, LOCAL, RUNS_DIR
-from hlora.outputs import SUMMARY_FILE, read_metrics, write_text_atomic
+from hlora.outputs import CONFIG_FILE, SUMMARY_FILE, evaluated_rows, read_metrics, write_text_atomic
 
 SUMMARY_MD = "summary.md"
 SUMMARY_CSV = "summary.csv"
@@ -43,6 +43,7 @@ class SeedRun:
     rows: list[dict[str, Any]]
     majority_baseline: float | None = None
     clients: int = 1  # runs averaged into `rows` (the local reference's clients)
+    eval_every: int = 1  # its `eval.every`: rows between the evaluated rounds have no scores
 
     @property
     def reference(self) -> bool:
@@ -101,6 +102,7 @@ def load_results(results_dir: Path) -> Loaded:
     loaded = Loaded(runs=[])
     local: dict[int, list[list[dict[str, Any]]]] = {}
     baselines: dict[int, float] = {}
+    local_every: dict[int, int] = {}
     for run_dir in sorted(folder.iterdir()) if folder.is_dir() else []:
         match = _DIR.fullmatch(run_dir.name)
         if match is None or not run_dir.is_dir():
@@ -113,18 +115,34 @@ def load_results(results_dir: Path) -> Loaded:
         loaded.environments.append(summary.get("environment"))
         rows = read_metrics(run_dir)
         baseline = summary.get("majority_baseline")
+        every = eval_every(run_dir)
         if re.fullmatch(rf"{LOCAL}-c\d+", name):
             local.setdefault(seed, []).append(rows)
             baselines[seed] = baseline
+            local_every[seed] = every
             continue
-        loaded.runs.append(SeedRun(name, seed, rows, baseline))
+        loaded.runs.append(SeedRun(name, seed, rows, baseline, eval_every=every))
         if not is_reference(name) and not loaded.settings:
             loaded.settings = summary
     for seed, runs in sorted(local.items()):
-        loaded.runs.append(SeedRun(LOCAL, seed, mean_rows(runs), baselines[seed], clients=len(runs)))
+        every = local_every[seed]
+        loaded.runs.append(SeedRun(LOCAL, seed, mean_rows(runs), baselines[seed], len(runs), every))
     loaded.central_settings = central_settings(folder, loaded.runs)
     loaded.runs.sort(key=lambda r: (group_order(r.group), r.seed))
     return loaded
+
+
+def eval_every(run_dir: Path) -> int:
+    """The run's `eval.every` from its `config.toml` (1 where the file or the key is missing: a run made
+    before the setting existed scored every round)."""
+    import tomllib
+
+    try:
+        config = tomllib.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+        every = config.get("eval", {}).get("every", 1)
+    except (OSError, tomllib.TOMLDecodeError, AttributeError):
+        return 1
+    return every if type(every) is int and every >= 1 else 1
 
 
 def central_settings(folder: Path, runs: Sequence[SeedRun]) -> list[str]:
@@ -133,7 +151,6 @@ def central_settings(folder: Path, runs: Sequence[SeedRun]) -> list[str]:
     from hlora.config import load_settings
     from hlora.experiments.compare import differences
     from hlora.federation.simulation import effective_settings
-    from hlora.outputs import CONFIG_FILE
 
     lines: list[str] = []
     for run in runs:
@@ -193,14 +210,15 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
 
 
 def rounds_to_target(rows: Sequence[dict[str, Any]], target: float) -> int | None:
-    """The first round whose dev accuracy reaches `target`; None if none does."""
-    return next((r["round"] for r in rows if r["accuracy"] >= target), None)
+    """The first evaluated round whose dev accuracy reaches `target`; None if none does."""
+    return next((r["round"] for r in evaluated_rows(rows) if r["accuracy"] >= target), None)
 
 
 def seed_figures(run: SeedRun, target: float | None) -> dict[str, Any]:
     """The figures of one seed of one group."""
     rows = run.rows
-    final = rows[-1]
+    scored = evaluated_rows(rows)  # the last round is always among them
+    final = scored[-1]
     tier_acc = final.get("tier_accuracy") or {}
     # every tier scored at the end, and every tier that trained in some round (a round samples a few)
     ranks = sorted({*tier_acc, *(rank for row in rows for rank in row.get("tier_step_s", {}))}, key=int)
@@ -208,9 +226,9 @@ def seed_figures(run: SeedRun, target: float | None) -> dict[str, Any]:
     figures: dict[str, Any] = {
         "rounds": len(rows),
         "final_accuracy": final["accuracy"],
-        "best_accuracy": max(r["accuracy"] for r in rows),
+        "best_accuracy": max(r["accuracy"] for r in scored),
         "final_f1": final.get("f1"),
-        "best_f1": max(r["f1"] for r in rows) if "f1" in final else None,
+        "best_f1": max(r["f1"] for r in scored) if "f1" in final else None,
         "rounds_to_target": reached,
         "wall_to_target_s": sum(r["wall_s"] for r in rows if r["round"] <= reached) if reached else None,
         "uplink_mb": sum(r["uplink_bytes"] for r in rows) / 1e6 if run.communicates else None,
@@ -352,9 +370,18 @@ def paired_p(diffs: Sequence[float]) -> float | None:
 
 
 def _mean_accuracy_diff(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]]) -> float:
-    """The mean dev accuracy over the rounds both ran, of `a` minus that of `b`."""
+    """The mean dev accuracy over the rounds both ran and both evaluated, of `a` minus that of `b`."""
     n = min(len(a), len(b))
-    return float(np.mean([r["accuracy"] for r in a[:n]]) - np.mean([r["accuracy"] for r in b[:n]]))
+    both = _common_rounds([a[:n], b[:n]])
+    return float(
+        np.mean([r["accuracy"] for r in a[:n] if r["round"] in both])
+        - np.mean([r["accuracy"] for r in b[:n] if r["round"] in both])
+    )
+
+
+def _common_rounds(runs: Sequence[Sequence[dict[str, Any]]]) -> set[int]:
+    """The rounds every one of `runs` (metrics rows) evaluated."""
+    return set.intersection(*({r["round"] for r in evaluated_rows(rows)} for rows in runs))
 
 
 # --- output -------------------------------------------------------------------------------------------
@@ -434,6 +461,9 @@ def markdown(
             f"; at or below the majority class ({baseline:.4f}): a model that answers one class reaches "
             "it, so rounds to target say nothing here"
         )
+    cadence = cadence_note(loaded.runs)
+    if cadence:
+        target_note += f"; rounds to target are read on the evaluated rounds, {cadence}"
     lines += [
         f"Target accuracy {target_text} ({target_note}).",
         "",
@@ -506,14 +536,19 @@ def markdown(
             loaded.central_settings
         ) + "."
     if paired:
-        lines += paired_lines(paired, target)
+        lines += paired_lines(paired, target, evaluated=bool(cadence))
     if loaded.incomplete:
         lines += ["", f"Not complete, left out: {', '.join(loaded.incomplete)}."]
     lines += provenance_lines(loaded.environments)
     return "\n".join(lines) + "\n"
 
 
-def paired_lines(paired: Sequence[dict[str, Any]], target: float | None) -> list[str]:
+def paired_lines(
+    paired: Sequence[dict[str, Any]], target: float | None, evaluated: bool = False
+) -> list[str]:
+    """The paired table; `evaluated`: some runs skipped evaluations (`eval.every`), and the text says
+    that the mean accuracy is over the rounds both evaluated."""
+    both = "both evaluated" if evaluated else "both ran"
     lines = [
         "",
         f"## {SUBJECT} against each method and reference, seed by seed",
@@ -523,7 +558,7 @@ def paired_lines(paired: Sequence[dict[str, Any]], target: float | None) -> list
         "and p, the two-sided p-value of a paired t-test over the seeds that the mean difference is zero "
         "(with 3 seeds only a large, steady difference gets p below 0.05; the dev set is the same for "
         "both, so its sampling noise is not in p). Mean accuracy: the dev accuracy averaged over the "
-        "rounds both ran (a convergence figure that needs no target). Traffic and aggregation: the "
+        f"rounds {both} (a convergence figure that needs no target). Traffic and aggregation: the "
         f"other's totals as multiples of {SUBJECT}'s (above 1: {SUBJECT} spends less).",
         "",
         _cells(
@@ -561,6 +596,21 @@ def paired_lines(paired: Sequence[dict[str, Any]], target: float | None) -> list
 
 def _p(value: float | None) -> str:
     return "" if value is None else f" (p {value:.2g})"
+
+
+def cadence_note(runs: Sequence[SeedRun]) -> str:
+    """`"every 5"` (`"every 5 (hlora, ffa), every 1 (central)"` where groups differ) when some run scored
+    fewer rounds than it played (`eval.every` above 1), else empty: the rounds its readings come from."""
+    groups: dict[int, list[str]] = {}
+    for run in sorted(runs, key=lambda r: group_order(r.group)):
+        names = groups.setdefault(run.eval_every, [])
+        if run.group not in names:
+            names.append(run.group)
+    if set(groups) <= {1}:
+        return ""
+    if len(groups) == 1:
+        return f"every {next(iter(groups))}"
+    return ", ".join(f"every {n} ({', '.join(names)})" for n, names in sorted(groups.items(), reverse=True))
 
 
 def provenance_lines(environments: Sequence[dict[str, Any] | None]) -> list[str]:
@@ -650,16 +700,20 @@ def _write_rows(rows: Sequence[dict[str, Any]], path: Path, header: Sequence[str
 
 
 def _curves(runs: Sequence[SeedRun], key) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """Per group, over the rounds every seed has: x (mean over seeds of `key(rows)`), and the mean,
-    minimum and maximum dev accuracy over seeds."""
+    """Per group, over the rounds every seed has and evaluated: x (mean over seeds of `key(rows)`, a value
+    per row: a cumulative one counts the rounds between too), and the mean, minimum and maximum dev
+    accuracy over seeds."""
     groups: dict[str, list[SeedRun]] = {}
     for run in runs:
         groups.setdefault(run.group, []).append(run)
     curves = {}
     for group in sorted(groups, key=group_order):
         n = min(len(r.rows) for r in groups[group])
-        acc = np.array([[row["accuracy"] for row in r.rows[:n]] for r in groups[group]])
-        x = np.mean([key(r.rows[:n]) for r in groups[group]], axis=0)
+        seeds = [r.rows[:n] for r in groups[group]]
+        both = _common_rounds(seeds)
+        kept = [(rows, [i for i, row in enumerate(rows) if row["round"] in both]) for rows in seeds]
+        acc = np.array([[rows[i]["accuracy"] for i in idx] for rows, idx in kept])
+        x = np.mean([np.asarray(key(rows))[idx] for rows, idx in kept], axis=0)
         curves[group] = (x, acc.mean(axis=0), acc.min(axis=0), acc.max(axis=0))
     return curves
 

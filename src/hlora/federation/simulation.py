@@ -275,8 +275,8 @@ class RoundLoop:
         return self.exp.server.configure(rnd)
 
     def finish(self, rnd: int, plans: dict[int, ClientPlan], replies: Replies) -> dict[str, Any]:
-        """Aggregate what came back, evaluate the global model (and each tier's), append the metrics
-        row and commit the checkpoint. Returns the row."""
+        """Aggregate what came back, evaluate the global model (and each tier's) if the round is one
+        `eval.every` picks, append the metrics row and commit the checkpoint. Returns the row."""
         exp, s = self.exp, self.exp.settings
         server = exp.server
         t1 = time.perf_counter()
@@ -286,19 +286,24 @@ class RoundLoop:
                 log.warning("round %d: client %s rejected (%s): %s", rnd, cid, why.code, why.detail)
             outcome = replace(outcome, rejected={**outcome.rejected, **replies.unreadable})
         t2 = time.perf_counter()
-        held = server.model_plan()  # the global model, as a client would hold it (FLoRA: merged stacks)
-        merge_base(exp.model, held)
-        scores = evaluate(exp.model, held.adapter, exp.dev, exp.task, s.eval.batch_size, exp.collate)
+        last = rnd == s.federation.rounds
+        evaluated = rnd % s.eval.every == 0 or last
+        scores: dict[str, float] = {}
+        if evaluated:  # else the base waits for the next client to merge FLoRA's deltas, in the same order
+            held = server.model_plan()  # the global model, as a client would hold it (FLoRA: merged stacks)
+            merge_base(exp.model, held)
+            scores = evaluate(exp.model, held.adapter, exp.dev, exp.task, s.eval.batch_size, exp.collate)
         t3 = time.perf_counter()
-        score_tiers = s.eval.tiers is True or (s.eval.tiers == "final" and rnd == s.federation.rounds)
+        score_tiers = evaluated and (s.eval.tiers is True or (s.eval.tiers == "final" and last))
         tiers = evaluate_tiers(exp, held, scores) if score_tiers else {}
         t4 = time.perf_counter()
         timings = {
             "train_s": t1 - self._t0,
             "aggregate_s": t2 - t1 - outcome.instruments_s,
             "instruments_s": outcome.instruments_s,
-            "eval_s": t3 - t2,
         }
+        if evaluated:
+            timings["eval_s"] = t3 - t2
         if score_tiers:
             timings["tier_eval_s"] = t4 - t3
         timings["wall_s"] = t4 - self._t0
@@ -312,6 +317,7 @@ class RoundLoop:
                 "; ".join(f"client {cid}: {', '.join(names)}" for cid, names in sorted(invalid.items())),
             )
         row = round_row(rnd, scores, tiers, results, sent, exp.client_ranks, timings)
+        row["evaluated"] = evaluated
         row.update(reliability_fields(outcome, replies.lost, replies.corrupted))
         row["invalid_reports"] = {str(cid): names for cid, names in sorted(invalid.items())}
         self.metrics.append(row)
@@ -520,7 +526,8 @@ def _rank_counts(client_ranks: dict[int, int]) -> str:
 
 
 def round_line(row: dict[str, Any], rounds: int) -> str:
-    """The one line a finished round prints."""
+    """The one line a finished round prints (`acc -` on a round not evaluated)."""
+    acc = f"{row['accuracy']:.4f}" if "accuracy" in row else "-"
     f1 = f"  f1 {row['f1']:.4f}" if "f1" in row else ""
     tiers = row.get("tier_accuracy", {})
     tier_acc = "  tiers " + " ".join(f"r{r} {acc:.4f}" for r, acc in tiers.items()) if len(tiers) > 1 else ""
@@ -537,7 +544,7 @@ def round_line(row: dict[str, Any], rounds: int) -> str:
     if row.get("round_failed"):
         trouble += "  round failed: global model kept"
     return (
-        f"round {row['round']:>3}/{rounds}  acc {row['accuracy']:.4f}{f1}{tier_acc}  "
+        f"round {row['round']:>3}/{rounds}  acc {acc}{f1}{tier_acc}  "
         f"loss {loss}  "
         f"up {row['uplink_bytes'] / 1e6:.2f} MB  down {row['downlink_bytes'] / 1e6:.2f} MB  "
         f"{row['wall_s']:.1f} s{trouble}"

@@ -172,11 +172,12 @@ class HloraStrategy(Strategy):
         self.rows.append(row)
         log.info("%s", round_line(row, self.rounds))
         metrics = {
-            "accuracy": float(row["accuracy"]),
             "uplink-bytes": int(row["uplink_bytes"]),
             "downlink-bytes": int(row["downlink_bytes"]),
             "aggregated-clients": len(row["aggregated_clients"]),
         }
+        if "accuracy" in row:  # a round that `eval.every` skips has no score
+            metrics["accuracy"] = float(row["accuracy"])
         if row["train_loss"] is not None:
             metrics["train-loss"] = float(row["train_loss"])
         return to_record(self.loop.exp.server.global_weights.tensors()), MetricRecord(metrics)
