@@ -6,6 +6,7 @@ import math
 import re
 import tomllib
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
@@ -146,3 +147,26 @@ def test_every_committed_config_and_run_record_still_loads():
     assert len(paths) > 100
     for path in paths:
         load_settings(path)
+
+
+def test_partition_scheme_and_size_sigma():
+    fed = load_settings(None).federation
+    assert (fed.partition, fed.size_sigma) == ("classes", 1.0)  # the committed runs' split
+    fed = load_settings(None, ["federation.partition='clients'", "federation.size_sigma=0"]).federation
+    assert (fed.partition, fed.size_sigma) == ("clients", 0.0)
+    for item, message in [
+        ("federation.partition='label'", r"'federation.partition'.*'classes' or 'clients' \(got 'label'\)"),
+        ("federation.size_sigma=-0.5", r"'federation.size_sigma'.*greater than or equal to 0"),
+        ("federation.size_sigma=nan", r"'federation.size_sigma'.*finite"),
+        ("federation.size_sigma=inf", r"'federation.size_sigma'.*finite"),
+    ]:
+        with pytest.raises(ConfigError, match=message) as info:
+            load_settings(None, [item])
+        assert "\n" not in str(info.value)
+
+
+def test_partition_schemes_are_those_the_partition_knows():
+    from hlora.config import FederationSettings
+    from hlora.data.partition import PARTITION_SCHEMES
+
+    assert get_args(FederationSettings.model_fields["partition"].annotation) == PARTITION_SCHEMES

@@ -123,6 +123,14 @@ class FederationSettings(_Section):
     clients_per_round: int = Field(10, ge=1)
     rounds: int = Field(10, ge=1)
     alpha: float = Field(math.inf, gt=0)  # Dirichlet label skew; inf means IID
+    # What the Dirichlet draws (hlora.data.partition): "classes", each class's shares over the clients
+    # (few clients with much data each); "clients", each client's label mix, with log-normal sizes (many
+    # small clients: with 100 clients "classes" leaves some client empty in nearly every draw).
+    partition: Literal["classes", "clients"] = "classes"
+    # "clients" only: the sigma of the log-normal draw the client sizes are proportional to. 1.0 puts the
+    # middle 90% of draws within a factor of 5 (e^1.645) of the median: the varied sizes that ranks by
+    # data size need, with no client dwarfing the rest; 0 gives equal sizes, as in Hsu et al. 2019.
+    size_sigma: float = Field(1.0, ge=0, allow_inf_nan=False)
     min_client_size: int = Field(8, ge=1)
     # The fewest valid updates a round aggregates; with fewer, the round fails and the global model stays.
     min_clients: int = Field(1, ge=1)

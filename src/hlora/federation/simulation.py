@@ -148,7 +148,13 @@ def split_clients(settings: Settings, labels: Any) -> tuple[list[np.ndarray], di
     (`hlora compare`'s planning) gets the ones a run gets."""
     fed = settings.federation
     parts = dirichlet_partition(
-        np.asarray(labels), fed.num_clients, fed.alpha, min_size=fed.min_client_size, seed=settings.run.seed
+        np.asarray(labels),
+        fed.num_clients,
+        fed.alpha,
+        min_size=fed.min_client_size,
+        seed=settings.run.seed,
+        scheme=fed.partition,
+        size_sigma=fed.size_sigma,
     )
     return parts, assign_ranks(settings.lora, [len(idx) for idx in parts], settings.run.seed)
 
