@@ -64,12 +64,16 @@ def main() -> None:
         results = {}
         for clients in [int(c) for c in args.clients.split(",")]:
             results[clients] = run(args.config, clients, args, Path(tmp) / f"k{clients}")
-    print(f"{args.method}, {args.per_round} clients a round, {args.rounds} rounds, {args.steps} local steps each")
+    print(f"{args.method}, {args.per_round} clients a round, {args.rounds} rounds, {args.steps} steps each")
     head = ["clients", "peak RSS MiB", "checkpoint MiB", "train s", "aggregate s", "instruments s", "rest s"]
     print(" | ".join(head))
     for clients, r in results.items():
         figures = [r["peak_rss_mib"], r["checkpoint_mib"], r["train_s"], r["aggregate_s"], r["instruments_s"]]
-        print(" | ".join([str(clients)] + [f"{x:.3f}" if x < 10 else f"{x:.0f}" for x in figures + [r["rest_s"]]]))
+        print(
+            " | ".join(
+                [str(clients)] + [f"{x:.3f}" if x < 10 else f"{x:.0f}" for x in figures + [r["rest_s"]]]
+            )
+        )
     print(json.dumps(results))
 
 
