@@ -21,7 +21,7 @@ from pathlib import Path
 
 from hlora.outputs import read_metrics
 
-PARTS = ("train_s", "aggregate_s", "instruments_s", "eval_s", "tier_eval_s")
+PARTS = ("train_s", "aggregate_s", "instruments_s", "eval_s", "tier_eval_s")  # within wall_s
 
 
 def run(config: str, clients: int, args: argparse.Namespace, out: Path) -> dict[str, float]:
@@ -46,6 +46,7 @@ def run(config: str, clients: int, args: argparse.Namespace, out: Path) -> dict[
     rows = read_metrics(out)
     means = {p: sum(r.get(p, 0.0) for r in rows) / len(rows) for p in PARTS + ("wall_s",)}
     means["rest_s"] = means["wall_s"] - sum(means[p] for p in PARTS)
+    means["checkpoint_s"] = sum(r.get("checkpoint_s", 0.0) for r in rows) / len(rows)  # after wall_s
     ckpt = sum(f.stat().st_size for f in (out / "checkpoint").rglob("*") if f.is_file())
     return {"peak_rss_mib": usage.ru_maxrss / 1024, "checkpoint_mib": ckpt / 2**20, **means}
 
@@ -66,12 +67,14 @@ def main() -> None:
             results[clients] = run(args.config, clients, args, Path(tmp) / f"k{clients}")
     print(f"{args.method}, {args.per_round} clients a round, {args.rounds} rounds, {args.steps} steps each")
     head = ["clients", "peak RSS MiB", "checkpoint MiB", "train s", "aggregate s", "instruments s", "rest s"]
+    head.append("checkpoint s")
     print(" | ".join(head))
     for clients, r in results.items():
         figures = [r["peak_rss_mib"], r["checkpoint_mib"], r["train_s"], r["aggregate_s"], r["instruments_s"]]
         print(
             " | ".join(
-                [str(clients)] + [f"{x:.3f}" if x < 10 else f"{x:.0f}" for x in figures + [r["rest_s"]]]
+                [str(clients)]
+                + [f"{x:.3f}" if x < 10 else f"{x:.0f}" for x in figures + [r["rest_s"], r["checkpoint_s"]]]
             )
         )
     print(json.dumps(results))

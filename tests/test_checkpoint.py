@@ -30,7 +30,7 @@ from hlora.config import Settings, load_settings, settings_to_toml, validate_set
 from hlora.errors import CheckpointError
 from hlora.federation import simulation
 from hlora.federation.server import FederatedServer
-from hlora.outputs import create_run_dir, lock_run_dir, read_metrics
+from hlora.outputs import MetricsLog, create_run_dir, lock_run_dir, read_metrics
 from hlora.weights import AdapterWeights, LoraFactors
 
 # --- the server's state, without a model --------------------------------------------------------------
@@ -330,6 +330,7 @@ def resume_in_process(run_dir: Path) -> None:
         ("fedit", "aggregate", 1),
         ("hlora", "aggregate", 1),
         ("hlora", "commit", 1),
+        ("hlora", "append", 1),
         ("flora", "aggregate", 1),
         ("ffa", "aggregate", 1),
         # eval.every: round 1 not evaluated (FLoRA's base not merged for it), round 2 evaluated
@@ -353,16 +354,24 @@ def test_a_run_crashed_in_round_2_resumes_to_the_uninterrupted_run(
             raise Crash
         original(run_dir, exp, rnd, metrics)
 
+    def append(log, row, original=MetricsLog.append):
+        if row["round"] == 2:
+            raise Crash
+        original(log, row)
+
     run_dir = create_run_dir(tmp_path / "crashed")
     exp = simulation.prepare(settings)
     with monkeypatch.context() as patch:
         if crash == "aggregate":  # mid-round: the clients have trained, the server has not aggregated
             patch.setattr(FederatedServer, "aggregate", aggregate)
-        else:  # round 2's metrics row appended, its checkpoint not yet committed
+        elif crash == "commit":  # round 2's checkpoint not committed: nothing of round 2 is on disk
             patch.setattr(checkpoint, "save_checkpoint", save_checkpoint)
+        else:  # round 2 committed, its row not yet in metrics.jsonl: the resumed run writes it back
+            patch.setattr(MetricsLog, "append", append)
         with pytest.raises(Crash):
             simulation.run(exp, run_dir, progress=False)
-    assert len(read_metrics(run_dir)) == (1 if crash == "aggregate" else 2)
+    assert len(read_metrics(run_dir)) == 1
+    assert checkpoint.open_resume(run_dir)[1].round == (2 if crash == "append" else 1)
     assert not (run_dir / "summary.json").exists()
 
     resume_in_process(run_dir)

@@ -326,8 +326,13 @@ class RoundLoop:
         row["evaluated"] = evaluated
         row.update(reliability_fields(outcome, replies.lost, replies.corrupted))
         row["invalid_reports"] = {str(cid): names for cid, names in sorted(invalid.items())}
+        # The checkpoint first, so that the row can say what it cost (the checkpoint's copy of the row
+        # lacks `checkpoint_s`); a crash between the two loses nothing: a resumed run rewrites
+        # metrics.jsonl from the checkpoint's rows.
+        t5 = time.perf_counter()
+        checkpoint.save_checkpoint(self.run_dir, exp, rnd, [*self.metrics.rows, row])
+        row["checkpoint_s"] = round(time.perf_counter() - t5, 4)
         self.metrics.append(row)
-        checkpoint.save_checkpoint(self.run_dir, exp, rnd, self.metrics.rows)
         return row
 
     def release(self) -> None:
