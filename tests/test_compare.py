@@ -609,4 +609,9 @@ def test_experiment_configs_load_and_fill_every_tier(path, glue_dir):
         ranks = cmp.client_ranks(
             settings.model_copy(update={"run": settings.run.model_copy(update={"seed": seed})})
         )
-        assert sorted(set(ranks.values())) == [2, 4, 8, 16]
+        if settings.lora.rank_policy == "tiers":
+            assert sorted(set(ranks.values())) == sorted(settings.lora.tiers)
+        else:  # ranks from data size: 1 .. rank, the largest client at rank, and many in between
+            assert settings.lora.rank_policy == "data_size"
+            assert min(ranks.values()) >= 1 and max(ranks.values()) == settings.lora.rank
+            assert len(set(ranks.values())) >= 8
