@@ -138,8 +138,8 @@ class FederationSettings(_Section):
     # it sends up); None: no bound (hlora.federation.validation).
     max_update_norm: float | None = Field(None, gt=0)
     # Reject an update whose change norm exceeds this many times the lower median of the round's valid
-    # updates' change norms (an "outlier": a boosted update); inf switches it off. 20 is 4 times the
-    # largest honest ratio in the committed runs (4.84) and 5 times below the smallest ratio of an update
+    # updates' change norms (an "outlier": a boosted update); inf switches it off. 20 is 3 times the
+    # largest honest ratio in the committed runs (6.19) and 5 times below the smallest ratio of an update
     # boosted 1e3 times there (109): scripts/update_norm_factor.py.
     update_norm_factor: float = Field(20.0, ge=1)
 
