@@ -100,7 +100,7 @@ def test_the_main_job_trains_mixed_ranks_with_hlora_and_prints_each_tier(tiny_mo
         (["--set", "model.name_or_path='/tmp'"], "not a transformers model folder"),
         (["--set", "lora.bank_rank=2"], "bank_rank (2) is below the largest client rank (8"),
         (["--set", "method_options.norm_weighting=true"], "method_options.norm_weighting"),
-        (["--set", "lora.rank_policy=tiers", "--set", "lora.tiers=[1, 2]"], "use a heterogeneous method"),
+        (["--set", "lora.rank_policy=tiers", "--set", "lora.tiers=[1, 2]"], "method for mixed ranks"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_run_dir(

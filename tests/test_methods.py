@@ -19,7 +19,7 @@ from hlora.federation.server import FederatedServer
 from hlora.outputs import create_run_dir, read_metrics
 from hlora.weights import AdapterWeights, LoraFactors
 
-HETEROGENEOUS = [name for name in registry.names() if name != "fedit"]
+HETEROGENEOUS = [name for name in registry.names() if not registry.get(name).equal_ranks]
 LAYER = "layer.query"
 
 
@@ -94,14 +94,14 @@ def test_norm_weighted_zeropad_runs(tiny_settings, tmp_path):
 
 
 def test_fedit_refuses_mixed_ranks_before_anything_runs(tiny_settings):
-    with pytest.raises(AggregationError, match="use a heterogeneous method"):
+    with pytest.raises(AggregationError, match="fedit needs one rank.*method for mixed ranks"):
         simulation.prepare(mixed_rank_settings(tiny_settings, "fedit"))
 
 
 def test_fedit_server_refuses_mixed_ranks():
     fedit = registry.create("fedit", bank_rank=4)
     initial = AdapterWeights({LAYER: LoraFactors(torch.zeros(3, 4), torch.zeros(4, 5))})
-    with pytest.raises(AggregationError, match="use a heterogeneous method"):
+    with pytest.raises(AggregationError, match="fedit needs one rank.*method for mixed ranks"):
         FederatedServer(fedit, initial, {0: 1, 1: 4}, clients_per_round=2, seed=0)
 
 
@@ -114,6 +114,26 @@ def test_shipped_heterogeneous_config_loads():
 
 def test_registry_names_the_six_methods():
     assert set(registry.names()) == {"fedit", "zeropad", "hlora", "flexlora", "flora", "ffa"}
+
+
+def test_registry_capabilities_stand_in_for_method_names():
+    """Callers outside aggregation/ ask the registry, not a name: the order comparisons list methods in
+    (the subject first), the references' rule, and which methods need one rank for all."""
+    ordered = registry.ordered()
+    assert sorted(ordered) == registry.names() and ordered[0] == "hlora"
+    assert registry.reference() == "fedit"
+    assert [m for m in ordered if registry.get(m).equal_ranks] == ["fedit"]
+
+
+def test_a_method_of_equal_ranks_refuses_mixed_ranks_by_its_capability():
+    for name in registry.names():
+        agg = registry.create(name, bank_rank=4)
+        agg.check_ranks({0: 4, 1: 4})  # one rank: everyone serves it
+        if registry.get(name).equal_ranks:
+            with pytest.raises(AggregationError, match=f"{name} needs one rank.*\\[2, 4\\]"):
+                agg.check_ranks({0: 2, 1: 4})
+        else:
+            agg.check_ranks({0: 2, 1: 4})
 
 
 def test_unknown_method_option_is_a_config_error_naming_it(tiny_settings):

@@ -88,6 +88,15 @@ class Aggregator(ABC):
 
     name: ClassVar[str]
     Options: ClassVar[type[BaseModel] | None] = None  # the method's typed options; None: it takes none
+    # Capabilities: what the engine, `hlora compare` and the report ask of a method, never its name.
+    # One rank for every client and the server, or none served (`check_ranks` refuses mixed ranks).
+    equal_ranks: ClassVar[bool] = False
+    # The rule of the references (centralised, local, one rank for all): the identity on one update and
+    # plain FedAvg at one rank. Exactly one registered method has it (`registry.reference()`).
+    reference: ClassVar[bool] = False
+    # Place in listings, comparisons and tables (`registry.ordered()`): the subject of the comparisons
+    # first, then its closest rivals; ties by name.
+    order: ClassVar[int] = 100
 
     def __init__(self, bank_rank: int, seed: int = 0, options: BaseModel | None = None) -> None:
         self.bank_rank = bank_rank  # r_g, the rank of the global adapter the server keeps
@@ -98,9 +107,14 @@ class Aggregator(ABC):
         self.initial: AdapterWeights | None = None  # the round-0 adapter, set by initial_global
 
     def check_ranks(self, client_ranks: Mapping[int, int]) -> None:
-        """Refuse a rank assignment this method cannot serve (raise AggregationError); by default
-        every assignment is served."""
-        return None
+        """Refuse a rank assignment this method cannot serve (raise AggregationError): mixed ranks for a
+        method of `equal_ranks`; every other assignment is served unless a method says otherwise."""
+        ranks = sorted(set(client_ranks.values()) | {self.bank_rank})
+        if self.equal_ranks and len(ranks) > 1:
+            raise AggregationError(
+                f"{self.name} needs one rank for every client and the server; got ranks {ranks}: use a "
+                "method for mixed ranks (`hlora methods`) or a fixed rank policy"
+            )
 
     def initial_global(self, init: AdapterWeights) -> AdapterWeights:
         """The global adapter of round 0, from the model's freshly initialised one at `bank_rank` (seeded,

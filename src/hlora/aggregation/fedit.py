@@ -6,27 +6,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from torch import Tensor
 
 from hlora.aggregation.base import LayerwiseAggregator
 from hlora.aggregation.products import factor_mean
 from hlora.aggregation.registry import register
-from hlora.errors import AggregationError
 
 
 @register
 class FedIT(LayerwiseAggregator):
     name = "fedit"
-
-    def check_ranks(self, client_ranks: Mapping[int, int]) -> None:
-        ranks = sorted(set(client_ranks.values()) | {self.bank_rank})
-        if len(ranks) > 1:
-            raise AggregationError(
-                f"fedit averages factors and needs one rank for every client and the server; got ranks "
-                f"{ranks}: use a heterogeneous method (e.g. hlora) or a fixed rank policy"
-            )
+    equal_ranks = True  # it averages factors, which only line up at one rank
+    reference = True  # FedAvg at one rank, the identity on one update: the references' rule
+    order = 50
 
     def combine(self, pairs: Sequence[tuple[Tensor, Tensor]], p: Sequence[float]) -> tuple[Tensor, Tensor]:
         return factor_mean(pairs, p)

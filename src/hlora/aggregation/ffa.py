@@ -25,6 +25,7 @@ from hlora.weights import AdapterWeights, LoraFactors
 @register
 class FFALoRA(Aggregator):
     name = "ffa"
+    order = 40
 
     def plan_for(self, global_weights: AdapterWeights, client_rank: int, synced: int = 0) -> ClientPlan:
         return ClientPlan(global_weights.truncate(client_rank), train_a=False)

@@ -20,6 +20,7 @@ from hlora.aggregation.registry import register
 @register
 class FlexLoRA(LayerwiseAggregator):
     name = "flexlora"
+    order = 10
 
     def combine(self, pairs: Sequence[tuple[Tensor, Tensor]], p: Sequence[float]) -> tuple[Tensor, Tensor]:
         return dense_product_svd(pairs, p, self.bank_rank)

@@ -30,6 +30,7 @@ from hlora.weights import AdapterWeights, LoraFactors
 @register
 class FLoRA(Aggregator):
     name = "flora"
+    order = 30
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -20,6 +20,7 @@ from hlora.aggregation.registry import register
 @register
 class HLoRA(LayerwiseAggregator):
     name = "hlora"
+    order = 0
 
     def combine(self, pairs: Sequence[tuple[Tensor, Tensor]], p: Sequence[float]) -> tuple[Tensor, Tensor]:
         return aggregate_products(pairs, p, self.bank_rank)

@@ -22,7 +22,22 @@ def register(cls: type[Aggregator]) -> type[Aggregator]:
 
 
 def names() -> list[str]:
+    """Every registered method, alphabetically (for messages that list the allowed names)."""
     return sorted(_METHODS)
+
+
+def ordered() -> list[str]:
+    """Every registered method in its `order`: the default of `hlora compare --methods`, the order of
+    `hlora methods` and of the report's tables."""
+    return sorted(_METHODS, key=lambda name: (_METHODS[name].order, name))
+
+
+def reference() -> str:
+    """The method the references train with (`Aggregator.reference`): the identity on one update."""
+    found = [name for name, cls in _METHODS.items() if cls.reference]
+    if len(found) != 1:
+        raise RuntimeError(f"exactly one method must be the references' rule; registered: {found}")
+    return found[0]
 
 
 def get(name: str) -> type[Aggregator]:

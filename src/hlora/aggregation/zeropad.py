@@ -20,6 +20,7 @@ from hlora.aggregation.registry import register
 @register
 class ZeroPad(LayerwiseAggregator):
     name = "zeropad"
+    order = 20
 
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)

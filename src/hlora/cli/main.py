@@ -118,10 +118,10 @@ def _resume(run_dir: Path, overrides: list[str], quiet: bool, refused: tuple[Pat
 
 @app.command()
 def methods() -> None:
-    """List the aggregation methods a config can name."""
+    """List the aggregation methods a config can name, in the order comparisons show them."""
     from hlora.aggregation import registry
 
-    for name in registry.names():
+    for name in registry.ordered():
         typer.echo(name)
 
 
