@@ -22,7 +22,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from hlora.outputs import evaluated_rows, read_metrics  # noqa: E402
+from hlora.federation.metrics import evaluated_rows
+from hlora.rundir import read_metrics  # noqa: E402
 
 
 def hlora_run(config: str, out: Path, overrides: list[str]) -> None:

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hlora.outputs import read_metrics
+from hlora.rundir import read_metrics
 
 PARTS = ("train_s", "aggregate_s", "instruments_s", "eval_s", "tier_eval_s")  # within wall_s
 

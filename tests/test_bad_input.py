@@ -15,7 +15,7 @@ import torch
 from hlora.cli.main import main
 from hlora.config import validate_settings
 from hlora.export import export_model
-from hlora.federation import simulation
+from hlora.federation.prepared import prepare
 
 
 @pytest.fixture
@@ -268,7 +268,7 @@ def exported(tiny_model_dir, glue_dir, tmp_path_factory) -> Path:
             "federation": {"num_clients": 2, "clients_per_round": 2},
         }
     )
-    exp = simulation.prepare(settings)
+    exp = prepare(settings)
     return export_model(exp.server.model_plan(), settings, tmp_path_factory.mktemp("export") / "adapter")
 
 

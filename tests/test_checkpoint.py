@@ -21,16 +21,19 @@ import torch
 from safetensors.torch import load_file
 
 import hlora
-from hlora import checkpoint
+from hlora import checkpoint, simulation
+from hlora import config as cfg
 from hlora.aggregation import registry
-from hlora.aggregation.base import ClientUpdate
 from hlora.checkpoint import Checkpoint
 from hlora.cli.main import main
 from hlora.config import Settings, load_settings, settings_to_toml, validate_settings
 from hlora.errors import CheckpointError
-from hlora.federation import simulation
+from hlora.federation import prepared
+from hlora.federation import round as engine
+from hlora.federation.prepared import prepare
 from hlora.federation.server import FederatedServer
-from hlora.outputs import MetricsLog, create_run_dir, lock_run_dir, read_metrics
+from hlora.protocol import ClientUpdate
+from hlora.rundir import MetricsLog, create_run_dir, lock_run_dir, read_metrics
 from hlora.weights import AdapterWeights, LoraFactors
 
 # --- the server's state, without a model --------------------------------------------------------------
@@ -131,14 +134,14 @@ def test_a_state_that_does_not_fit_is_refused():
 def checkpoint_of(stored: dict, fingerprint: str | None = None) -> Checkpoint:
     """A checkpoint of round 3 that records the config `stored` (None: one of an hlora that recorded only
     the fingerprint), fingerprinted as the hlora that wrote it would have."""
-    digest = fingerprint or checkpoint.settings_digest(stored)
+    digest = fingerprint or cfg.settings_digest(stored)
     run = {"fingerprint": digest} if fingerprint else {"fingerprint": digest, "settings": stored}
     return Checkpoint(3, {}, run)
 
 
 def older(settings: Settings, *missing: str) -> dict:
     """`settings` as an hlora without the `section.key`s `missing` recorded it."""
-    stored = checkpoint.fingerprinted(settings)
+    stored = cfg.fingerprinted(settings)
     for key in missing:
         section, name = key.split(".")
         del stored[section][name]
@@ -154,17 +157,17 @@ def changed(settings: Settings, **sections) -> Settings:
 
 
 def test_a_checkpoint_belongs_to_the_config_it_records(tiny_settings):
-    checkpoint.check_config(checkpoint_of(checkpoint.fingerprinted(tiny_settings)), tiny_settings)
+    checkpoint.check_config(checkpoint_of(cfg.fingerprinted(tiny_settings)), tiny_settings)
     # the rounds may change (a resume extends a run), and the run's name does not change results
     longer = changed(tiny_settings, federation={"rounds": 9}, run={"name": "other"})
-    checkpoint.check_config(checkpoint_of(checkpoint.fingerprinted(tiny_settings)), longer)
-    assert checkpoint.fingerprint(longer) == checkpoint.fingerprint(tiny_settings)
+    checkpoint.check_config(checkpoint_of(cfg.fingerprinted(tiny_settings)), longer)
+    assert cfg.fingerprint(longer) == cfg.fingerprint(tiny_settings)
 
 
 def test_a_checkpoint_of_another_config_names_what_differs(tiny_settings):
     edited = changed(tiny_settings, train={"lr": 0.123, "batch_size": 3})
     with pytest.raises(CheckpointError) as info:
-        checkpoint.check_config(checkpoint_of(checkpoint.fingerprinted(tiny_settings)), edited)
+        checkpoint.check_config(checkpoint_of(cfg.fingerprinted(tiny_settings)), edited)
     was_lr, was_batch = tiny_settings.train.lr, tiny_settings.train.batch_size
     assert f"(train.lr = {was_lr!r} there, 0.123 here; train.batch_size = {was_batch} there, 3 here)" in str(
         info.value
@@ -175,21 +178,21 @@ def test_a_setting_added_since_the_checkpoint_counts_only_away_from_its_default(
     """A run started by an hlora without `train.precision` and `faults.crash` resumes where both hold
     their defaults (the behaviour the run had), and not where one was set."""
     stored = older(tiny_settings, "train.precision", "faults.crash")
-    assert checkpoint.config_differences(stored, tiny_settings) == []
+    assert cfg.config_differences(stored, tiny_settings) == []
     checkpoint.check_config(checkpoint_of(stored), tiny_settings)
     bf16 = changed(tiny_settings, train={"precision": "bf16"})
-    assert checkpoint.config_differences(stored, bf16) == [("train.precision", None, "bf16")]
+    assert cfg.config_differences(stored, bf16) == [("train.precision", None, "bf16")]
     with pytest.raises(CheckpointError, match=r"\(train.precision = None there, 'bf16' here\)"):
         checkpoint.check_config(checkpoint_of(stored), bf16)
     # a setting this hlora no longer has is a difference: its effect cannot be kept
     stored["train"]["retired"] = 1
-    assert checkpoint.config_differences(stored, tiny_settings) == [("train.retired", 1, None)]
+    assert cfg.config_differences(stored, tiny_settings) == [("train.retired", 1, None)]
 
 
 def test_a_checkpoint_with_only_a_fingerprint_is_checked_by_it(tiny_settings):
     """Checkpoints written before they recorded their config: the same config resumes; another cannot be
     told from an older hlora's, and the error says both."""
-    same = checkpoint_of({}, fingerprint=checkpoint.fingerprint(tiny_settings))
+    same = checkpoint_of({}, fingerprint=cfg.fingerprint(tiny_settings))
     checkpoint.check_config(same, tiny_settings)
     other = changed(tiny_settings, train={"lr": 0.123})
     with pytest.raises(CheckpointError, match="another config than this config.toml, or by an hlora whose"):
@@ -321,7 +324,7 @@ class Crash(Exception):
 
 def resume_in_process(run_dir: Path) -> None:
     settings, ckpt = checkpoint.open_resume(run_dir)
-    simulation.run(simulation.prepare(settings), run_dir, progress=False, resume=ckpt)
+    simulation.run(prepare(settings), run_dir, progress=False, resume=ckpt)
 
 
 @pytest.mark.parametrize(
@@ -342,14 +345,14 @@ def test_a_run_crashed_in_round_2_resumes_to_the_uninterrupted_run(
     tiny_settings, tmp_path, monkeypatch, method, crash, every
 ):
     settings = configured(tiny_settings, method, eval={"every": every})
-    simulation.run(simulation.prepare(settings), create_run_dir(tmp_path / "whole"), progress=False)
+    simulation.run(prepare(settings), create_run_dir(tmp_path / "whole"), progress=False)
 
     def aggregate(server, rnd, updates, original=FederatedServer.aggregate):
         if rnd == 2:
             raise Crash
         return original(server, rnd, updates)
 
-    def save_checkpoint(run_dir, exp, rnd, metrics, original=checkpoint.save_checkpoint):
+    def save_checkpoint(run_dir, exp, rnd, metrics, original=prepared.save_checkpoint):
         if rnd == 2:
             raise Crash
         original(run_dir, exp, rnd, metrics)
@@ -360,12 +363,12 @@ def test_a_run_crashed_in_round_2_resumes_to_the_uninterrupted_run(
         original(log, row)
 
     run_dir = create_run_dir(tmp_path / "crashed")
-    exp = simulation.prepare(settings)
+    exp = prepare(settings)
     with monkeypatch.context() as patch:
         if crash == "aggregate":  # mid-round: the clients have trained, the server has not aggregated
             patch.setattr(FederatedServer, "aggregate", aggregate)
         elif crash == "commit":  # round 2's checkpoint not committed: nothing of round 2 is on disk
-            patch.setattr(checkpoint, "save_checkpoint", save_checkpoint)
+            patch.setattr(engine, "save_checkpoint", save_checkpoint)
         else:  # round 2 committed, its row not yet in metrics.jsonl: the resumed run writes it back
             patch.setattr(MetricsLog, "append", append)
         with pytest.raises(Crash):
@@ -382,9 +385,9 @@ def test_a_run_crashed_in_round_2_resumes_to_the_uninterrupted_run(
 
 def test_restore_run_rebuilds_the_global_model(tiny_settings, tmp_path):
     settings = configured(tiny_settings, "flora")
-    exp = simulation.prepare(settings)
+    exp = prepare(settings)
     simulation.run(exp, create_run_dir(tmp_path / "run"), progress=False)
-    restored = checkpoint.restore_run(tmp_path / "run")
+    restored = prepared.restore_run(tmp_path / "run")
     assert restored.server.version == 3 and restored.model.merged_version == 3
     assert_same_state(restored.server.state_dict(), exp.server.state_dict())
     assert_same_state(restored.model.read(4).tensors(), exp.server.global_weights.tensors())
@@ -428,7 +431,7 @@ def finished_run(tmp_path_factory, tiny_model_dir, glue_dir) -> Path:
         }
     )
     run_dir = tmp_path_factory.mktemp("finished") / "run"
-    simulation.run(simulation.prepare(settings), create_run_dir(run_dir), progress=False)
+    simulation.run(prepare(settings), create_run_dir(run_dir), progress=False)
     return run_dir
 
 
@@ -584,7 +587,7 @@ def test_resume_extends_a_finished_run(finished_run, tiny_model_dir, tmp_path, c
     assert "rounds = 3" in (run_dir / "config.toml").read_text()  # a later resume sees the new length
     settings = load_settings(run_dir / "config.toml")  # the same config, 3 rounds
     whole = create_run_dir(tmp_path / "whole")
-    simulation.run(simulation.prepare(settings), whole, progress=False)
+    simulation.run(prepare(settings), whole, progress=False)
     assert_same_run(whole, run_dir)
 
 
@@ -604,7 +607,7 @@ def test_a_run_checkpointed_by_an_older_hlora_resumes(finished_run, tmp_path, ca
     assert info.value.code == 0
     state = json.loads(path.read_text())
     assert state["round"] == 3 and state["settings"]["train"]["precision"] == "fp32"
-    assert state["fingerprint"] == checkpoint.fingerprint(load_settings(run_dir / "config.toml"))
+    assert state["fingerprint"] == cfg.fingerprint(load_settings(run_dir / "config.toml"))
 
 
 # --- THE test: SIGKILL mid-round, then hlora run --resume ---------------------------------------------
@@ -661,25 +664,25 @@ def test_sigkill_mid_round_then_resume_ends_as_the_run_that_never_stopped(tiny_s
         main(["run", "--resume", str(run_dir), "-q"])
     assert info.value.code == 0
 
-    simulation.run(simulation.prepare(settings), create_run_dir(tmp_path / "whole"), progress=False)
+    simulation.run(prepare(settings), create_run_dir(tmp_path / "whole"), progress=False)
     assert_same_run(tmp_path / "whole", run_dir)
 
 
 def test_a_run_directory_in_use_by_another_process_is_refused_and_left_alone(tiny_settings, tmp_path):
     settings = configured(tiny_settings, "hlora")
     run_dir = create_run_dir(tmp_path / "run")
-    simulation.run(simulation.prepare(settings.model_copy(deep=True)), run_dir, progress=False)
+    simulation.run(prepare(settings.model_copy(deep=True)), run_dir, progress=False)
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
     held = lock_run_dir(run_dir)  # what a second process's run holds: an OS lock on another descriptor
     try:
         resumed, ckpt = checkpoint.open_resume(run_dir, ["federation.rounds=4"])
         with pytest.raises(hlora.errors.RunDirError, match="in use by another hlora process"):
-            simulation.run(simulation.prepare(resumed), run_dir, progress=False, resume=ckpt)
+            simulation.run(prepare(resumed), run_dir, progress=False, resume=ckpt)
         assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
     finally:
         held.release()
     # let go, the same resume goes on; and a run that ends (or fails) lets go of the folder too
     resumed, ckpt = checkpoint.open_resume(run_dir, ["federation.rounds=4"])
-    simulation.run(simulation.prepare(resumed), run_dir, progress=False, resume=ckpt)
+    simulation.run(prepare(resumed), run_dir, progress=False, resume=ckpt)
     assert [row["round"] for row in read_metrics(run_dir)] == [1, 2, 3, 4]
     lock_run_dir(run_dir).release()

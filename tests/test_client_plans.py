@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from hlora.aggregation import registry
-from hlora.aggregation.base import BaseDelta, ClientPlan, ClientUpdate, revive_components
+from hlora.aggregation.base import revive_components
 from hlora.aggregation.products import product_mean
 from hlora.client.client import apply_plan
 from hlora.config import LoraSettings, TrainSettings
 from hlora.federation.server import FederatedServer, traffic
 from hlora.models.lora_model import LoraModel
+from hlora.protocol import BaseDelta, ClientPlan, ClientUpdate
 from hlora.weights import AdapterWeights, LoraFactors
 from tests.conftest import tiny_bert
 

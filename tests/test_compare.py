@@ -19,13 +19,16 @@ import pytest
 import torch
 from scipy import stats
 
+from hlora import simulation
 from hlora.cli.main import main
 from hlora.config import load_settings, validate_settings
 from hlora.errors import ConfigError, ModelError, RunDirError
 from hlora.experiments import compare as cmp
 from hlora.experiments import report
-from hlora.federation import simulation
-from hlora.outputs import LOCK_FILE, lock_run_dir, read_metrics
+from hlora.federation import prepared
+from hlora.federation import round as engine
+from hlora.federation.prepared import prepare
+from hlora.rundir import LOCK_FILE, lock_run_dir, read_metrics
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
 
@@ -204,7 +207,7 @@ def test_client_ranks_are_the_ones_prepare_gives(tiny_settings, lora):
     for seed in (0, 1):
         raw["run"]["seed"] = seed
         settings = validate_settings(raw)
-        assert cmp.client_ranks(settings) == simulation.prepare(settings).client_ranks
+        assert cmp.client_ranks(settings) == prepare(settings).client_ranks
 
 
 def test_a_folder_left_holding_only_a_dead_runs_lock_is_trained_into(tiny_settings, tmp_path, monkeypatch):
@@ -215,7 +218,7 @@ def test_a_folder_left_holding_only_a_dead_runs_lock_is_trained_into(tiny_settin
     (run_dir / LOCK_FILE).touch()
     assert cmp.run_state(run_dir, tiny_settings) == "new"
     held = lock_run_dir(run_dir)
-    monkeypatch.setattr(simulation, "prepare", lambda settings: "prepared")
+    monkeypatch.setattr(prepared, "prepare", lambda settings: "prepared")
     monkeypatch.setattr(simulation, "run", lambda exp, path, progress: {"trained_in": sorted(path.iterdir())})
     with pytest.raises(RunDirError, match="in use by another hlora process"):
         cmp.execute(run_dir, tiny_settings, "new")
@@ -462,7 +465,7 @@ def no_training(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("trained, but every run was complete")
 
-    monkeypatch.setattr(simulation, "prepare", refuse)
+    monkeypatch.setattr(prepared, "prepare", refuse)
 
 
 def test_a_second_compare_skips_every_complete_run(results_copy, config_file, no_training):
@@ -534,21 +537,21 @@ def test_a_stopped_run_resumes_to_the_run_that_never_stopped(compared, config_fi
     checkpoint and ends where the uninterrupted run of the same config ended."""
     out = tmp_path / "results"
     args = ("compare", str(config_file), "--methods", "hlora", "--out", str(out), "--no-references", "-q")
-    real_save = simulation.checkpoint.save_checkpoint
+    real_save = engine.save_checkpoint
 
     def killed_in_round_2(run_dir, exp, rnd, metrics):
         if rnd == 2:
             raise KeyboardInterrupt
         real_save(run_dir, exp, rnd, metrics)
 
-    monkeypatch.setattr(simulation.checkpoint, "save_checkpoint", killed_in_round_2)
+    monkeypatch.setattr(engine, "save_checkpoint", killed_in_round_2)
     with pytest.raises(KeyboardInterrupt):
         cmp.run_comparison(
             cmp.prepare_comparison(config_file, [], ["hlora"], [0], out, references=False), lambda line: None
         )
     run_dir = out / "runs" / "hlora-s0"
     assert not (run_dir / "summary.json").exists()
-    monkeypatch.setattr(simulation.checkpoint, "save_checkpoint", real_save)
+    monkeypatch.setattr(engine, "save_checkpoint", real_save)
     code, stdout, stderr = hlora(*args)
     assert code == 0, stderr
     assert "hlora seed 0" in stdout and ": resuming" in stdout

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from hlora import simulation
 from hlora.config import load_settings, validate_settings
 from hlora.errors import ConfigError
 from hlora.experiments import report
-from hlora.federation import simulation
-from hlora.outputs import create_run_dir, plot_accuracy, read_metrics, summarise
+from hlora.federation.metrics import plot_accuracy, round_line, summarise
+from hlora.federation.prepared import prepare
+from hlora.rundir import create_run_dir, read_metrics
 from tests.test_checkpoint import assert_same_state
 
 SCORES = ("accuracy", "f1", "tier_accuracy", "tier_f1", "eval_s", "tier_eval_s")
@@ -30,7 +32,7 @@ def with_eval(settings, method: str = "hlora", rounds: int = 3, **eval_):
 
 
 def play(settings, run_dir: Path):
-    exp = simulation.prepare(settings)
+    exp = prepare(settings)
     simulation.run(exp, create_run_dir(run_dir), progress=False)
     return exp, read_metrics(run_dir)
 
@@ -120,7 +122,7 @@ def test_summarise_reads_the_evaluated_rounds():
 def test_round_line_of_a_round_without_scores():
     row = gap_rows({2: 0.7}, 2)[0]
     row.update(clients=[0, 1])
-    line = simulation.round_line(row, 2)
+    line = round_line(row, 2)
     assert "acc -" in line and "\n" not in line and "loss 0.5000" in line
 
 

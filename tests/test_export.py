@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from hlora.aggregation.base import BaseDelta, ClientPlan
+from hlora import simulation
 from hlora.cli.main import main
 from hlora.client.client import apply_plan
 from hlora.config import DEFAULT_MODEL, LoraSettings, validate_settings
@@ -25,8 +25,9 @@ from hlora.data.glue import load_split
 from hlora.errors import ExportError
 from hlora.evaluation import evaluate, predict_logits, task_metrics
 from hlora.export import EXPORT_INFO_FILE, export_model, flatten_plan, load_model_folder
-from hlora.federation import simulation
+from hlora.federation.prepared import PreparedRun, prepare
 from hlora.models.lora_model import PACKAGED_MODEL_ID, LoraModel, portable_model_name, resolve_model_path
+from hlora.protocol import BaseDelta, ClientPlan
 from hlora.weights import AdapterWeights, LoraFactors
 from tests.conftest import tiny_bert
 
@@ -98,7 +99,7 @@ def plain_logits(folders: list, rows, base=None, hf_home=None) -> dict[str, np.n
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_model_dir, glue_dir, tmp_path_factory) -> dict[str, simulation.Experiment]:
+def runs(tiny_model_dir, glue_dir, tmp_path_factory) -> dict[str, PreparedRun]:
     """A two-round tiny run of each method (FLoRA's plans then carry two base deltas)."""
     experiments = {}
     for method, lora in METHODS.items():
@@ -125,7 +126,7 @@ def runs(tiny_model_dir, glue_dir, tmp_path_factory) -> dict[str, simulation.Exp
                 "eval": {"batch_size": 16, "tiers": False},
             }
         )
-        experiments[method] = exp = simulation.prepare(settings)
+        experiments[method] = exp = prepare(settings)
         simulation.run(exp, tmp_path_factory.mktemp(f"run-{method}"), progress=False)
     return experiments
 
@@ -214,7 +215,7 @@ def test_hlora_eval_scores_an_export_as_hlora_does(runs, tmp_path, glue_dir, cap
 
 
 def test_hlora_eval_reads_a_labelled_tsv_by_path(tiny_settings, tmp_path, glue_dir, capsys):
-    exp = simulation.prepare(tiny_settings)
+    exp = prepare(tiny_settings)
     folder = export_model(exp.server.model_plan(), exp.settings, tmp_path / "export")
     lines = (glue_dir / "MRPC" / "dev.tsv").read_text(encoding="utf-8-sig").splitlines(keepends=True)
     (tmp_path / "few.tsv").write_text("\ufeff" + "".join(lines[:21]), encoding="utf-8")
@@ -283,7 +284,7 @@ def test_base_parameters_the_checkpoint_lacks_travel_with_the_adapter(
     raw = tiny_settings.model_dump()
     raw["model"]["name_or_path"] = str(base_dir)
     raw["run"]["seed"] = 7  # load_model_folder seeds with 0: a pooler left behind would differ
-    exp = simulation.prepare(validate_settings(raw))
+    exp = prepare(validate_settings(raw))
     plan = exp.server.model_plan()
     folder = export_model(plan, exp.settings, tmp_path / "export")
     assert "bert.pooler.dense" in json.loads((folder / "adapter_config.json").read_text())["modules_to_save"]
@@ -293,7 +294,7 @@ def test_base_parameters_the_checkpoint_lacks_travel_with_the_adapter(
 
 
 def test_export_never_overwrites(tiny_settings, tmp_path):
-    exp = simulation.prepare(tiny_settings)
+    exp = prepare(tiny_settings)
     plan = exp.server.model_plan()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
@@ -316,7 +317,7 @@ def test_export_never_overwrites(tiny_settings, tmp_path):
 @pytest.fixture(scope="module")
 def flora_run(tiny_model_dir, glue_dir, tmp_path_factory):
     """A finished two-round FLoRA run with ranks 2 and 4, each tier scored every round."""
-    from hlora.outputs import create_run_dir
+    from hlora.rundir import create_run_dir
 
     settings = validate_settings(
         {
@@ -342,7 +343,7 @@ def flora_run(tiny_model_dir, glue_dir, tmp_path_factory):
         }
     )
     run_dir = create_run_dir(tmp_path_factory.mktemp("flora") / "run")
-    exp = simulation.prepare(settings)
+    exp = prepare(settings)
     simulation.run(exp, run_dir, progress=False)
     return run_dir, exp
 
@@ -445,7 +446,7 @@ def test_the_name_an_export_records_for_its_base(tmp_path):
 
 
 def test_adapter_config_names_a_local_base_by_its_folder_name_only(tiny_settings, tmp_path, tiny_model_dir):
-    exp = simulation.prepare(tiny_settings)
+    exp = prepare(tiny_settings)
     folder = export_model(exp.server.model_plan(), exp.settings, tmp_path / "export")
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == tiny_model_dir.name
@@ -462,7 +463,7 @@ def test_a_moved_export_of_a_local_base_loads_there_or_asks_for_the_base(
     shutil.copytree(tiny_model_dir, base)
     raw = tiny_settings.model_dump()
     raw["model"]["name_or_path"] = str(base)
-    exp = simulation.prepare(validate_settings(raw))
+    exp = prepare(validate_settings(raw))
     first = export_model(exp.server.model_plan(), exp.settings, tmp_path / "here" / "export")
     assert json.loads((first / "adapter_config.json").read_text())["base_model_name_or_path"] == "my-base"
     code, before = scores_of(first, glue_dir, tmp_path)
@@ -502,7 +503,7 @@ def test_an_export_of_the_packaged_model_moves_to_another_folder_and_loads_there
             "eval": {"batch_size": 16},
         }
     )
-    exp = simulation.prepare(settings)
+    exp = prepare(settings)
     plan = exp.server.model_plan()
     g = torch.Generator().manual_seed(0)  # a trained-looking adapter: B is zero at round 0
     plan = ClientPlan(

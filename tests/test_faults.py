@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 import torch
 
+from hlora import simulation
 from hlora.aggregation import registry
 from hlora.config import CORRUPT_KINDS, FaultSettings, FederationSettings, validate_settings
 from hlora.errors import ConfigError
-from hlora.federation import simulation
 from hlora.federation.faults import ClientCrash, ClientTimeout, FaultInjector, corrupt_update
+from hlora.federation.metrics import round_line, summarise
+from hlora.federation.prepared import prepare
 from hlora.federation.validation import validate_update
-from hlora.outputs import create_run_dir, read_metrics, summarise
+from hlora.rundir import create_run_dir, read_metrics
 from tests.test_validation import honest, make_server, ranks_for
 
 # The reason validation gives for each kind of corruption ("scale" needs a norm bound; the server
@@ -175,7 +177,7 @@ def expected_faults(settings, rounds, clients):
 
 def test_a_run_with_faults_completes_and_records_them(tiny_settings, tmp_path):
     settings = faulty_settings(tiny_settings)
-    exp = simulation.prepare(settings)
+    exp = prepare(settings)
     summary = simulation.run(exp, create_run_dir(tmp_path / "run"), progress=False)
     rows = read_metrics(tmp_path / "run")
     faults = expected_faults(settings, [1, 2, 3], [0, 1, 2])
@@ -198,7 +200,7 @@ def test_a_run_with_faults_completes_and_records_them(tiny_settings, tmp_path):
         # uplink counts what arrived (refused updates too), downlink what every sampled client was sent
         assert sorted(row["client_uplink_bytes"]) == sorted(str(c) for c in (0, 1, 2) if str(c) not in lost)
         assert sorted(row["client_downlink_bytes"]) == ["0", "1", "2"]
-        line = simulation.round_line(row, 3)
+        line = round_line(row, 3)
         assert all(f"c{c} {k}" in line for c, k in {**lost, **row["rejected"]}.items())
         assert ("round failed" in line) == row["round_failed"]
     for prev, row in zip([None, *rows], rows, strict=False):
@@ -216,7 +218,7 @@ def test_a_run_with_faults_completes_and_records_them(tiny_settings, tmp_path):
 def test_methods_with_client_state_get_through_faults(tiny_settings, tmp_path, method):
     """FLoRA's clients merge stacks they may have missed; FFA-LoRA's keep A frozen and unsent."""
     settings = faulty_settings(tiny_settings, method)
-    exp = simulation.prepare(settings)
+    exp = prepare(settings)
     simulation.run(exp, create_run_dir(tmp_path / "run"), progress=False)
     rows = read_metrics(tmp_path / "run")
     assert exp.server.version == sum(not r["round_failed"] for r in rows) >= 1

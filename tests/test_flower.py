@@ -28,9 +28,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hlora import simulation
 from hlora.config import settings_to_toml, validate_settings
-from hlora.federation import simulation
-from hlora.outputs import METRICS_FILE, SUMMARY_FILE, create_run_dir, read_metrics
+from hlora.federation.prepared import prepare
+from hlora.rundir import METRICS_FILE, SUMMARY_FILE, create_run_dir, read_metrics
 
 from .flower_cluster import REPO, Cluster, PortTaken, free_port, listening, start_process, wait_for
 
@@ -65,7 +66,7 @@ def test_a_flower_run_ends_with_the_simulations_adapter_and_traffic(tiny_setting
         submit(cluster, settings, out, **{"reply-timeout": 600.0})
         wait_for(out / SUMMARY_FILE, cluster, RUN_TIMEOUT_S)
     sim = tmp_path / "sim"
-    simulation.run(simulation.prepare(settings), create_run_dir(sim), progress=False)
+    simulation.run(prepare(settings), create_run_dir(sim), progress=False)
     got = load_file(out / "checkpoint/adapter.safetensors")
     want = load_file(sim / "checkpoint/adapter.safetensors")
     assert got.keys() == want.keys()

@@ -18,12 +18,13 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
+from hlora import simulation
 from hlora.config import settings_to_toml, validate_settings
-from hlora.federation import simulation
-from hlora.flower import client_app, server_app
+from hlora.federation.prepared import prepare
+from hlora.flower import client_app, node_config, server_app
 from hlora.flower.server_app import NodeError
 from hlora.flower.wire import UPDATE_ARRAYS, UPDATE_METRICS
-from hlora.outputs import create_run_dir, read_metrics
+from hlora.rundir import create_run_dir, read_metrics
 
 # A node's behaviour: given the message and what the ClientApp would reply, the reply to deliver
 # (None: the node stays silent).
@@ -116,7 +117,7 @@ def test_the_apps_in_one_process_give_the_simulations_run(tiny_settings, tmp_pat
     settings = mixed(tiny_settings, method=method)
     out = run_server(LoopbackGrid(node_configs()), settings, tmp_path)
     sim = tmp_path / "sim"
-    simulation.run(simulation.prepare(settings), create_run_dir(sim), progress=False)
+    simulation.run(prepare(settings), create_run_dir(sim), progress=False)
     a = load_file(out / "checkpoint/adapter.safetensors")
     b = load_file(sim / "checkpoint/adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -134,7 +135,7 @@ def test_the_apps_skip_the_rounds_eval_every_skips_as_the_simulation_does(tiny_s
     settings = validate_settings(raw)
     out = run_server(LoopbackGrid(node_configs()), settings, tmp_path)
     sim = tmp_path / "sim"
-    simulation.run(simulation.prepare(settings), create_run_dir(sim), progress=False)
+    simulation.run(prepare(settings), create_run_dir(sim), progress=False)
     got, want = read_metrics(out), read_metrics(sim)
     assert [r["evaluated"] for r in got] == [r["evaluated"] for r in want] == [False, True, True]
     assert ["accuracy" in r for r in got] == [False, True, True]
@@ -199,7 +200,7 @@ def test_a_resumed_flower_run_ends_as_the_run_that_never_stopped(tiny_settings, 
     that, round 3's nodes would lack round 1's delta and fail)."""
     settings = mixed(tiny_settings, method="flora", rounds=3)
     whole = tmp_path / "whole"
-    simulation.run(simulation.prepare(settings), create_run_dir(whole), progress=False)
+    simulation.run(prepare(settings), create_run_dir(whole), progress=False)
     out = run_server(LoopbackGrid(node_configs()), mixed(tiny_settings, method="flora"), tmp_path)
     assert len(read_metrics(out)) == 2
     run_server(LoopbackGrid(node_configs()), settings, tmp_path, resume=True, set="federation.rounds=3")
@@ -242,7 +243,7 @@ def claims(pid: object, num: object) -> Behaviour:
         if msg.metadata.message_type != "query":
             return reply()
         record = ConfigRecord({"partition-id": pid, "num-partitions": num})
-        return Message(RecordDict({client_app.NODE_RECORD: record}), reply_to=msg)
+        return Message(RecordDict({node_config.NODE_RECORD: record}), reply_to=msg)
 
     return behaviour
 

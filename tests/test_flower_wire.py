@@ -9,10 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from hlora.aggregation.base import ClientUpdate
-from hlora.client.trainer import TrainResult
 from hlora.config import validate_settings
-from hlora.federation import simulation
+from hlora.federation.prepared import prepare
 from hlora.federation.reports import check_reports, planned_work
 from hlora.federation.server import traffic
 from hlora.flower.wire import (
@@ -27,6 +25,7 @@ from hlora.flower.wire import (
     record_bytes,
     tensor_array,
 )
+from hlora.protocol import ClientUpdate, TrainResult
 from hlora.weights import AdapterWeights
 
 
@@ -49,7 +48,7 @@ def result_of(weights: AdapterWeights, rows: int) -> TrainResult:
 def plans_after_one_round(settings, method):
     """The round-0 global adapter and the plans of round 2, after a round in which every client sent a
     moved adapter (so FLoRA's plans carry a base delta)."""
-    exp = simulation.prepare(mixed(settings, method))
+    exp = prepare(mixed(settings, method))
     round0 = exp.server.global_weights
     plans = exp.server.configure(1)
     updates = [ClientUpdate(cid, 10 + cid, trained(p.adapter, 0.01 * (cid + 1))) for cid, p in plans.items()]
@@ -100,7 +99,7 @@ def test_an_update_comes_out_as_it_went_in_and_its_bytes_are_the_uplink(tiny_set
 
 
 def test_a_reply_above_its_rank_decodes_and_the_server_refuses_it(tiny_settings):
-    exp = simulation.prepare(mixed(tiny_settings, "hlora"))
+    exp = prepare(mixed(tiny_settings, "hlora"))
     plans = exp.server.configure(1)
     cid = next(c for c, p in plans.items() if p.adapter.rank < 4)
     wide = exp.server.global_weights  # the bank rank, 4: above what the client was given
@@ -111,7 +110,7 @@ def test_a_reply_above_its_rank_decodes_and_the_server_refuses_it(tiny_settings)
 
 
 def test_what_is_not_an_update_raises_wire_error(tiny_settings):
-    exp = simulation.prepare(mixed(tiny_settings, "hlora"))
+    exp = prepare(mixed(tiny_settings, "hlora"))
     plan = exp.server.configure(1)[0]
     content = encode_update(plan, result_of(plan.adapter, 10))
     arrays = content.array_records[UPDATE_ARRAYS]
@@ -137,7 +136,7 @@ def test_what_is_not_an_update_raises_wire_error(tiny_settings):
 def test_figures_out_of_bounds_travel_as_sent_and_the_reports_check_names_them(tiny_settings):
     """The codec keeps a NaN loss, a 2^62-byte peak and a NaN count as sent (a bad figure does not make
     the update unreadable); `check_reports`, which `RoundLoop.finish` runs on every reply, names them."""
-    exp = simulation.prepare(mixed(tiny_settings, "hlora"))
+    exp = prepare(mixed(tiny_settings, "hlora"))
     plan = exp.server.configure(1)[0]
     rows = len(exp.partitions[0])
     sent = replace(result_of(plan.adapter, rows), mean_loss=math.nan, peak_bytes=2**62, steps=2)
@@ -152,7 +151,7 @@ def test_figures_out_of_bounds_travel_as_sent_and_the_reports_check_names_them(t
 
 
 def test_a_plan_with_tensors_it_does_not_use_is_refused(tiny_settings):
-    exp = simulation.prepare(mixed(tiny_settings, "ffa"))
+    exp = prepare(mixed(tiny_settings, "ffa"))
     round0 = exp.server.global_weights
     plan = exp.server.configure(1)[0]
     content = encode_plan(plan, 0, 1, seed=1)

@@ -15,11 +15,12 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from hlora.aggregation import registry
-from hlora.aggregation.base import ClientPlan, ClientUpdate, client_weights
+from hlora.aggregation.base import client_weights
 from hlora.config import FederationSettings
 from hlora.errors import AggregationError
 from hlora.federation.server import FederatedServer
 from hlora.federation.validation import REASONS, lower_median, update_norm
+from hlora.protocol import ClientPlan, ClientUpdate
 from hlora.weights import AdapterWeights, LoraFactors
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hlora.aggregation import registry
-from hlora.aggregation.base import ClientUpdate
 from hlora.aggregation.instruments import (
     block_labels,
     block_shares,
@@ -22,6 +21,7 @@ from hlora.aggregation.instruments import (
 )
 from hlora.aggregation.products import aggregate_products, product_mean, stack_factors, zero_pad_mean
 from hlora.federation.server import FederatedServer
+from hlora.protocol import ClientUpdate
 from hlora.weights import AdapterWeights, LoraFactors
 
 

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from hlora import simulation
 from hlora.config import LoraSettings, validate_settings
 from hlora.errors import ConfigError, ModelError
-from hlora.federation import simulation
+from hlora.federation.prepared import prepare
 from hlora.models.lora_model import LoraModel, check_fit, load_base, usable_positions
-from hlora.outputs import create_run_dir
+from hlora.rundir import create_run_dir
 from hlora.weights import AdapterWeights, LoraFactors
 from tests.conftest import tiny_bert
 
@@ -136,14 +137,14 @@ def test_a_tokenizer_without_pad_token_pads_with_eos_and_the_run_trains(tmp_path
     loaded = load_base(settings.model, num_labels=2, seed=0)
     assert loaded.tokenizer.pad_token == "<eos>"
     assert loaded.model.config.pad_token_id == loaded.tokenizer.eos_token_id == 1
-    summary = simulation.run(simulation.prepare(settings), create_run_dir(tmp_path / "run"), progress=False)
+    summary = simulation.run(prepare(settings), create_run_dir(tmp_path / "run"), progress=False)
     assert 0 <= summary["final_accuracy"] <= 1
 
 
 def test_a_tokenizer_without_pad_nor_eos_token_is_refused(tmp_path, glue_dir):
     settings = gpt2_settings(gpt2_dir(tmp_path, eos=False), glue_dir)
     with pytest.raises(ModelError, match="has no pad token and no end-of-sequence token"):
-        simulation.prepare(settings)
+        prepare(settings)
 
 
 # --- settings the model cannot serve, found without loading its weights ---------------------------------

@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from hlora import simulation
 from hlora.aggregation import registry
-from hlora.aggregation.base import ClientUpdate
 from hlora.aggregation.products import product_mean, product_norms
 from hlora.config import load_settings, validate_settings
 from hlora.errors import AggregationError, ConfigError
-from hlora.federation import simulation
+from hlora.federation.prepared import prepare
 from hlora.federation.ranks import assign_ranks
 from hlora.federation.server import FederatedServer
-from hlora.outputs import create_run_dir, read_metrics
+from hlora.protocol import ClientUpdate
+from hlora.rundir import create_run_dir, read_metrics
 from hlora.weights import AdapterWeights, LoraFactors
 
 HETEROGENEOUS = [name for name in registry.names() if not registry.get(name).equal_ranks]
@@ -33,7 +34,7 @@ def mixed_rank_settings(settings, method: str, rounds: int = 3, **options):
 
 @pytest.mark.parametrize("method", HETEROGENEOUS)
 def test_mixed_ranks_run_end_to_end(tiny_settings, tmp_path, method):
-    exp = simulation.prepare(mixed_rank_settings(tiny_settings, method))
+    exp = prepare(mixed_rank_settings(tiny_settings, method))
     assert sorted(exp.client_ranks.values()) == [1, 2, 4] and exp.bank_rank == 4
     summary = simulation.run(exp, create_run_dir(tmp_path / "run"), progress=False)
     rows = read_metrics(tmp_path / "run")
@@ -77,7 +78,7 @@ def test_tier_scores_in_the_last_round_only_with_eval_tiers_final(tiny_settings,
     settings = mixed_rank_settings(tiny_settings, "hlora", rounds=2)
     raw = settings.model_dump()
     raw["eval"]["tiers"] = "final"
-    summary = simulation.run(simulation.prepare(validate_settings(raw)), create_run_dir(tmp_path / "run"))
+    summary = simulation.run(prepare(validate_settings(raw)), create_run_dir(tmp_path / "run"))
     first, last = read_metrics(tmp_path / "run")
     assert "tier_accuracy" not in first and "tier_eval_s" not in first
     assert sorted(last["tier_accuracy"], key=int) == ["1", "2", "4"] and "tier_eval_s" in last
@@ -88,14 +89,14 @@ def test_tier_scores_in_the_last_round_only_with_eval_tiers_final(tiny_settings,
 
 
 def test_norm_weighted_zeropad_runs(tiny_settings, tmp_path):
-    exp = simulation.prepare(mixed_rank_settings(tiny_settings, "zeropad", rounds=1, norm_weighting=True))
+    exp = prepare(mixed_rank_settings(tiny_settings, "zeropad", rounds=1, norm_weighting=True))
     simulation.run(exp, create_run_dir(tmp_path / "run"), progress=False)
     assert len(read_metrics(tmp_path / "run")) == 1
 
 
 def test_fedit_refuses_mixed_ranks_before_anything_runs(tiny_settings):
     with pytest.raises(AggregationError, match="fedit needs one rank.*method for mixed ranks"):
-        simulation.prepare(mixed_rank_settings(tiny_settings, "fedit"))
+        prepare(mixed_rank_settings(tiny_settings, "fedit"))
 
 
 def test_fedit_server_refuses_mixed_ranks():

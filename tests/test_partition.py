@@ -314,7 +314,7 @@ def test_clients_scheme_impossible_requests_raise():
 
 def test_split_clients_passes_the_scheme_through():
     from hlora.config import load_settings
-    from hlora.federation.simulation import split_clients
+    from hlora.federation.prepared import split_clients
 
     common = ["federation.num_clients=100", "federation.clients_per_round=10", "federation.alpha=0.5"]
     settings = load_settings(None, [*common, "federation.partition='clients'", "federation.size_sigma=0.5"])

@@ -10,12 +10,14 @@ from dataclasses import replace
 
 import pytest
 
+from hlora import simulation
 from hlora.client.client import FederatedClient
-from hlora.client.trainer import TrainResult
 from hlora.config import validate_settings
-from hlora.federation import simulation
+from hlora.federation.metrics import round_line
+from hlora.federation.prepared import prepare
 from hlora.federation.reports import MAX_BYTES, PlannedWork, check_reports, report_problems
-from hlora.outputs import create_run_dir, read_metrics
+from hlora.protocol import TrainResult
+from hlora.rundir import create_run_dir, read_metrics
 
 PLAN = PlannedWork(num_samples=16, steps=2, batch_size=8)
 
@@ -83,7 +85,7 @@ def test_a_nan_loss_and_a_huge_peak_from_a_client_never_reach_the_simulations_me
     settings = validate_settings(raw)
     lying_client(monkeypatch, 1, mean_loss=math.nan, peak_bytes=2**62)
     out = tmp_path / "run"
-    summary = simulation.run(simulation.prepare(settings), create_run_dir(out), progress=False)
+    summary = simulation.run(prepare(settings), create_run_dir(out), progress=False)
     rows = read_metrics(out)
     text = (out / "metrics.jsonl").read_text(encoding="utf-8")
     assert "NaN" not in text and str(2**62) not in text
@@ -99,7 +101,7 @@ def test_a_nan_loss_and_a_huge_peak_from_a_client_never_reach_the_simulations_me
 
 def test_a_run_with_honest_clients_records_no_invalid_report(tiny_settings, tmp_path):
     out = tmp_path / "run"
-    summary = simulation.run(simulation.prepare(tiny_settings), create_run_dir(out), progress=False)
+    summary = simulation.run(prepare(tiny_settings), create_run_dir(out), progress=False)
     assert [row["invalid_reports"] for row in read_metrics(out)] == [{}, {}]
     assert summary["invalid_reports_by_field"] == {}
 
@@ -107,5 +109,5 @@ def test_a_run_with_honest_clients_records_no_invalid_report(tiny_settings, tmp_
 def test_the_round_line_names_the_clients_whose_figures_were_left_out():
     row = {"round": 1, "accuracy": 0.5, "train_loss": 0.7, "uplink_bytes": 0, "downlink_bytes": 0,
            "wall_s": 1.0, "invalid_reports": {"1": ["mean_loss", "peak_bytes"]}}
-    assert simulation.round_line(row, 2).endswith("  bad figures c1 mean_loss,peak_bytes")
-    assert "bad figures" not in simulation.round_line({**row, "invalid_reports": {}}, 2)
+    assert round_line(row, 2).endswith("  bad figures c1 mean_loss,peak_bytes")
+    assert "bad figures" not in round_line({**row, "invalid_reports": {}}, 2)

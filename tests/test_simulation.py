@@ -8,14 +8,15 @@ from dataclasses import replace
 import pytest
 import torch
 
+from hlora import simulation
 from hlora.client.client import FederatedClient
 from hlora.errors import RunDirError
-from hlora.federation import simulation
-from hlora.outputs import create_run_dir, read_metrics
+from hlora.federation.prepared import prepare
+from hlora.rundir import create_run_dir, read_metrics
 
 
 def run_once(settings, path):
-    exp = simulation.prepare(settings)
+    exp = prepare(settings)
     summary = simulation.run(exp, create_run_dir(path), progress=False)
     return exp, summary
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from hlora import simulation
 from hlora.config import validate_settings
-from hlora.federation import simulation
-from hlora.outputs import create_run_dir, read_metrics
+from hlora.federation.prepared import prepare
+from hlora.rundir import create_run_dir, read_metrics
 
 
 @pytest.mark.integration
@@ -24,7 +25,7 @@ def test_packaged_model_two_clients_two_rounds(glue_dir, tmp_path):
             "train": {"batch_size": 16, "local_steps": 2},
         }
     )
-    exp = simulation.prepare(settings)
+    exp = prepare(settings)
     summary = simulation.run(exp, create_run_dir(tmp_path / "run"), progress=False)
     rows = read_metrics(tmp_path / "run")
     assert type(exp.model.module.base_model.model).__name__ == "BertForSequenceClassification"

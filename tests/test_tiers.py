@@ -6,12 +6,14 @@ import json
 
 import torch
 
+from hlora import simulation
 from hlora.aggregation import registry
 from hlora.config import validate_settings
 from hlora.evaluation import evaluate
-from hlora.federation import simulation
+from hlora.federation import round as engine
+from hlora.federation.prepared import prepare
 from hlora.federation.server import FederatedServer
-from hlora.outputs import create_run_dir, read_metrics
+from hlora.rundir import create_run_dir, read_metrics
 from hlora.weights import AdapterWeights, LoraFactors
 
 
@@ -33,7 +35,7 @@ def mixed(settings, **sections):
 
 
 def test_every_tier_is_scored_and_costed_each_round(tiny_settings, tmp_path):
-    exp = simulation.prepare(mixed(tiny_settings))
+    exp = prepare(mixed(tiny_settings))
     summary = simulation.run(exp, create_run_dir(tmp_path / "run"), progress=False)
     rows = read_metrics(tmp_path / "run")
     for row in rows:
@@ -66,7 +68,7 @@ def test_every_tier_is_scored_and_costed_each_round(tiny_settings, tmp_path):
 
 
 def test_tier_scoring_can_be_turned_off(tiny_settings, tmp_path):
-    exp = simulation.prepare(mixed(tiny_settings, eval={"tiers": False}))
+    exp = prepare(mixed(tiny_settings, eval={"tiers": False}))
     summary = simulation.run(exp, create_run_dir(tmp_path / "run"), progress=False)
     for row in read_metrics(tmp_path / "run"):
         assert not {"tier_accuracy", "tier_f1", "tier_eval_s"} & row.keys()
@@ -81,8 +83,8 @@ def test_equal_ranks_reuse_the_global_score_without_another_pass(tiny_settings, 
         passes.append(1)
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(simulation, "evaluate", counting_evaluate)
-    exp = simulation.prepare(tiny_settings)  # every client at rank 4, FedIT
+    monkeypatch.setattr(engine, "evaluate", counting_evaluate)
+    exp = prepare(tiny_settings)  # every client at rank 4, FedIT
     simulation.run(exp, create_run_dir(tmp_path / "run"), progress=False)
     rows = read_metrics(tmp_path / "run")
     assert len(passes) == len(rows) == 2
@@ -109,7 +111,7 @@ def test_flora_tiers_hold_the_merged_base(tiny_settings, tmp_path):
         lora={"rank_policy": "tiers", "tiers": [1, 2, 4]},
         federation={"method": "flora"},
     )
-    exp = simulation.prepare(settings)
+    exp = prepare(settings)
     simulation.run(exp, create_run_dir(tmp_path / "run"), progress=False)
     rows = read_metrics(tmp_path / "run")
     assert exp.model.merged_version == len(rows) == 2

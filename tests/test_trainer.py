@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from hlora import simulation
 from hlora.client.trainer import batches
 from hlora.data.tokenize import EncodedSplit
-from hlora.federation import simulation
-from hlora.outputs import create_run_dir, read_metrics
+from hlora.federation.prepared import prepare
+from hlora.rundir import create_run_dir, read_metrics
 
 
 def split_of_lengths(lengths: list[int]) -> EncodedSplit:
@@ -46,7 +47,7 @@ def test_bf16_and_grouped_batches_run_end_to_end(tiny_settings, tmp_path):
     raw = tiny_settings.model_copy(deep=True)
     raw.train.precision = "bf16"
     raw.train.group_by_length = True
-    exp = simulation.prepare(raw)
+    exp = prepare(raw)
     simulation.run(exp, create_run_dir(tmp_path / "run"), progress=False)
     rows = read_metrics(tmp_path / "run")
     assert rows and all(np.isfinite(r["train_loss"]) for r in rows)

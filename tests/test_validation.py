@@ -13,9 +13,9 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from hlora.aggregation import registry
-from hlora.aggregation.base import ClientPlan, ClientUpdate
 from hlora.federation.server import FederatedServer, traffic
 from hlora.federation.validation import REASONS, Rejection, update_norm, validate_update
+from hlora.protocol import ClientPlan, ClientUpdate
 from hlora.weights import AdapterWeights, LoraFactors, tensor_bytes
 
 LAYERS = ("layer.0.query", "layer.0.value")

@@ -1,4 +1,7 @@
-"""A checkpoint after every round, and resume that gives the run that never stopped.
+"""The checkpoint's file format: a run's state at the end of a round, as a dict, to and from disk.
+
+This module reads and writes; it never rebuilds a live run (`hlora.federation.prepared` does: it saves a
+prepared run's state here and restores one from it), so it imports nothing above the config.
 
 `RUN_DIR/checkpoint/` holds the state at the end of the last finished round:
 
@@ -17,39 +20,39 @@ that newer checkpoint, and the next save first finishes its renames (so that no 
 `.state.json.tmp` is left to pair with the new commit's half-written files).
 
 Resume is exact on the CPU: each client's batches and dropout are seeded per (seed, round, client)
-(`derive_seed`), the round's clients are a seeded draw, the restored global adapter is bit for bit the
+(`hlora.seeding`), the round's clients are a seeded draw, the restored global adapter is bit for bit the
 saved one, and FLoRA's base deltas are merged into the fresh base model in the order the run merged them.
 The global RNG states are restored too, for whatever draws from them (the dev loader's base seed).
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
 import os
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
-from hlora.client.client import apply_plan, merge_base
-from hlora.config import Settings, flat_settings, load_settings, settings_differences
+from hlora.config import (
+    Settings,
+    config_differences,
+    effective_settings,
+    fingerprint,
+    load_settings,
+)
 from hlora.errors import CheckpointError, ConfigError, RunDirError
-from hlora.outputs import CONFIG_FILE, SUMMARY_FILE
-
-if TYPE_CHECKING:
-    from hlora.federation.simulation import Experiment
+from hlora.rundir import CONFIG_FILE, SUMMARY_FILE, temp_path, write_temp
+from hlora.seeding import rng_state, set_rng_state
 
 log = logging.getLogger("hlora")
 
@@ -219,48 +222,6 @@ def check_run_record(ckpt: Checkpoint, run_dir: Path) -> None:
         set_rng_state(kept)
 
 
-def save_checkpoint(run_dir: Path, exp: Experiment, rnd: int, metrics: Sequence[dict[str, Any]]) -> None:
-    """Commit the state at the end of round `rnd`, whose metrics row is the last of `metrics`."""
-    Checkpoint(
-        rnd,
-        exp.server.state_dict(),
-        {
-            "fingerprint": fingerprint(exp.settings),
-            "settings": fingerprinted(exp.settings),
-            "bank_rank": exp.bank_rank,
-            "client_ranks": {str(cid): r for cid, r in sorted(exp.client_ranks.items())},
-            "partition": partition_record(exp.partitions),
-            "rng": rng_state(),
-            "metrics": list(metrics),
-        },
-    ).write(run_dir)
-
-
-def restore(exp: Experiment, ckpt: Checkpoint) -> int:
-    """Put a freshly prepared `exp` in its state at the end of round `ckpt.round`: the server's state,
-    and the base deltas of the global model merged into the model. Checks first that the checkpoint
-    belongs to this config, ranks and partition (CheckpointError if not). The RNG states are left to
-    `set_rng_state(ckpt.rng)`, just before the rounds. Returns the checkpoint's round."""
-    check_config(ckpt, exp.settings)
-    expected = {
-        "bank_rank": exp.bank_rank,
-        "client_ranks": {str(cid): r for cid, r in sorted(exp.client_ranks.items())},
-        "partition": partition_record(exp.partitions),
-    }
-    for key, value in expected.items():
-        if ckpt.run.get(key) != value:
-            raise CheckpointError(
-                f"the checkpoint does not match this run's {key.replace('_', ' ')}: the data, or the code "
-                "that splits it, changed since the run started"
-            )
-    try:
-        exp.server.load_state_dict(ckpt.server)
-    except (KeyError, ValueError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"the checkpoint's server state does not fit this run: {e}") from None
-    merge_base(exp.model, exp.server.model_plan())  # the model is fresh: it holds no delta yet
-    return ckpt.round
-
-
 def open_resume(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[Settings, Checkpoint | None]:
     """Check that the run in `run_dir` can go on, and say what from: its `config.toml` (with the
     `overrides` a resume allows, `federation.rounds=N`) and its last checkpoint (None: no round had
@@ -273,7 +234,7 @@ def open_resume(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[Settings,
                 f"--resume continues a run with its own {CONFIG_FILE}; --set may change only "
                 f"{', '.join(RESUME_OVERRIDES)} (got {item!r})"
             )
-    settings = _run_config(Path(run_dir), overrides)
+    settings = read_run_config(Path(run_dir), overrides)
     ckpt = Checkpoint.read(run_dir)
     if ckpt is not None:
         check_run_record(ckpt, run_dir)
@@ -290,32 +251,10 @@ def open_resume(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[Settings,
     return settings, ckpt
 
 
-def restore_run(run_dir: Path) -> Experiment:
-    """The run in `run_dir` as its last checkpoint left it: prepared from its `config.toml`, the server
-    restored, FLoRA's base deltas merged, and the global adapter loaded into the model, so that
-    `exp.model.module` is the global model. Raises RunDirError or CheckpointError (none yet, damaged,
-    another config)."""
-    from hlora.federation import simulation
-
-    run_dir = Path(run_dir)
-    settings = _run_config(run_dir)
-    ckpt = Checkpoint.read(run_dir)
-    if ckpt is None:
-        raise CheckpointError(f"run {run_dir} has no checkpoint yet: no round has finished")
-    check_run_record(ckpt, run_dir)
-    check_config(ckpt, settings)
-    exp = simulation.prepare(settings)
-    restore(exp, ckpt)
-    apply_plan(exp.model, exp.server.model_plan())
-    return exp
-
-
 def check_config(ckpt: Checkpoint, settings: Settings) -> None:
     """Raise CheckpointError unless `ckpt` was made by a run of `settings` (rounds aside). A setting that
     this hlora has and the checkpoint's does not (added since the run started) counts as the same where
     it holds its default, which keeps the behaviour the run had."""
-    from hlora.federation.simulation import effective_settings
-
     settings = effective_settings(settings)
     if ckpt.run.get("fingerprint") == fingerprint(settings):
         return
@@ -336,36 +275,6 @@ def check_config(ckpt: Checkpoint, settings: Settings) -> None:
         )
 
 
-def fingerprinted(settings: Settings) -> dict[str, Any]:
-    """What the fingerprint covers, as JSON: the resolved config less what a resume may change
-    (`federation.rounds`) and what does not change results (`run.name`)."""
-    data = settings.model_dump()
-    del data["federation"]["rounds"], data["run"]["name"]
-    return json.loads(json.dumps(data))
-
-
-def fingerprint(settings: Settings) -> str:
-    """The sha256 of `fingerprinted(settings)`."""
-    return settings_digest(fingerprinted(settings))
-
-
-def settings_digest(data: Mapping[str, Any]) -> str:
-    """The sha256 of a settings dump as JSON with sorted keys: `fingerprint` of what `fingerprinted` gave."""
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()
-
-
-def config_differences(stored: Mapping[str, Any], settings: Settings) -> list[tuple[str, Any, Any]]:
-    """The `section.key`s in which a checkpoint's config (`stored`, `fingerprinted()` when it was written)
-    and `settings` differ, with both values (None where one has no such key), less the settings absent
-    from `stored` that hold their default in `settings`: a later hlora's additions."""
-    recorded, defaults = flat_settings(stored), flat_settings(fingerprinted(Settings()))
-    return [
-        (key, was, now)
-        for key, was, now in settings_differences(stored, fingerprinted(settings))
-        if key in recorded or key not in defaults or now != defaults[key]
-    ]
-
-
 def partition_record(partitions: Sequence[np.ndarray]) -> dict[str, Any]:
     """Enough to recognise a partition again: each client's size, and a sha256 of every client's rows."""
     digest = hashlib.sha256()
@@ -375,43 +284,7 @@ def partition_record(partitions: Sequence[np.ndarray]) -> dict[str, Any]:
     return {"sizes": [len(rows) for rows in partitions], "sha256": digest.hexdigest()}
 
 
-def rng_state() -> dict[str, Any]:
-    """Every global RNG state (Python's, numpy's, torch's CPU and, once initialised, CUDA's) as JSON."""
-    version, mt, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": [version, list(mt), gauss],
-        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
-        "torch": _b64(torch.get_rng_state()),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore `rng_state()`'s output. CUDA's states are restored where as many devices are present."""
-    version, mt, gauss = state["python"]
-    random.setstate((version, tuple(mt), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(_unb64(state["torch"]))
-    cuda = state.get("cuda")
-    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
-        torch.cuda.set_rng_state_all([_unb64(s) for s in cuda])
-    elif cuda:
-        log.warning("the checkpoint holds CUDA RNG states for %d devices; not restored here", len(cuda))
-
-
-def _b64(t: Tensor) -> str:
-    return base64.b64encode(t.numpy().tobytes()).decode("ascii")
-
-
-def _unb64(text: str) -> Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
-
-
-def _run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Settings:
+def read_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Settings:
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: no such run directory")
     if not (run_dir / CONFIG_FILE).is_file():
@@ -425,19 +298,12 @@ def _tensor_file(tensors: Mapping[str, Tensor], rnd: int) -> bytes:
     return safetensors_bytes(own, metadata={_ROUND_KEY: str(rnd)})
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
-
-
 def _commit(folder: Path, files: Mapping[str, bytes]) -> None:
     """Write every file beside its final name, then rename them in order (the last is the commit)."""
     for name, data in files.items():
-        with _tmp(folder / name).open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_temp(folder / name, data, durable=True)
     for name in files:
-        os.replace(_tmp(folder / name), folder / name)
+        os.replace(temp_path(folder / name), folder / name)
 
 
 def _finish_interrupted_commit(folder: Path) -> None:
@@ -449,7 +315,7 @@ def _finish_interrupted_commit(folder: Path) -> None:
     for name, path in found[1].items():
         if path != folder / name:
             os.replace(path, folder / name)
-    os.replace(_tmp(folder / STATE_FILE), folder / STATE_FILE)
+    os.replace(temp_path(folder / STATE_FILE), folder / STATE_FILE)
 
 
 def _round_of(path: Path) -> int | None:
@@ -489,14 +355,14 @@ def _interrupted_commit(folder: Path) -> tuple[dict[str, Any], dict[str, Path]] 
     tensor file its final or its temporary version carrying that round. None where there is none (a
     kill while the temporary files were written leaves the previous commit whole)."""
     try:
-        state = json.loads(_tmp(folder / STATE_FILE).read_text(encoding="utf-8"))
+        state = json.loads(temp_path(folder / STATE_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(state, dict):
         return None
     paths = {}
     for name in _TENSOR_FILES:
-        for candidate in (folder / name, _tmp(folder / name)):
+        for candidate in (folder / name, temp_path(folder / name)):
             if _round_of(candidate) == state.get("round"):
                 paths[name] = candidate
                 break

@@ -6,6 +6,7 @@ it as one line and exits with status 2.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import tomllib
@@ -117,8 +118,15 @@ class LoraSettings(_Section):
         return max(self.tiers) if self.rank_policy == "tiers" else self.rank
 
 
+def _reference_method() -> str:
+    """The default method: the references' rule (`registry.reference()`), for the default fixed rank."""
+    from hlora.aggregation import registry
+
+    return registry.reference()
+
+
 class FederationSettings(_Section):
-    method: str = "fedit"
+    method: str = Field(default_factory=lambda: _reference_method())  # FedIT: one rank, plain FedAvg
     num_clients: int = Field(10, ge=1)
     clients_per_round: int = Field(10, ge=1)
     rounds: int = Field(10, ge=1)
@@ -397,3 +405,76 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+# The reference runs, and what identifies a run's config: `hlora.checkpoint` and `hlora compare` use these.
+
+
+def effective_settings(settings: Settings) -> Settings:
+    """The centralised reference is the federated loop with one client that holds all the data (the
+    aggregate of one update is that update), so it needs no loop of its own. It trains at the rank the
+    federated run's server holds (`bank_rank`, else the largest rank the policy gives).
+
+    The local reference (`run.mode = "local"`) is the same loop with one client too: `prepare` splits the
+    data as the federated run does (`num_clients`, `alpha`, seed), then keeps client `run.client`'s part
+    and rank alone. Here only what needs no data changes: FedIT (the identity on one update), one client a
+    round, no bank rank above the client's own."""
+    from hlora.aggregation import registry
+
+    if settings.run.mode == "local":
+        fed = settings.federation.model_copy(
+            update={"method": registry.reference(), "clients_per_round": 1, "min_clients": 1}
+        )
+        return settings.model_copy(
+            update={
+                "federation": fed,
+                "lora": settings.lora.model_copy(update={"bank_rank": None}),
+                "method_options": {},
+            }
+        )
+    if settings.run.mode != "centralized":
+        return settings
+    lora = settings.lora
+    rank = lora.bank_rank if lora.bank_rank is not None else lora.max_client_rank
+    central_lora = lora.model_copy(update={"rank_policy": "fixed", "rank": rank, "bank_rank": None})
+    fed = settings.federation
+    central = FederationSettings(
+        method=registry.reference(),
+        num_clients=1,
+        clients_per_round=1,
+        rounds=fed.rounds,
+        alpha=math.inf,
+        min_client_size=1,
+        max_update_norm=fed.max_update_norm,
+    )
+    return settings.model_copy(update={"federation": central, "lora": central_lora, "method_options": {}})
+
+
+def fingerprinted(settings: Settings) -> dict[str, Any]:
+    """What the fingerprint covers, as JSON: the resolved config less what a resume may change
+    (`federation.rounds`) and what does not change results (`run.name`)."""
+    data = settings.model_dump()
+    del data["federation"]["rounds"], data["run"]["name"]
+    return json.loads(json.dumps(data))
+
+
+def fingerprint(settings: Settings) -> str:
+    """The sha256 of `fingerprinted(settings)`."""
+    return settings_digest(fingerprinted(settings))
+
+
+def settings_digest(data: Mapping[str, Any]) -> str:
+    """The sha256 of a settings dump as JSON with sorted keys: `fingerprint` of what `fingerprinted` gave."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def config_differences(stored: Mapping[str, Any], settings: Settings) -> list[tuple[str, Any, Any]]:
+    """The `section.key`s in which a checkpoint's config (`stored`, `fingerprinted()` when it was written)
+    and `settings` differ, with both values (None where one has no such key), less the settings absent
+    from `stored` that hold their default in `settings`: a later hlora's additions."""
+    recorded, defaults = flat_settings(stored), flat_settings(fingerprinted(Settings()))
+    return [
+        (key, was, now)
+        for key, was, now in settings_differences(stored, fingerprinted(settings))
+        if key in recorded or key not in defaults or now != defaults[key]
+    ]

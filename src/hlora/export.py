@@ -47,7 +47,6 @@ from typing import Any, get_args
 import torch
 from torch import nn
 
-from hlora.aggregation.base import ClientPlan
 from hlora.config import LoraSettings, ModelSettings, Settings
 from hlora.data.glue import get_task
 from hlora.errors import ExportError, ModelError
@@ -60,6 +59,7 @@ from hlora.models.lora_model import (
     quiet_transformers,
     resolve_model_path,
 )
+from hlora.protocol import ClientPlan
 from hlora.weights import AdapterWeights, LoraFactors
 
 EXPORT_INFO_FILE = "hlora_export.json"

@@ -22,7 +22,7 @@ model.
 """
 
 from hlora.aggregation import fedit, ffa, flexlora, flora, hlora, zeropad  # noqa: F401  (registers the methods)
-from hlora.aggregation.base import Aggregator, ClientPlan, ClientUpdate
+from hlora.aggregation.base import Aggregator
 from hlora.aggregation.products import aggregate_products
 
-__all__ = ["Aggregator", "ClientPlan", "ClientUpdate", "aggregate_products"]
+__all__ = ["Aggregator", "aggregate_products"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -24,63 +23,8 @@ from torch import Tensor
 
 from hlora.aggregation.products import normalise_weights
 from hlora.errors import AggregationError
+from hlora.protocol import ClientPlan, ClientUpdate
 from hlora.weights import AdapterWeights, LoraFactors, weighted_mean
-
-
-@dataclass(frozen=True)
-class ClientUpdate:
-    """What one client reports after local training."""
-
-    client_id: int
-    num_samples: int  # n_k, the client's training samples: the weight p_k is n_k / sum n_j
-    weights: AdapterWeights
-
-
-@dataclass(frozen=True)
-class BaseDelta:
-    """An update folded for good into the frozen base weights, `W0 += s * B @ A` (FLoRA's merged stacks).
-
-    `version` numbers a run's deltas 1, 2, ... in the order they must be applied, so that a model which
-    already holds a delta (the in-process clients share one base model) does not apply it twice."""
-
-    version: int
-    weights: AdapterWeights  # factors only: the stacked update of one round
-
-
-@dataclass(frozen=True)
-class ClientPlan:
-    """What the server asks of one client for one round.
-
-    The client folds `merge` into its base weights (oldest first), loads `adapter` (at its rank) and
-    trains it; with `train_a` false, every `A` stays frozen and only `B` and the head train. `downlink()`
-    and `uplink()` say which tensors actually travel, and so what the traffic figures count.
-    """
-
-    adapter: AdapterWeights  # the adapter the client starts from, at its rank
-    train_a: bool = True  # False (FFA-LoRA): A is the shared init, frozen; it neither trains nor travels
-    fresh: bool = False  # True (FLoRA): the factors are the run's seeded init, rebuilt by the client
-    merge: tuple[BaseDelta, ...] = ()  # deltas to fold into the base weights before training (FLoRA)
-
-    def downlink(self) -> dict[str, Tensor]:
-        """The tensors sent to the client: the deltas it lacks, and the adapter's parts it cannot
-        rebuild from the run's seed (no factors when `fresh`, no `A` when it is frozen)."""
-        sent = {
-            f"merge.{delta.version}.{name}": t
-            for delta in self.merge
-            for name, t in delta.weights.tensors().items()
-        }
-        for name, t in self.adapter.tensors().items():
-            is_a, is_b = name.endswith(".lora_A"), name.endswith(".lora_B")
-            if (self.fresh and (is_a or is_b)) or (is_a and not self.train_a):
-                continue
-            sent[name] = t
-        return sent
-
-    def uplink(self, trained: AdapterWeights) -> dict[str, Tensor]:
-        """The tensors the client sends back: what it trained (no frozen `A`)."""
-        return {
-            name: t for name, t in trained.tensors().items() if self.train_a or not name.endswith(".lora_A")
-        }
 
 
 class Aggregator(ABC):

@@ -10,15 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hlora.aggregation.base import (
-    Aggregator,
-    ClientPlan,
-    ClientUpdate,
-    average_dense,
-    client_weights,
-)
+from hlora.aggregation.base import Aggregator, average_dense, client_weights
 from hlora.aggregation.registry import register
 from hlora.errors import AggregationError
+from hlora.protocol import ClientPlan, ClientUpdate
 from hlora.weights import AdapterWeights, LoraFactors
 
 

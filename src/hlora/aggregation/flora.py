@@ -12,18 +12,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from hlora.aggregation.base import (
-    Aggregator,
-    BaseDelta,
-    ClientPlan,
-    ClientUpdate,
-    average_dense,
-    client_weights,
-    factor_pairs,
-)
+from hlora.aggregation.base import Aggregator, average_dense, client_weights, factor_pairs
 from hlora.aggregation.products import stack_factors
 from hlora.aggregation.registry import register
 from hlora.errors import AggregationError
+from hlora.protocol import BaseDelta, ClientPlan, ClientUpdate
 from hlora.weights import AdapterWeights, LoraFactors
 
 

@@ -33,8 +33,9 @@ import numpy as np
 import torch
 
 from hlora.aggregation import registry
-from hlora.aggregation.base import Aggregator, ClientUpdate
+from hlora.aggregation.base import Aggregator
 from hlora.errors import HloraError
+from hlora.protocol import ClientUpdate
 from hlora.weights import AdapterWeights, LoraFactors
 
 METHODS = ("hlora", "flexlora")  # the method under test first, the dense reference second

@@ -66,9 +66,11 @@ def run(
 ) -> None:
     """Run a federated (or centralised) fine-tuning job and write its run directory, or go on with a
     stopped one (--resume)."""
+    from hlora import simulation
     from hlora.config import load_settings
-    from hlora.federation import simulation
-    from hlora.outputs import create_run_dir, default_run_dir, failures_line
+    from hlora.federation.metrics import failures_line
+    from hlora.federation.prepared import prepare
+    from hlora.rundir import create_run_dir, default_run_dir
 
     _setup_logging(quiet)
     if resume is not None:
@@ -80,7 +82,7 @@ def run(
             settings.data.data_dir = str(data_dir)
         if out is not None and out.exists():  # fail before the slow part, and again atomically below
             create_run_dir(out)
-        experiment = simulation.prepare(settings)
+        experiment = prepare(settings)
         s = experiment.settings
         run_dir = create_run_dir(out or default_run_dir(s.data.task, s.federation.method, s.run.name))
         logging.getLogger("hlora").info("run directory: %s", run_dir)
@@ -97,9 +99,9 @@ def run(
 
 def _resume(run_dir: Path, overrides: list[str], quiet: bool, refused: tuple[Path | None, ...]) -> dict:
     """`hlora run --resume`: every check before the slow part, then the rounds after the checkpoint."""
-    from hlora import checkpoint
+    from hlora import checkpoint, simulation
     from hlora.errors import ConfigError
-    from hlora.federation import simulation
+    from hlora.federation.prepared import prepare
 
     if any(option is not None for option in refused):
         raise ConfigError(
@@ -107,7 +109,7 @@ def _resume(run_dir: Path, overrides: list[str], quiet: bool, refused: tuple[Pat
             "it takes no --config, --out or --data-dir"
         )
     settings, ckpt = checkpoint.open_resume(run_dir, overrides)
-    experiment = simulation.prepare(settings)
+    experiment = prepare(settings)
     log = logging.getLogger("hlora")
     if ckpt is None:
         log.info("%s has no checkpoint yet (no round had finished): starting again from round 1", run_dir)
@@ -127,7 +129,7 @@ def methods() -> None:
 
 def _device(name: str):
     """`auto`, or a torch device this machine has; ConfigError naming --device otherwise."""
-    from hlora.federation.simulation import pick_device
+    from hlora.federation.prepared import pick_device
 
     return pick_device(name, key="--device")
 
@@ -169,7 +171,7 @@ def eval_(
     from hlora.evaluation import predict_logits, task_metrics
     from hlora.export import load_model_folder, read_export_info
     from hlora.models.lora_model import check_max_length, ensure_pad_token
-    from hlora.outputs import write_json
+    from hlora.rundir import write_json
 
     _setup_logging(quiet)
     if json_out is not None and json_out.exists():  # fail before the slow part
@@ -215,9 +217,10 @@ def export(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No info lines.")] = False,
 ) -> None:
     """Export a run's global model at its last checkpoint as a PEFT adapter folder (or a merged model)."""
-    from hlora.checkpoint import Checkpoint, restore_run
+    from hlora.checkpoint import Checkpoint
     from hlora.errors import ExportError
     from hlora.export import check_out_dir, export_model
+    from hlora.federation.prepared import restore_run
 
     _setup_logging(quiet)
     check_out_dir(out_dir)  # before the slow part; export_model checks again

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from hlora.aggregation.base import ClientPlan, ClientUpdate
-from hlora.client.trainer import LocalTrainer, TrainResult
+from hlora.client.trainer import LocalTrainer
 from hlora.data.tokenize import EncodedSplit
 from hlora.models.lora_model import LoraModel
+from hlora.protocol import ClientPlan, ClientUpdate, TrainResult
 
 
 def merge_base(model: LoraModel, plan: ClientPlan) -> None:

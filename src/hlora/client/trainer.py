@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,27 +19,8 @@ from hlora.client.cost import PeakMemoryMeter
 from hlora.config import TrainSettings
 from hlora.data.tokenize import EncodedSplit
 from hlora.models.lora_model import LoraModel
+from hlora.protocol import TrainResult
 from hlora.weights import AdapterWeights
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """What a client reports of a round's training: its adapter and figures. The server takes the
-    figures as claims: `hlora.federation.reports.check_reports` sets each one out of bounds (not a
-    number of its kind, not finite, negative, beyond a sane maximum) to None before they enter the
-    metrics, so past that check any figure may be None (missing)."""
-
-    weights: AdapterWeights  # the trained adapter, at the rank it started with
-    num_samples: int  # rows the client holds (n_k)
-    steps: int
-    samples_seen: int
-    mean_loss: float
-    wall_s: float  # the whole call, the adapter's load and read included
-    step_s: float  # mean wall seconds per optimizer step (batch, forward, backward, update), no copies
-    peak_bytes: int  # peak memory of the local training (hlora.client.cost says what is counted)
-    # of which the trainable tensors with their gradients and optimizer state: what grows with the rank,
-    # apart from the activations of the client's longest batch
-    state_bytes: int = 0
 
 
 def local_steps(settings: TrainSettings, num_rows: int) -> int:

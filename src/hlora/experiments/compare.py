@@ -41,7 +41,7 @@ from hlora.config import (
     validate_settings,
 )
 from hlora.errors import ConfigError, RunDirError
-from hlora.outputs import CONFIG_FILE, LOCK_FILE, SUMMARY_FILE, lock_run_dir
+from hlora.rundir import CONFIG_FILE, LOCK_FILE, SUMMARY_FILE, lock_run_dir
 
 log = logging.getLogger("hlora")
 
@@ -160,10 +160,10 @@ def spec_settings(base: Settings, spec: RunSpec) -> Settings:
 
 
 def client_ranks(settings: Settings) -> dict[int, int]:
-    """The clients' ranks that `simulation.prepare(settings)` will give, without loading the model: the
-    same partition of the same rows, the same rank policy (`simulation.split_clients`)."""
+    """The clients' ranks that `prepared.prepare(settings)` will give, without loading the model: the
+    same partition of the same rows, the same rank policy (`prepared.split_clients`)."""
     from hlora.data.glue import get_task, load_split
-    from hlora.federation.simulation import split_clients
+    from hlora.federation.prepared import split_clients
 
     task = get_task(settings.data.task)
     rows = load_split(task, "train", settings.data.data_dir).head(settings.data.max_train_samples)
@@ -179,7 +179,7 @@ def run_state(run_dir: Path, settings: Settings) -> RunState:
     checkpoint). RunDirError for a folder that is not a run directory or holds a run of another config,
     naming the first key that differs, or a complete run to extend that has no checkpoint. Reads only."""
     from hlora.checkpoint import CHECKPOINT_DIR
-    from hlora.federation.simulation import effective_settings
+    from hlora.config import effective_settings
 
     if not run_dir.exists() or (run_dir.is_dir() and _holds_nothing(run_dir)):
         return "new"
@@ -231,17 +231,17 @@ def differences(a: Settings, b: Settings, ignored: Iterable[str] = ()) -> list[t
 def execute(run_dir: Path, settings: Settings, state: RunState, progress: bool = False) -> dict[str, Any]:
     """Bring one run to completion: nothing for `complete` (its summary is read), the rounds after the
     checkpoint for `resume`, the whole run in a new directory for `new`. Returns the run's summary."""
-    from hlora import checkpoint
-    from hlora.federation import simulation
-    from hlora.outputs import create_run_dir
+    from hlora import checkpoint, simulation
+    from hlora.federation import prepared
+    from hlora.rundir import create_run_dir
 
     if state == "complete":
         return json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
     if state == "resume":
         resumed, ckpt = checkpoint.open_resume(run_dir, [f"federation.rounds={settings.federation.rounds}"])
-        exp = simulation.prepare(resumed)
+        exp = prepared.prepare(resumed)
         return simulation.run(exp, run_dir, progress=progress, resume=ckpt)
-    exp = simulation.prepare(settings)
+    exp = prepared.prepare(settings)
     if run_dir.is_dir():  # empty but for a dead run's lock file (run_state)
         lock_run_dir(run_dir).release()  # RunDirError if a live process holds it after all
         (run_dir / LOCK_FILE).unlink(missing_ok=True)
@@ -306,10 +306,10 @@ def prepare_comparison(
 
 
 def check_runnable(settings: Settings) -> None:
-    """What `simulation.prepare` would refuse in the model and the device, checked for every run of the
+    """What `prepared.prepare` would refuse in the model and the device, checked for every run of the
     comparison before the first one trains (a reference's own rank or `--central-set` could fail one that
     comes late), without loading any weights."""
-    from hlora.federation.simulation import pick_device
+    from hlora.federation.prepared import pick_device
     from hlora.models.lora_model import check_fit
 
     check_fit(settings)

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from hlora.experiments.compare import CENTRAL, LOCAL, RUNS_DIR
-from hlora.outputs import CONFIG_FILE, SUMMARY_FILE, evaluated_rows, read_metrics, write_text_atomic
+from hlora.federation.metrics import evaluated_rows
+from hlora.rundir import CONFIG_FILE, SUMMARY_FILE, read_metrics, write_text_atomic
 
 SUMMARY_MD = "summary.md"
 SUMMARY_CSV = "summary.csv"
@@ -148,9 +149,8 @@ def eval_every(run_dir: Path) -> int:
 def central_settings(folder: Path, runs: Sequence[SeedRun]) -> list[str]:
     """What the centralised reference of each seed set otherwise than a method run of that seed (its mode
     apart), as `key = value (the methods: value)` lines, each once."""
-    from hlora.config import load_settings
+    from hlora.config import effective_settings, load_settings
     from hlora.experiments.compare import differences
-    from hlora.federation.simulation import effective_settings
 
     lines: list[str] = []
     for run in runs:

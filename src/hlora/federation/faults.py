@@ -24,16 +24,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hlora.aggregation.base import ClientPlan, ClientUpdate
 from hlora.client.client import FederatedClient
-from hlora.client.trainer import TrainResult
 from hlora.config import CORRUPT_KINDS, FaultSettings
-from hlora.federation.server import derive_seed
+from hlora.protocol import ClientPlan, ClientUpdate, TrainResult
+from hlora.seeding import fault_seed
 from hlora.weights import AdapterWeights
 
 BOOST = 1e6  # "scale": the factor a boosted update multiplies its change by
 EXTRA_TENSOR = "unexpected.weight"  # "extra": the name of the tensor added to the update
-_STREAM = 0xFA017  # keeps the fault draws apart from every other use of (seed, round, client)
 
 
 class ClientFailure(Exception):
@@ -100,7 +98,7 @@ class FaultInjector:
 
     def _draw(self, rnd: int, client_id: int) -> tuple[Fault | None, np.random.Generator]:
         s = self.settings
-        rng = np.random.default_rng(derive_seed(self.seed, rnd, client_id, _STREAM))
+        rng = np.random.default_rng(fault_seed(self.seed, rnd, client_id))
         u = rng.random()
         if u < s.crash:
             return Fault("crash"), rng

@@ -22,9 +22,7 @@ import numpy as np
 
 from hlora.config import LoraSettings
 from hlora.errors import ConfigError
-from hlora.federation.server import derive_seed
-
-_TIER_STREAM = 0x7153E5  # keeps the tier shuffle independent of every other draw from the run seed
+from hlora.seeding import tier_seed
 
 
 def assign_ranks(lora: LoraSettings, client_sizes: Sequence[int], seed: int) -> dict[int, int]:
@@ -64,7 +62,7 @@ def _tiered(
     tiers: Sequence[int], shares: Sequence[float] | None, num_clients: int, seed: int
 ) -> dict[int, int]:
     counts = tier_counts(num_clients, shares if shares is not None else [1.0] * len(tiers))
-    order = np.random.default_rng(derive_seed(seed, _TIER_STREAM)).permutation(num_clients)
+    order = np.random.default_rng(tier_seed(seed)).permutation(num_clients)
     ranks: dict[int, int] = {}
     start = 0
     for rank, count in zip(tiers, counts, strict=True):

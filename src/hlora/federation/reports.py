@@ -24,8 +24,9 @@ import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from hlora.client.trainer import TrainResult, local_steps
+from hlora.client.trainer import local_steps
 from hlora.config import TrainSettings
+from hlora.protocol import TrainResult
 
 MAX_LOSS = 1e6
 MAX_SECONDS = 86_400.0

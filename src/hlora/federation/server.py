@@ -18,18 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from hlora.aggregation.base import Aggregator, ClientPlan, ClientUpdate, client_weights
+from hlora.aggregation.base import Aggregator, client_weights
 from hlora.aggregation.instruments import block_edges, round_instruments
 from hlora.errors import AggregationError
 from hlora.federation.validation import Rejection, lower_median, update_norm, validate_update
+from hlora.protocol import ClientPlan, ClientUpdate
+from hlora.seeding import sampling_seed
 from hlora.weights import AdapterWeights, tensor_bytes
 
 log = logging.getLogger("hlora.federation")
-
-
-def derive_seed(*parts: int) -> int:
-    """A 32-bit seed that depends on every part (run seed, round, client, ...), not on call order."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
 @dataclass(frozen=True)
@@ -130,7 +127,7 @@ class FederatedServer:
         ids = sorted(self.client_ranks)
         if self.clients_per_round >= len(ids):
             return ids
-        rng = np.random.default_rng(derive_seed(self.seed, rnd, 0x5A3D1E))
+        rng = np.random.default_rng(sampling_seed(self.seed, rnd))
         return sorted(int(i) for i in rng.choice(ids, size=self.clients_per_round, replace=False))
 
     def configure(self, rnd: int) -> dict[int, ClientPlan]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hlora.aggregation.base import ClientPlan, ClientUpdate
+from hlora.protocol import ClientPlan, ClientUpdate
 from hlora.weights import AdapterWeights
 
 # Every reason an update can be refused for, as the code that metrics count.

@@ -18,27 +18,12 @@ weights) lives in the node's `context.state`, which the SuperNode keeps for the 
 
 from __future__ import annotations
 
-from typing import Any
-
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-NODE_RECORD = "hlora.node"  # a query reply: which partition the node holds
+from hlora.flower.node_config import NODE_RECORD, node_partition
 
 app = ClientApp()
-
-
-def node_partition(node_config: dict[str, Any]) -> tuple[int, int]:
-    """`(partition-id, num-partitions)` from a node config; ValueError where they are missing or wrong."""
-    try:
-        pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(
-            'this SuperNode has no partition: start it with --node-config "partition-id=K num-partitions=N"'
-        ) from None
-    if not 0 <= pid < num:
-        raise ValueError(f"partition-id {pid} is outside 0..{num - 1}")
-    return pid, num
 
 
 @app.query()

@@ -20,8 +20,8 @@ from flwr.app import ArrayRecord, Context, Message
 from hlora.client.client import FederatedClient
 from hlora.client.trainer import LocalTrainer
 from hlora.config import Settings, settings_to_toml, validate_settings
-from hlora.federation.simulation import Experiment, prepare
-from hlora.flower.client_app import node_partition
+from hlora.federation.prepared import PreparedRun, prepare
+from hlora.flower.node_config import node_partition
 from hlora.flower.wire import RUN_CONFIG, decode_plan, encode_update, from_record, to_record
 from hlora.weights import AdapterWeights
 
@@ -32,7 +32,7 @@ _DELTA = "hlora.delta."  # context.state keys of the base deltas this node has f
 
 @dataclass
 class _Prepared:
-    exp: Experiment
+    exp: PreparedRun
     round0: AdapterWeights  # the run's round-0 global adapter, rebuilt from the seed
 
 

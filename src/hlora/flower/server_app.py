@@ -27,10 +27,12 @@ from flwr.serverapp import Grid, ServerApp
 from hlora import checkpoint
 from hlora.config import load_settings
 from hlora.errors import HloraError
-from hlora.federation.simulation import RoundLoop, prepare
+from hlora.federation.prepared import prepare
+from hlora.federation.round import RoundLoop
 from hlora.flower.strategy import HloraStrategy, ask_partitions, claim_problem
 from hlora.flower.wire import to_record
-from hlora.outputs import create_run_dir, default_run_dir
+from hlora.rundir import create_run_dir, default_run_dir
+from hlora.seeding import set_rng_state
 
 log = logging.getLogger("hlora.flower")
 
@@ -72,7 +74,7 @@ def main(grid: Grid, context: Context) -> None:
             exp.server.forget_clients()  # a new Flower run: the nodes' state (FLoRA's deltas) starts empty
         strategy = HloraStrategy(loop, nodes, first_round=loop.first, query_timeout=min(node_timeout, 60.0))
         if ckpt is not None:
-            checkpoint.set_rng_state(ckpt.rng)  # last: nothing may draw from them before the rounds
+            set_rng_state(ckpt.rng)  # last: nothing may draw from them before the rounds
         strategy.start(
             grid,
             to_record(exp.server.global_weights.tensors()),

@@ -21,13 +21,12 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from hlora.aggregation.base import ClientPlan, ClientUpdate
-from hlora.client.trainer import TrainResult
 from hlora.config import settings_to_toml
-from hlora.federation.server import RoundTraffic, derive_seed
-from hlora.federation.simulation import Replies, RoundLoop, round_line
+from hlora.federation.metrics import round_line
+from hlora.federation.round import Replies, RoundLoop
+from hlora.federation.server import RoundTraffic
 from hlora.federation.validation import Rejection
-from hlora.flower.client_app import NODE_RECORD
+from hlora.flower.node_config import NODE_RECORD
 from hlora.flower.wire import (
     PLAN_ARRAYS,
     RUN_CONFIG,
@@ -38,6 +37,8 @@ from hlora.flower.wire import (
     record_bytes,
     to_record,
 )
+from hlora.protocol import ClientPlan, ClientUpdate, TrainResult
+from hlora.seeding import client_seed
 
 log = logging.getLogger("hlora.flower")
 
@@ -69,7 +70,6 @@ class HloraStrategy(Strategy):
         self.rounds = settings.federation.rounds
         self.seed = settings.run.seed
         self.config_toml = settings_to_toml(settings)
-        self.rows: list[dict] = []
         self._plans: dict[int, ClientPlan] = {}
         self._sent: dict[int, Message] = {}  # client id -> the train message sent this round
         self._down: dict[int, int] = {}  # client id -> tensor bytes of its plan, as sent
@@ -100,7 +100,7 @@ class HloraStrategy(Strategy):
                 self._down[cid] = 0
                 log.warning("round %d: client %d: its node is not connected; nothing sent", rnd, cid)
                 continue
-            content = encode_plan(plan, cid, rnd, derive_seed(self.seed, rnd, cid))
+            content = encode_plan(plan, cid, rnd, client_seed(self.seed, rnd, cid))
             self._down[cid] = record_bytes(content.array_records[PLAN_ARRAYS])
             content[RUN_CONFIG] = ConfigRecord({"toml": self.config_toml})
             self._sent[cid] = Message(
@@ -169,7 +169,6 @@ class HloraStrategy(Strategy):
             log.warning("round %d: client %d (node %d) did not reply in time", rnd, cid, self.nodes[cid])
         sent = RoundTraffic(uplink_bytes_by_client=up, downlink_bytes_by_client=dict(self._down))
         row = self.loop.finish(rnd, self._plans, Replies(updates, results, self._lost, unreadable, sent=sent))
-        self.rows.append(row)
         log.info("%s", round_line(row, self.rounds))
         metrics = {
             "uplink-bytes": int(row["uplink_bytes"]),

@@ -24,8 +24,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor
 
-from hlora.aggregation.base import BaseDelta, ClientPlan, ClientUpdate
-from hlora.client.trainer import TrainResult
+from hlora.protocol import BaseDelta, ClientPlan, ClientUpdate, TrainResult
 from hlora.weights import AdapterWeights
 
 STYPE = "torch.raw"

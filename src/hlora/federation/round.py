@@ -1,0 +1,239 @@
+"""The round engine both runtimes drive: one round, top to bottom.
+
+    plans = loop.configure(rnd)          # the server samples the round's clients and plans their work
+    replies = <the runtime's exchange>   # in-process calls (hlora.simulation), Flower messages (hlora.flower)
+    row = loop.finish(rnd, plans, replies)
+
+`finish` is the rest of the round, the same for every runtime and every method:
+1. aggregate the accepted updates (`FederatedServer.aggregate`: validation, weights, the method's rule,
+   the instruments);
+2. evaluate the global model, and each rank tier's, on the rounds `eval.every` picks;
+3. check the clients' figures and build the metrics row (`federation.metrics`);
+4. commit the checkpoint (`federation.prepared.save_checkpoint`), then append the row.
+A runtime decides only how plans reach clients and what comes back (`Replies`); it never asks which
+method runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hlora.checkpoint import Checkpoint
+from hlora.client.client import merge_base
+from hlora.config import settings_to_toml
+from hlora.data.partition import format_partition_table, write_partition_csv
+from hlora.evaluation import evaluate
+from hlora.federation.metrics import (
+    plot_accuracy,
+    reliability_fields,
+    round_row,
+    summarise,
+)
+from hlora.federation.prepared import PreparedRun, restore, save_checkpoint
+from hlora.federation.reports import check_reports, planned_work
+from hlora.federation.server import RoundTraffic, traffic
+from hlora.federation.validation import Rejection
+from hlora.protocol import ClientPlan, ClientUpdate, TrainResult
+from hlora.provenance import environment
+from hlora.rundir import (
+    CONFIG_FILE,
+    PARTITION_FILE,
+    PLOT_FILE,
+    SUMMARY_FILE,
+    MetricsLog,
+    lock_run_dir,
+    write_json,
+    write_text_atomic,
+)
+
+log = logging.getLogger("hlora")
+
+
+@dataclass
+class Replies:
+    """What came back from a round's clients, however it travelled: the part of a round in which the
+    runtimes differ (in-process calls here, Flower messages in `hlora.flower`)."""
+
+    updates: list[ClientUpdate]
+    results: dict[int, TrainResult]  # client id -> its training's loss and cost, for each update
+    lost: dict[int, str] = field(default_factory=dict)  # client id -> why no reply came ("crash", ...)
+    # client id -> why a reply that came could not be read as an update at all (it is refused as the
+    # server refuses an invalid update, and counted with them)
+    unreadable: dict[int, Rejection] = field(default_factory=dict)
+    corrupted: dict[int, str] = field(default_factory=dict)  # client id -> injected corruption ([faults])
+    # Bytes counted from the messages that travelled; None: from the plans and updates (`traffic`)
+    sent: RoundTraffic | None = None
+
+
+class RoundLoop:
+    """The body of a round that every runtime shares: `configure` (the plans), then the runtime's
+    exchange, then `finish` (aggregate, evaluate, metrics row, checkpoint). A runtime decides only how
+    plans reach the clients and what comes back (`Replies`)."""
+
+    def __init__(self, exp: PreparedRun, run_dir: Path, resume: Checkpoint | None = None) -> None:
+        """Own `run_dir` (new and empty, or with `resume` the run's own directory): lock it (RunDirError
+        while another process holds it), restore the checkpoint (before anything is written: one that
+        does not fit changes nothing), then write the config and partition. `first` is the round to play
+        next. The caller restores the RNG states (`set_rng_state(resume.rng)`) just before the
+        first round, and calls `release` when the run ends or stops."""
+        self.exp = exp
+        self.run_dir = run_dir
+        self._lock = lock_run_dir(run_dir)
+        try:
+            self._start(resume)
+        except BaseException:
+            self.release()
+            raise
+
+    def _start(self, resume: Checkpoint | None) -> None:
+        exp, run_dir = self.exp, self.run_dir
+        s = exp.settings
+        fed = s.federation
+        self.first = restore(exp, resume) + 1 if resume is not None else 1
+        write_text_atomic(run_dir / CONFIG_FILE, settings_to_toml(s))
+        write_partition_csv(exp.partition_rows, run_dir / PARTITION_FILE)
+        log.info("data: %s (%d train rows, %d dev rows)", exp.data_source, len(exp.train), len(exp.dev))
+        log.info("clients, their ranks and label mix:\n%s", format_partition_table(exp.partition_rows))
+        log.info(
+            "%s at bank rank %d, client ranks %s", fed.method, exp.bank_rank, _rank_counts(exp.client_ranks)
+        )
+        self.metrics = MetricsLog(run_dir, resume.metrics if resume is not None else ())
+        self._t0 = 0.0
+
+    def configure(self, rnd: int) -> dict[int, ClientPlan]:
+        """The round's plans, by client id (`FederatedServer.configure`); the round's clock starts."""
+        self._t0 = time.perf_counter()
+        return self.exp.server.configure(rnd)
+
+    def finish(self, rnd: int, plans: dict[int, ClientPlan], replies: Replies) -> dict[str, Any]:
+        """Aggregate what came back, evaluate the global model (and each tier's) if the round is one
+        `eval.every` picks, append the metrics row and commit the checkpoint. Returns the row."""
+        exp, s = self.exp, self.exp.settings
+        server = exp.server
+        t1 = time.perf_counter()
+        outcome = server.aggregate(rnd, replies.updates)
+        if replies.unreadable:
+            for cid, why in sorted(replies.unreadable.items()):
+                log.warning("round %d: client %s rejected (%s): %s", rnd, cid, why.code, why.detail)
+            outcome = replace(outcome, rejected={**outcome.rejected, **replies.unreadable})
+        t2 = time.perf_counter()
+        last = rnd == s.federation.rounds
+        evaluated = rnd % s.eval.every == 0 or last
+        scores: dict[str, float] = {}
+        if evaluated:  # else the base waits for the next client to merge FLoRA's deltas, in the same order
+            held = server.model_plan()  # the global model, as a client would hold it (FLoRA: merged stacks)
+            merge_base(exp.model, held)
+            scores = evaluate(exp.model, held.adapter, exp.dev, exp.task, s.eval.batch_size, exp.collate)
+        t3 = time.perf_counter()
+        score_tiers = evaluated and (s.eval.tiers is True or (s.eval.tiers == "final" and last))
+        tiers = evaluate_tiers(exp, held, scores) if score_tiers else {}
+        t4 = time.perf_counter()
+        timings = {
+            "train_s": t1 - self._t0,
+            "aggregate_s": t2 - t1 - outcome.instruments_s,
+            "instruments_s": outcome.instruments_s,
+        }
+        if evaluated:
+            timings["eval_s"] = t3 - t2
+        if score_tiers:
+            timings["tier_eval_s"] = t4 - t3
+        timings["wall_s"] = t4 - self._t0
+        sent = replies.sent if replies.sent is not None else traffic(plans, replies.updates)
+        # The clients' own figures are claims: those out of bounds are recorded as missing, not averaged.
+        work = {cid: planned_work(s.train, len(exp.partitions[cid])) for cid in replies.results}
+        results, invalid = check_reports(replies.results, work)
+        if invalid:
+            log.warning(
+                "round %d: client figures out of bounds, recorded as missing: %s",
+                rnd,
+                "; ".join(f"client {cid}: {', '.join(names)}" for cid, names in sorted(invalid.items())),
+            )
+        row = round_row(rnd, scores, tiers, results, sent, exp.client_ranks, timings)
+        row["evaluated"] = evaluated
+        row.update(reliability_fields(outcome, replies.lost, replies.corrupted))
+        row["invalid_reports"] = {str(cid): names for cid, names in sorted(invalid.items())}
+        # The checkpoint first, so that the row can say what it cost (the checkpoint's copy of the row
+        # lacks `checkpoint_s`); a crash between the two loses nothing: a resumed run rewrites
+        # metrics.jsonl from the checkpoint's rows.
+        t5 = time.perf_counter()
+        save_checkpoint(self.run_dir, exp, rnd, [*self.metrics.rows, row])
+        row["checkpoint_s"] = round(time.perf_counter() - t5, 4)
+        self.metrics.append(row)
+        return row
+
+    def release(self) -> None:
+        """Let another process play into the run directory (after `close`, or when the run stops)."""
+        self._lock.release()
+
+    def close(self) -> dict[str, Any]:
+        """Write `summary.json` and the accuracy plot; returns the summary."""
+        exp, s = self.exp, self.exp.settings
+        fed = s.federation
+        summary = summarise(
+            self.metrics.rows,
+            {
+                "task": exp.task.name,
+                "method": fed.method,
+                "mode": s.run.mode,
+                "seed": s.run.seed,
+                "num_clients": fed.num_clients,
+                **({"client": s.run.client} if s.run.mode == "local" else {}),
+                "client_ranks": sorted(set(exp.client_ranks.values())),
+                "bank_rank": exp.bank_rank,
+                "majority_baseline": exp.majority_baseline,
+                "device": str(exp.model.device),
+                **{k: round(v, 3) for k, v in exp.timings.items()},
+                "environment": environment(str(exp.model.device)),
+            },
+        )
+        write_json(self.run_dir / SUMMARY_FILE, summary)
+        plot_accuracy(
+            self.metrics.rows,
+            self.run_dir / PLOT_FILE,
+            f"{exp.task.name.upper()} dev, {fed.method}, {s.run.mode}",
+            baseline=exp.majority_baseline,
+        )
+        return summary
+
+
+def evaluate_tiers(
+    exp: PreparedRun, global_model: ClientPlan, global_scores: dict[str, float]
+) -> dict[int, dict[str, float]]:
+    """The dev scores of the model each distinct client rank holds for the next round
+    (`FederatedServer.model_plan(rank)`). A tier that holds the global model itself (equal adapter
+    tensors and the same base deltas: the top tier of a method that sends the global adapter as it is)
+    gets the global scores, not a pass."""
+    s = exp.settings
+    scores: dict[int, dict[str, float]] = {}
+    for rank in sorted(set(exp.client_ranks.values())):
+        held = exp.server.model_plan(rank)
+        if _same_model(held, global_model):
+            scores[rank] = global_scores
+        else:
+            merge_base(exp.model, held)
+            scores[rank] = evaluate(
+                exp.model, held.adapter, exp.dev, exp.task, s.eval.batch_size, exp.collate
+            )
+    return scores
+
+
+def _same_model(a: ClientPlan, b: ClientPlan) -> bool:
+    """The same base deltas and equal adapter tensors under the same names: loaded, the same model."""
+    if [d.version for d in a.merge] != [d.version for d in b.merge]:
+        return False
+    ta, tb = a.adapter.tensors(), b.adapter.tensors()
+    return ta.keys() == tb.keys() and all(
+        ta[k].shape == tb[k].shape and torch.equal(ta[k], tb[k]) for k in ta
+    )
+
+
+def _rank_counts(client_ranks: dict[int, int]) -> str:
+    """`"1 x2, 4 x1"`: each distinct rank and how many clients train at it."""
+    ranks = list(client_ranks.values())
+    return ", ".join(f"{r} x{ranks.count(r)}" for r in sorted(set(ranks)))
