@@ -21,8 +21,9 @@ test: $(STAMP)  ## the default (fast) test suite; never touches the network
 test-all: $(STAMP)  ## every test, slow ones included
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -m ''
 
-lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+lint: $(STAMP)  ## style (ruff) and the architecture: the import layers of pyproject.toml (lint-imports)
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
