@@ -41,12 +41,15 @@ def test_commit_is_read_and_marked_dirty_when_tracked_files_change(tmp_path):
 
 
 def test_environment_names_the_command_given_by_the_cli(monkeypatch):
-    monkeypatch.setattr(provenance, "COMMAND", ["hlora", "run", "--set", "train.lr=1e-3 x"])
+    monkeypatch.setattr(provenance, "_invocation", None)  # restored after the test
+    provenance.record_invocation(["hlora", "run", "--set", "train.lr=1e-3 x"])
     env = provenance.environment("cpu")
     assert env["command"] == "hlora run --set 'train.lr=1e-3 x'"
     assert env["device"] == "cpu" and env["gpu"] is None and env["torch_threads"] >= 1
     assert len(env["load_avg"]) == 3 and all(x >= 0 for x in env["load_avg"])
     assert env["hlora"] and env["torch"] and env["python"].count(".") == 2
     # the commit is the one read when the code was loaded, not whatever the checkout holds by the end
-    monkeypatch.setattr(provenance, "CODE_COMMIT", "abc1234")
+    monkeypatch.setattr(provenance, "git_commit", lambda path=None: "abc1234")
+    assert provenance.environment("cpu")["commit"] != "abc1234"
+    provenance.record_invocation(["hlora"])
     assert provenance.environment("cpu")["commit"] == "abc1234"

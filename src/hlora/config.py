@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hlora.errors import ConfigError
@@ -376,35 +377,16 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
 
 
 def settings_to_toml(settings: Settings) -> str:
-    """The resolved settings as TOML text (what the run directory records)."""
-    lines: list[str] = []
-    for section, values in settings.model_dump().items():
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            if value is None:
-                lines.append(f"# {key} is unset")
-                continue
-            lines.append(f"{key} = {_toml_value(value)}")
-        lines.append("")
-    return "\n".join(lines)
+    """The resolved settings as TOML text (what the run directory records, and what a Flower node is
+    sent). A setting that is unset (None) is left out: TOML has no null, and reading the text back gives
+    its default."""
 
+    def present(values: Any) -> Any:
+        if isinstance(values, Mapping):
+            return {k: present(v) for k, v in values.items() if v is not None}
+        return values
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, str):
-        # A JSON string is a TOML basic string (quotes, backslashes and control characters escaped), but
-        # for DEL, which TOML wants escaped too.
-        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+    return tomli_w.dumps(present(settings.model_dump()))
 
 
 # The reference runs, and what identifies a run's config: `hlora.checkpoint` and `hlora compare` use these.

@@ -9,6 +9,8 @@ import platform
 import shlex
 import subprocess
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -16,8 +18,6 @@ from typing import Any
 
 _LIBRARIES = ("torch", "transformers", "peft", "flwr")
 
-# The command as its user typed it, set by the `hlora` CLI; None: this process's own argv is recorded.
-COMMAND: list[str] | None = None
 
 
 def git_commit(path: Path | None = None) -> str | None:
@@ -45,10 +45,31 @@ def git_commit(path: Path | None = None) -> str | None:
     return f"{head}-dirty" if dirty else head or None
 
 
-# The commit of the code this process runs, read once when this module is first imported (the `hlora`
-# CLI imports it as it starts): a checkout that moves on while a long job runs (a comparison takes
-# hours) must not relabel the job's later runs.
-CODE_COMMIT = git_commit()
+@dataclass(frozen=True)
+class Invocation:
+    """How this process was started: the command as its user typed it, and the commit of the code it
+    runs, read once at the start: a checkout that moves on while a long job runs (a comparison takes
+    hours) must not relabel the job's later runs."""
+
+    command: tuple[str, ...]
+    commit: str | None
+
+
+_invocation: Invocation | None = None
+
+
+def record_invocation(command: Sequence[str]) -> Invocation:
+    """Record how this process was started (the `hlora` CLI calls this first thing, with its argv), and
+    read the code's commit now. Returns the record."""
+    global _invocation
+    _invocation = Invocation(tuple(command), git_commit())
+    return _invocation
+
+
+def invocation() -> Invocation:
+    """The recorded invocation; where nothing recorded one (a library user), this process's argv, with
+    the commit read at this first call."""
+    return _invocation if _invocation is not None else record_invocation(sys.argv)
 
 
 def cpu_model() -> str | None:
@@ -76,13 +97,14 @@ def environment(device: str | None = None) -> dict[str, Any]:
 
     from hlora import __version__
 
+    started = invocation()
     gpu = None
     if device is not None and device.startswith("cuda") and torch.cuda.is_available():
         gpu = torch.cuda.get_device_name(torch.device(device))
     return {
-        "command": shlex.join(COMMAND if COMMAND is not None else sys.argv),
+        "command": shlex.join(started.command),
         "hlora": __version__,
-        "commit": CODE_COMMIT,
+        "commit": started.commit,
         "python": platform.python_version(),
         **{name: _version(name) for name in _LIBRARIES},
         "device": device,

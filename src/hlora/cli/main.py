@@ -413,7 +413,7 @@ def bench_aggregation(
 
 
 def main(argv: list[str] | None = None) -> None:
-    provenance.COMMAND = ["hlora", *(sys.argv[1:] if argv is None else argv)]
+    provenance.record_invocation(["hlora", *(sys.argv[1:] if argv is None else argv)])
     try:
         app(args=argv, standalone_mode=True)
     except HloraError as e:
