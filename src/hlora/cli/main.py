@@ -247,12 +247,14 @@ def export(
 def compare(
     config: Annotated[Path, typer.Argument(help="The TOML config every run starts from (a federated one).")],
     methods: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="Methods to compare, comma-separated. With mixed ranks fedit stands for FedIT at the "
-            "smallest and at the largest client rank."
+            help="Methods to compare, comma-separated (default: every method, in the order of "
+            "`hlora methods`). With mixed ranks a method of equal ranks (fedit) stands for that method at "
+            "the smallest and at the largest client rank.",
+            show_default=False,
         ),
-    ] = "hlora,flexlora,zeropad,flora,ffa,fedit",
+    ] = None,
     seeds: Annotated[
         str, typer.Option(help="Seeds, comma-separated: each gives its own partition and tiers.")
     ] = "0",
@@ -292,6 +294,7 @@ def compare(
 ) -> None:
     """Run every method and seed on the same partitions and rank tiers, beside the references, skipping
     complete runs and resuming stopped ones; then write summary.md, summary.csv and charts."""
+    from hlora.aggregation import registry
     from hlora.experiments import compare as cmp
     from hlora.experiments.report import write_report
 
@@ -301,7 +304,7 @@ def compare(
         planned = cmp.prepare_comparison(
             config,
             list(set_ or []),
-            cmp.parse_methods(methods),
+            cmp.parse_methods(methods) if methods is not None else registry.ordered(),
             cmp.parse_seeds(seeds),
             out,
             references=references,
