@@ -7,10 +7,10 @@ so that a seed of `local` is the mean client training alone. Statistics over see
 sample standard deviation (none with one seed).
 
 The figures of one run are plain sums and maxima over its rounds (`seed_figures`); everything over seeds
-is pandas: one frame row per run (`seed_frame`) or per run and rank tier (`tier_frame`), grouped for the
-tables, pivoted for the per-tier CSV columns, written with `to_csv`. Groups are ordered by
-`registry.ordered()` (`group_order`); the paired table's subject is the first method of that order that
-has runs here (HLoRA in a full comparison).
+is pandas: one frame row per run (`seed_frame`) or per run and rank tier, grouped for the tables
+(`group_table`, `tier_table`, `paired_table`), unstacked for the per-tier CSV columns, written with
+`to_csv`. Groups are ordered by `registry.ordered()` (`group_order`); the paired table's subject is the
+first method of that order that has runs here (HLoRA in a full comparison).
 """
 
 from __future__ import annotations
@@ -73,17 +73,12 @@ def group_order(group: str) -> tuple[int, int, int, str]:
     groups of no registered method, then the references: centralised, the fixed-rank ones by rank,
     local."""
     methods = registry.ordered()
-    match = _FIXED_RANK.fullmatch(group)
-    if group == CENTRAL:
-        return (2, 0, 0, group)
-    if group == LOCAL:
-        return (4, 0, 0, group)
+    fixed = _FIXED_RANK.fullmatch(group)
+    method, rank = (fixed["method"], int(fixed["rank"])) if fixed else (group, 0)
     if is_reference(group):
-        return (3, 0, int(match["rank"]), group)
-    if group in methods:
-        return (0, methods.index(group), 0, group)
-    if match is not None and match["method"] in methods:
-        return (0, methods.index(match["method"]), int(match["rank"]), group)
+        return ({CENTRAL: 2, LOCAL: 4}.get(group, 3), 0, rank, group)
+    if method in methods:
+        return (0, methods.index(method), rank, group)
     return (1, 0, 0, group)
 
 
@@ -273,39 +268,20 @@ def seed_figures(run: SeedRun, target: float | None) -> dict[str, Any]:
     }
 
 
-_SCALARS = (
-    "final_accuracy",
-    "best_accuracy",
-    "final_f1",
-    "best_f1",
-    "uplink_mb",
-    "downlink_mb",
-    "wall_s",
-    "aggregate_s",
-)
+_SCALARS = ("final_accuracy", "best_accuracy", "final_f1", "best_f1", "uplink_mb", "downlink_mb", "wall_s",
+            "aggregate_s")  # fmt: skip
 _TIER_COLUMNS = ("final_accuracy_mean", "final_accuracy_std", "step_ms", "peak_mib", "state_mib")
 
 
 def seed_frame(runs: Sequence[SeedRun], target: float | None) -> pd.DataFrame:
-    """One row per run: `group`, `seed`, `clients` and its `seed_figures` but the tiers."""
-    return pd.DataFrame(
-        [{"group": r.group, "seed": r.seed, "clients": r.clients, **seed_figures(r, target)} for r in runs]
-    ).drop(columns="tiers")
-
-
-def tier_frame(runs: Sequence[SeedRun]) -> pd.DataFrame:
-    """One row per run and rank tier: `group`, `seed`, `rank` and the tier's figures."""
-    rows = [
-        {"group": r.group, "seed": r.seed, "rank": rank, **figures}
-        for r in runs
-        for rank, figures in seed_figures(r, None)["tiers"].items()
-    ]
-    columns = ["group", "seed", "rank", "final_accuracy", "step_s", "peak_bytes", "state_bytes"]
-    return pd.DataFrame(rows, columns=columns).astype({c: float for c in columns[3:]})
+    """One row per run: `group`, `seed`, `clients` and its `seed_figures` but the tiers (None as NaN)."""
+    figures = [dict(group=r.group, seed=r.seed, clients=r.clients, **seed_figures(r, target)) for r in runs]
+    numbers = (*_SCALARS, "rounds_to_target", "wall_to_target_s")
+    return pd.DataFrame(figures).drop(columns="tiers").astype(dict.fromkeys(numbers, float))
 
 
 # Over seeds: the mean, and the sample standard deviation (NaN with one seed). Series' own reductions,
-# not groupby's compiled ones, so the figures are numpy's to the last bit (the committed reports).
+# not groupby's compiled ones (which sum otherwise), so the figures are numpy's to the last bit.
 def _mean(values: pd.Series) -> float:
     return values.mean()
 
@@ -314,51 +290,51 @@ def _std(values: pd.Series) -> float:
     return values.std()
 
 
-def _in_group_order(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame.loc[sorted(frame.index, key=group_order)]
+def _mean_std(*keys: str) -> dict[str, tuple[str, Callable]]:
+    """Named aggregations `<key>_mean` and `<key>_std` over each group's seeds, for each of `keys`."""
+    return {f"{key}_{name}": (key, f) for key in keys for name, f in (("mean", _mean), ("std", _std))}
+
+
+def _in_group_order(table: pd.DataFrame) -> pd.DataFrame:
+    """`table` (indexed by group) in `group_order`, with a `reference` column first."""
+    table.insert(0, "reference", table.index.map(is_reference))
+    return table.loc[sorted(table.index, key=group_order)]
 
 
 def group_table(runs: Sequence[SeedRun], target: float | None) -> pd.DataFrame:
     """One row per group (the index, in `group_order`): `<figure>_mean`, `<figure>_std` over seeds,
-    rounds to target (mean over the seeds that reached it, how many did; None without a target) and
-    the wall time up to it."""
-    seeds = seed_frame(runs, target)
-    by_group = seeds.groupby("group", sort=False)
-    stats = by_group[list(_SCALARS)].agg([_mean, _std])
-    stats.columns = [f"{key}{stat}" for key, stat in stats.columns]
-    table = pd.DataFrame(
-        {
-            "reference": [is_reference(g) for g in stats.index],
-            "seeds": by_group.size(),
-            "clients": by_group["clients"].first(),
-            "rounds": by_group["rounds"].min(),
-        },
-        index=stats.index,
-    ).join(stats)
-    table["target_accuracy"] = target
-    table["reached_target"] = by_group["rounds_to_target"].count().astype("Int64")
-    if target is None:
-        table["reached_target"] = pd.NA
-    table["rounds_to_target_mean"] = by_group["rounds_to_target"].agg(_mean)
-    table["wall_to_target_s_mean"] = by_group["wall_to_target_s"].agg(_mean)
+    rounds to target (mean over the seeds that reached it, how many did; NA without a target) and the
+    wall time up to it."""
+    by_group = seed_frame(runs, target).groupby("group", sort=False)
+    reached = by_group["rounds_to_target"]
+    table = by_group.agg(
+        seeds=("seed", "size"), clients=("clients", "first"), rounds=("rounds", "min"), **_mean_std(*_SCALARS)
+    ).assign(
+        target_accuracy=target,
+        reached_target=reached.count().astype("Int64") if target is not None else pd.NA,
+        rounds_to_target_mean=reached.agg(_mean),
+        wall_to_target_s_mean=by_group["wall_to_target_s"].agg(_mean),
+    )
     return _in_group_order(table)
 
 
 def tier_table(runs: Sequence[SeedRun]) -> pd.DataFrame:
     """One row per group and rank tier (the index): the final accuracy (mean, std over seeds), the mean
     milliseconds per step, the largest peak and trainable-state memory in MiB."""
-    by_tier = tier_frame(runs).groupby(["group", "rank"])
-    table = pd.DataFrame(
-        {
-            "final_accuracy_mean": by_tier["final_accuracy"].agg(_mean),
-            "final_accuracy_std": by_tier["final_accuracy"].agg(_std),
-            "step_ms": 1e3 * by_tier["step_s"].agg(_mean),
-            "peak_mib": by_tier["peak_bytes"].max() / 2**20,
-            "state_mib": by_tier["state_bytes"].max() / 2**20,
-        }
-    )
-    order = sorted(table.index, key=lambda key: (group_order(key[0]), key[1]))
-    return table.loc[order]
+    tiers = [
+        {"group": r.group, "rank": rank, **figures}
+        for r in runs
+        for rank, figures in seed_figures(r, None)["tiers"].items()
+    ]
+    numbers = ["final_accuracy", "step_s", "peak_bytes", "state_bytes"]
+    frame = pd.DataFrame(tiers, columns=["group", "rank", *numbers]).astype(dict.fromkeys(numbers, float))
+    table = frame.groupby(["group", "rank"]).agg(
+        **_mean_std("final_accuracy"), step_s=("step_s", _mean), peak=("peak_bytes", "max"),
+        state=("state_bytes", "max"),
+    )  # fmt: skip
+    table = table.assign(step_ms=1e3 * table.pop("step_s"), peak_mib=table.pop("peak") / 2**20,
+                         state_mib=table.pop("state") / 2**20)  # fmt: skip
+    return table.loc[sorted(table.index, key=lambda key: (group_order(key[0]), key[1]))]
 
 
 def default_target(table: pd.DataFrame) -> float | None:
@@ -382,58 +358,44 @@ def paired_table(
     subject = subject or subject_of(r.group for r in runs)
     seeds = seed_frame(runs, target)
     mine = seeds[seeds["group"] == subject].set_index("seed")
-    pairs = seeds[seeds["group"] != subject].join(mine, on="seed", rsuffix="_subject", how="inner")
-    if pairs.empty:
+    pair = seeds[seeds["group"] != subject].join(mine, on="seed", rsuffix="_s", how="inner")  # _s: subject's
+    if pair.empty:
         return []
     rows_of = {(r.group, r.seed): r.rows for r in runs}
-    final = pairs["final_accuracy_subject"] - pairs["final_accuracy"]
-    traffic = pairs["uplink_mb"] + pairs["downlink_mb"]
-    traffic_subject = pairs["uplink_mb_subject"] + pairs["downlink_mb_subject"]
-    both_reached = pairs["rounds_to_target"].notna() & pairs["rounds_to_target_subject"].notna()
-    figures = pd.DataFrame(
-        {
-            "group": pairs["group"],
-            "final_accuracy_diff": final,
-            "best_accuracy_diff": pairs["best_accuracy_subject"] - pairs["best_accuracy"],
-            "ahead": final > 0,
-            "behind": final < 0,
-            "mean_accuracy_diff": [
-                _mean_accuracy_diff(rows_of[(subject, seed)], rows_of[(group, seed)])
-                for group, seed in zip(pairs["group"], pairs["seed"], strict=True)
-            ],
-            "subject_to_target": pairs["rounds_to_target_subject"].where(both_reached),
-            "other_to_target": pairs["rounds_to_target"].where(both_reached),
-            "traffic_ratio": (traffic / traffic_subject).where(traffic_subject > 0),
-            "aggregate_ratio": (pairs["aggregate_s"] / pairs["aggregate_s_subject"]).where(
-                pairs["aggregate_s_subject"] > 0
-            ),
-        }
+    final = pair["final_accuracy_s"] - pair["final_accuracy"]
+    both_reached = pair["rounds_to_target"].notna() & pair["rounds_to_target_s"].notna()
+    traffic = (pair["uplink_mb"] + pair["downlink_mb"]) / (pair["uplink_mb_s"] + pair["downlink_mb_s"])
+    figures = pair[["group"]].assign(
+        final_accuracy_diff=final,
+        best_accuracy_diff=pair["best_accuracy_s"] - pair["best_accuracy"],
+        ahead=final > 0,
+        behind=final < 0,
+        mean_accuracy_diff=[
+            _mean_accuracy_diff(rows_of[(subject, seed)], rows_of[(group, seed)])
+            for group, seed in zip(pair["group"], pair["seed"], strict=True)
+        ],
+        subject_to_target=pair["rounds_to_target_s"].where(both_reached),
+        other_to_target=pair["rounds_to_target"].where(both_reached),
+        traffic_ratio=traffic.where(pair["uplink_mb_s"] > 0),
+        aggregate_ratio=(pair["aggregate_s"] / pair["aggregate_s_s"]).where(pair["aggregate_s_s"] > 0),
     )
-    by_group = figures.groupby("group", sort=False)
-    table = pd.DataFrame(
-        {
-            "reference": [is_reference(g) for g in by_group.groups],
-            "seeds": by_group.size(),
-            "final_accuracy_diff_mean": by_group["final_accuracy_diff"].agg(_mean),
-            "final_accuracy_diff_std": by_group["final_accuracy_diff"].agg(_std),
-            "best_accuracy_diff_mean": by_group["best_accuracy_diff"].agg(_mean),
-            "best_accuracy_diff_std": by_group["best_accuracy_diff"].agg(_std),
-            "final_accuracy_p": by_group["final_accuracy_diff"].agg(paired_p),
-            "ahead": by_group["ahead"].sum(),
-            "behind": by_group["behind"].sum(),
-            "mean_accuracy_diff_mean": by_group["mean_accuracy_diff"].agg(_mean),
-            "mean_accuracy_diff_std": by_group["mean_accuracy_diff"].agg(_std),
-            "mean_accuracy_p": by_group["mean_accuracy_diff"].agg(paired_p),
-            "both_reached_target": by_group["subject_to_target"].count() if target is not None else None,
-            "rounds_to_target_subject": by_group["subject_to_target"].agg(_mean),
-            "rounds_to_target_other": by_group["other_to_target"].agg(_mean),
-            "traffic_ratio": by_group["traffic_ratio"].agg(_mean),
-            "aggregate_ratio": by_group["aggregate_ratio"].agg(_mean),
-        },
-        index=list(by_group.groups),
+    table = figures.groupby("group", sort=False).agg(
+        seeds=("group", "size"),
+        **_mean_std("final_accuracy_diff", "best_accuracy_diff"),
+        final_accuracy_p=("final_accuracy_diff", paired_p),
+        ahead=("ahead", "sum"),
+        behind=("behind", "sum"),
+        **_mean_std("mean_accuracy_diff"),
+        mean_accuracy_p=("mean_accuracy_diff", paired_p),
+        both_reached_target=("subject_to_target", "count"),
+        rounds_to_target_subject=("subject_to_target", _mean),
+        rounds_to_target_other=("other_to_target", _mean),
+        traffic_ratio=("traffic_ratio", _mean),
+        aggregate_ratio=("aggregate_ratio", _mean),
     )
-    table = _in_group_order(table).rename_axis("group").reset_index()
-    return table.astype(object).where(table.notna(), None).to_dict("records")
+    if target is None:
+        table["both_reached_target"] = None
+    return _records(_in_group_order(table))
 
 
 def paired_p(diffs: Sequence[float]) -> float | None:
@@ -499,7 +461,7 @@ def write_csv(table: pd.DataFrame, tiers: pd.DataFrame, path: Path) -> None:
     ranks = sorted(tiers.index.unique("rank"))
     wide = tiers.unstack("rank")[[(key, r) for r in ranks for key in _TIER_COLUMNS]]
     wide.columns = [f"tier{r}_{key}" for key, r in wide.columns]
-    _to_csv(table.join(wide).rename_axis("group").reset_index(), path)
+    _to_csv(table.join(wide).reset_index(), path)
 
 
 def _to_csv(frame: pd.DataFrame, path: Path) -> None:
@@ -511,7 +473,7 @@ def _to_csv(frame: pd.DataFrame, path: Path) -> None:
 
 
 def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    """The rows of `frame` (its index as the first column) as dicts, None where a value is missing."""
+    """The rows of `frame` (its index as the first columns) as dicts, None where a value is missing."""
     frame = frame.reset_index()
     return frame.astype(object).where(frame.notna(), None).to_dict("records")
 
@@ -538,15 +500,15 @@ def _cells(*cells: Any) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """A markdown table (a small writer: `DataFrame.to_markdown` would need `tabulate`)."""
+    return [_cells(*header), _cells(*["---"] * len(header)), *(_cells(*row) for row in rows)]
+
+
 def markdown(
-    table: pd.DataFrame,
-    tiers: pd.DataFrame,
-    loaded: Loaded,
-    target: float | None,
-    target_note: str,
-    paired: Sequence[dict[str, Any]] = (),
-    subject: str | None = None,
-) -> str:
+    table: pd.DataFrame, tiers: pd.DataFrame, loaded: Loaded, target: float | None, target_note: str,
+    paired: Sequence[dict[str, Any]] = (), subject: str | None = None,
+) -> str:  # fmt: skip
     """summary.md: the settings, the group table, the tier table, what they mean, the paired table of
     `subject` and how the runs were made."""
     s = loaded.settings
@@ -569,33 +531,22 @@ def markdown(
     cadence = cadence_note(loaded.runs)
     if cadence:
         target_note += f"; rounds to target are read on the evaluated rounds, {cadence}"
-    lines += [
-        f"Target accuracy {target_text} ({target_note}).",
-        "",
-        _cells(
-            "method", "seeds", "final acc", "best acc", "final F1", "best F1", "rounds to target",
-            "MB up", "MB down", "wall s", "aggregation s",
-        ),
-        _cells(*["---"] * 11),
-    ]  # fmt: skip
-    for row in _records(table):
-        to_target = "-"
-        if row["reached_target"] is not None:
-            to_target = f"{_num(row['rounds_to_target_mean'])} ({row['reached_target']}/{row['seeds']})"
-            if row["wall_to_target_s_mean"] is not None:
-                to_target += f", {row['wall_to_target_s_mean']:.0f} s"
-        lines.append(
-            _cells(
-                label(row["group"]),
-                row["seeds"],
-                *[_pm(row[f"{k}_mean"], row[f"{k}_std"]) for k in _SCALARS[:4]],
-                to_target,
-                _mb(row["uplink_mb_mean"]),
-                _mb(row["downlink_mb_mean"]),
-                _num(row["wall_s_mean"]),
-                _num(row["aggregate_s_mean"], 3),
-            )
-        )
+
+    def to_target(row: dict[str, Any]) -> str:
+        if row["reached_target"] is None:
+            return "-"
+        text = f"{_num(row['rounds_to_target_mean'])} ({row['reached_target']}/{row['seeds']})"
+        wall = row["wall_to_target_s_mean"]
+        return text if wall is None else f"{text}, {wall:.0f} s"
+
+    lines += [f"Target accuracy {target_text} ({target_note}).", ""]
+    lines += _table(
+        ("method", "seeds", "final acc", "best acc", "final F1", "best F1", "rounds to target", "MB up",
+         "MB down", "wall s", "aggregation s"),
+        [(label(row["group"]), row["seeds"], *[_pm(row[f"{k}_mean"], row[f"{k}_std"]) for k in _SCALARS[:4]],
+          to_target(row), _mb(row["uplink_mb_mean"]), _mb(row["downlink_mb_mean"]), _num(row["wall_s_mean"]),
+          _num(row["aggregate_s_mean"], 3)) for row in _records(table)],
+    )  # fmt: skip
     lines += [
         "",
         "Per rank tier: the dev accuracy of the adapter a client of that rank holds at the end (the "
@@ -604,20 +555,12 @@ def markdown(
         "part that grows with the rank; the rest is the base model and the activations of the client's "
         "longest batch).",
         "",
-        _cells("method", "rank", "final acc", "ms per step", "peak MiB", "trainable state MiB"),
-        _cells(*["---"] * 6),
     ]
-    for tier in _records(tiers):
-        lines.append(
-            _cells(
-                label(tier["group"]),
-                tier["rank"],
-                _pm(tier["final_accuracy_mean"], tier["final_accuracy_std"]),
-                _num(tier["step_ms"]),
-                _num(tier["peak_mib"]),
-                _num(tier["state_mib"], 2),
-            )
-        )
+    lines += _table(
+        ("method", "rank", "final acc", "ms per step", "peak MiB", "trainable state MiB"),
+        [(label(t["group"]), t["rank"], _pm(t["final_accuracy_mean"], t["final_accuracy_std"]),
+          _num(t["step_ms"]), _num(t["peak_mib"]), _num(t["state_mib"], 2)) for t in _records(tiers)],
+    )  # fmt: skip
     clients = f"{table.at[LOCAL, 'clients']} clients" if LOCAL in table.index else "the clients"
     rule = _reference_title()
     lines += [
@@ -635,9 +578,8 @@ def markdown(
         "centralised and the local runs exchange nothing, so they have no MB or aggregation time.",
     ]
     if loaded.central_settings:
-        lines[-1] += (
-            " The centralised reference has settings of its own: " + "; ".join(loaded.central_settings) + "."
-        )
+        own = "; ".join(loaded.central_settings)
+        lines[-1] += f" The centralised reference has settings of its own: {own}."
     if paired:
         lines += paired_lines(paired, target, subject, evaluated=bool(cadence))
     if loaded.incomplete:
@@ -664,37 +606,25 @@ def paired_lines(
         f"rounds {both} (a convergence figure that needs no target). Traffic and aggregation: the "
         f"other's totals as multiples of {subject}'s (above 1: {subject} spends less).",
         "",
-        _cells(
-            "against", "seeds", "final acc diff", f"{subject} ahead / behind", "best acc diff",
-            "mean acc diff", f"rounds to target ({subject} vs other)", "traffic x", "aggregation x",
-        ),
-        _cells(*["---"] * 9),
-    ]  # fmt: skip
-    for row in paired:
-        to_target = "-"
+    ]
+
+    def to_target(row: dict[str, Any]) -> str:
         if row["both_reached_target"]:
-            to_target = (
-                f"{row['rounds_to_target_subject']:.1f} vs {row['rounds_to_target_other']:.1f} "
-                f"({row['both_reached_target']}/{row['seeds']})"
-            )
-        elif target is not None:
-            to_target = f"not both (0/{row['seeds']})"
-        lines.append(
-            _cells(
-                label(row["group"]),
-                row["seeds"],
-                _pm(row["final_accuracy_diff_mean"], row["final_accuracy_diff_std"], signed=True)
-                + _p(row["final_accuracy_p"]),
-                f"{row['ahead']} / {row['behind']}",
-                _pm(row["best_accuracy_diff_mean"], row["best_accuracy_diff_std"], signed=True),
-                _pm(row["mean_accuracy_diff_mean"], row["mean_accuracy_diff_std"], signed=True)
-                + _p(row["mean_accuracy_p"]),
-                to_target,
-                _num(row["traffic_ratio"], 2),
-                _num(row["aggregate_ratio"], 1),
-            )
-        )
-    return lines
+            return (f"{row['rounds_to_target_subject']:.1f} vs {row['rounds_to_target_other']:.1f} "
+                    f"({row['both_reached_target']}/{row['seeds']})")  # fmt: skip
+        return "-" if target is None else f"not both (0/{row['seeds']})"
+
+    def diff(row: dict[str, Any], key: str) -> str:
+        return _pm(row[f"{key}_diff_mean"], row[f"{key}_diff_std"], signed=True)
+
+    return lines + _table(
+        ("against", "seeds", "final acc diff", f"{subject} ahead / behind", "best acc diff", "mean acc diff",
+         f"rounds to target ({subject} vs other)", "traffic x", "aggregation x"),
+        [(label(row["group"]), row["seeds"], diff(row, "final_accuracy") + _p(row["final_accuracy_p"]),
+          f"{row['ahead']} / {row['behind']}", diff(row, "best_accuracy"),
+          diff(row, "mean_accuracy") + _p(row["mean_accuracy_p"]), to_target(row),
+          _num(row["traffic_ratio"], 2), _num(row["aggregate_ratio"], 1)) for row in paired],
+    )  # fmt: skip
 
 
 def _p(value: float | None) -> str:
@@ -880,11 +810,9 @@ def plot_all(runs: Sequence[SeedRun], folder: Path, settings: dict[str, Any]) ->
             color=plt.cm.viridis(0.15 + 0.7 * j / max(1, len(ranks) - 1)),  # ranks light to dark, not hues
             label=f"rank {rank}",
         )
-    if CENTRAL in colours:
-        central = group_table([r for r in runs if r.group == CENTRAL], None).at[
-            CENTRAL, "final_accuracy_mean"
-        ]
-        ax.axhline(central, label=label(CENTRAL), **_style(CENTRAL, colours[CENTRAL]))
+    central = [evaluated_rows(r.rows)[-1]["accuracy"] for r in runs if r.group == CENTRAL]
+    if central:  # its mean final accuracy
+        ax.axhline(np.mean(central), label=label(CENTRAL), **_style(CENTRAL, colours[CENTRAL]))
     ax.set_xticks(range(len(shown)), [label(g) for g in shown], rotation=15, fontsize=8)
     ax.set_ylabel("final dev accuracy")
     low = np.nanmin([baseline or 1.0, *accuracy.to_numpy().ravel()])
