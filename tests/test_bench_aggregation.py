@@ -14,15 +14,18 @@ import torch
 
 from hlora.aggregation import products, registry
 from hlora.bench.aggregation import (
+    AggregationRow,
     BenchSpec,
     bench_case,
-    hlora_path,
+    bench_methods,
+    largest_intermediate,
     layer_names,
     make_workload,
     peak_extra_bytes,
     peak_extra_rss,
 )
 from hlora.cli.main import main
+from hlora.errors import ConfigError
 
 TINY = {"layers": 2, "width": 64, "ranks": (2, 4, 8)}  # K = 3: R <= 24 < 64, the QR path
 LINUX_ONLY = pytest.mark.skipif(
@@ -46,31 +49,54 @@ def test_workload_has_the_asked_shapes_and_is_repeatable() -> None:
     )
 
 
-def test_row_is_sane_and_the_methods_agree() -> None:
-    row = bench_case(BenchSpec(clients=3, **TINY), repeats=2, memory=False)
-    assert row.clients == 3 and 6 <= row.total_rank <= 24
-    assert row.hlora_path == "qr"
-    assert row.hlora_s > 0 and row.flexlora_s > 0
-    assert row.speedup == pytest.approx(row.flexlora_s / row.hlora_s)
-    assert row.hlora_largest == f"64x{row.total_rank}" and row.flexlora_largest == "64x64"
+def by_method(rows: list[AggregationRow]) -> dict[str, AggregationRow]:
+    return {row.method: row for row in rows}
+
+
+def test_the_bench_measures_every_method_of_mixed_ranks_in_registry_order() -> None:
+    methods = bench_methods()
+    assert methods == [m for m in registry.ordered() if not registry.get(m).equal_ranks]
+    assert registry.reference() not in methods  # FedIT averages factors of one rank only
+    assert bench_methods(["flexlora", "hlora", "flexlora"]) == ["flexlora", "hlora"]
+    with pytest.raises(ConfigError, match="one rank"):
+        bench_methods([registry.reference()])
+
+
+def test_rows_are_sane_and_the_same_update_agrees() -> None:
+    rows = bench_case(BenchSpec(clients=3, **TINY), repeats=2, memory=False)
+    assert [row.method for row in rows] == bench_methods()
+    assert all(row.clients == 3 and 6 <= row.total_rank <= 24 and row.seconds > 0 for row in rows)
+    twins = [row for row in rows if row.same_update_as is not None]
+    assert [(row.method, row.same_update_as) for row in twins] == [("hlora", "flexlora")]
+    row, dense = by_method(rows)["hlora"], by_method(rows)["flexlora"]
+    assert row.speedup == pytest.approx(dense.seconds / row.seconds)
+    assert row.largest == f"64x{row.total_rank}" and dense.largest == "64x64"  # the QR path: m x R
     assert row.max_rel_diff < 1e-5  # float32 results of the same truncated SVD
-    assert row.hlora_peak_mib is None and row.memory_ratio is None
+    assert row.peak_mib is None and row.memory_ratio is None
+    assert dense.speedup is None and dense.max_rel_diff is None  # flexlora names no method of its own
+
+
+def test_a_method_without_its_twin_is_measured_alone() -> None:
+    (row,) = bench_case(BenchSpec(clients=3, **TINY), repeats=1, memory=False, methods=["hlora"])
+    assert row.same_update_as is None and row.speedup is None and row.max_rel_diff is None
 
 
 def test_row_says_when_hlora_falls_back_to_the_dense_path() -> None:
-    row = bench_case(BenchSpec(clients=12, layers=1, width=32, ranks=(4, 8)), repeats=1, memory=False)
-    assert row.total_rank >= 32 and row.hlora_path == "dense"
-    assert row.hlora_largest == row.flexlora_largest == "32x32"
-    assert row.max_rel_diff < 1e-5
+    spec = BenchSpec(clients=12, layers=1, width=32, ranks=(4, 8))
+    rows = by_method(bench_case(spec, repeats=1, memory=False, methods=["hlora", "flexlora"]))
+    assert rows["hlora"].total_rank >= 32
+    assert rows["hlora"].largest == rows["flexlora"].largest == "32x32"
+    assert rows["hlora"].max_rel_diff < 1e-5
 
 
 @pytest.mark.parametrize("spec", [BenchSpec(clients=3, **TINY), BenchSpec(clients=12, layers=1, width=32)])
-def test_hlora_path_is_the_path_the_aggregator_takes(spec: BenchSpec) -> None:
+def test_the_largest_intermediate_shows_the_path_the_aggregator_takes(spec: BenchSpec) -> None:
     work = make_workload(spec)
+    aggregator = registry.create("hlora", spec.global_rank)
     with mock.patch.object(products, "_dense_mean", wraps=products._dense_mean) as dense:
-        registry.create("hlora", spec.global_rank).aggregate(work.global_weights, work.updates)
-    built_dense = dense.call_count > 0
-    assert built_dense == (hlora_path(work.total_rank, spec.width, spec.width) == "dense")
+        largest = largest_intermediate(aggregator, work)
+    assert (dense.call_count > 0) == (largest == f"{spec.width}x{spec.width}")
+    assert (dense.call_count > 0) == (work.total_rank >= spec.width)
 
 
 @LINUX_ONLY
@@ -98,10 +124,13 @@ def test_cli_prints_the_table_and_writes_a_new_csv(tmp_path: Path, capsys) -> No
     tiny = ["--clients", "3,4", "--layers", "1", "--width", "32", "--ranks", "2,4", "--repeats", "1"]
     assert run_cli(*tiny, "--no-memory", "--csv", str(out)) == 0
     printed = capsys.readouterr().out
-    assert "hlora_path" in printed and "speedup" in printed
-    rows = list(csv.DictReader(out.open()))
-    assert [r["clients"] for r in rows] == ["3", "4"] and {r["hlora_path"] for r in rows} == {"qr"}
-    assert all(float(r["max_rel_diff"]) < 1e-5 for r in rows)
+    assert "same_update_as" in printed and "speedup" in printed
+    rows = [r for r in csv.DictReader(out.open()) if r["same_update_as"]]
+    assert [(r["clients"], r["method"], r["same_update_as"]) for r in rows] == [
+        ("3", "hlora", "flexlora"),
+        ("4", "hlora", "flexlora"),
+    ]
+    assert all(float(r["max_rel_diff"]) < 1e-5 and r["largest"].endswith("x" + r["total_rank"]) for r in rows)
 
     before = out.read_text()
     assert run_cli(*tiny, "--no-memory", "--csv", str(out)) == 2
@@ -109,6 +138,22 @@ def test_cli_prints_the_table_and_writes_a_new_csv(tmp_path: Path, capsys) -> No
     assert out.read_text() == before
 
 
-@pytest.mark.parametrize("bad", [["--clients", "3,x"], ["--ranks", "0,4"], ["--repeats", "0"]])
+def test_cli_measures_the_methods_asked_for(capsys) -> None:
+    tiny = ["--clients", "3", "--layers", "1", "--width", "32", "--ranks", "2,4", "--repeats", "1"]
+    assert run_cli(*tiny, "--no-memory", "--methods", "zeropad,hlora") == 0
+    table = capsys.readouterr().out.splitlines()[2:]
+    assert [line.split()[2] for line in table] == ["zeropad", "hlora"]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--clients", "3,x"],
+        ["--ranks", "0,4"],
+        ["--repeats", "0"],
+        ["--methods", "nope"],
+        ["--methods", "fedit"],
+    ],
+)
 def test_cli_refuses_bad_options(bad: list[str], capsys) -> None:
     assert run_cli(*bad) == 2

@@ -41,6 +41,10 @@ class Aggregator(ABC):
     # Place in listings, comparisons and tables (`registry.ordered()`): the subject of the comparisons
     # first, then its closest rivals; ties by name.
     order: ClassVar[int] = 100
+    # The method that computes the same global update by another path (HLoRA: "flexlora", the dense SVD
+    # of the same product mean), or None: `hlora bench aggregation` checks that the two agree and
+    # compares their cost.
+    same_update_as: ClassVar[str | None] = None
 
     def __init__(self, bank_rank: int, seed: int = 0, options: BaseModel | None = None) -> None:
         self.bank_rank = bank_rank  # r_g, the rank of the global adapter the server keeps

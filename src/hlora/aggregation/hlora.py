@@ -21,6 +21,7 @@ from hlora.aggregation.registry import register
 class HLoRA(LayerwiseAggregator):
     name = "hlora"
     order = 0
+    same_update_as = "flexlora"  # the same truncated SVD of the product mean, built densely
 
     def combine(self, pairs: Sequence[tuple[Tensor, Tensor]], p: Sequence[float]) -> tuple[Tensor, Tensor]:
         return aggregate_products(pairs, p, self.bank_rank)

@@ -1,19 +1,22 @@
-"""Server aggregation cost: HLoRA (METHOD.md rule 3) against FlexLoRA (rule 4) on the same client updates.
+"""Server aggregation cost: every method that serves mixed ranks, on the same client updates.
 
-Both methods compute the same truncated SVD of the product mean `dW = sum_k p_k B_k @ A_k`; HLoRA gets it
-from QRs of the stacked factors (largest intermediate `max(m, n) x R`, `R = sum r_k`), FlexLoRA from the
-dense `m x n` matrix. This module builds random client updates of a model's shapes (by default
-RoBERTa-large: 24 layers, query and value, 1024 x 1024), runs both registered aggregators through the
-real `Aggregator.aggregate` on them, and reports per client count K:
+This module builds random client updates of a model's shapes (by default RoBERTa-large: 24 layers, query
+and value, 1024 x 1024) with mixed client ranks, runs each registered aggregator that can serve them (not
+`equal_ranks`; or the methods asked for) through the real `Aggregator.aggregate`, and reports per client
+count K and method:
 
-- time: the median of several calls, the two methods interleaved (A B A B ...) in one process so that
-  machine noise hits both alike;
+- time: the median of several calls, the methods interleaved (A B C A B C ...) in one process so that
+  machine noise hits all alike;
 - peak memory: the extra memory one `aggregate` call needs on top of the inputs it is given
   (`peak_extra_bytes`);
-- the largest intermediate each path holds per adapted weight, from the algorithm (not measured);
-- agreement: the largest relative difference between the two results' products `B @ A`.
+- the largest intermediate the call makes per adapted weight: the largest tensor any torch operation
+  returns during one call on one adapted weight (`largest_intermediate`);
+- against the method that computes the same update by another path (`Aggregator.same_update_as`:
+  HLoRA's QR path against FlexLoRA's dense SVD, METHOD.md rules 3 and 4), when both are measured: the
+  speed-up, the memory ratio, and agreement, the largest relative difference of their products `B @ A`.
 
-Where `R >= min(m, n)` HLoRA itself falls back to the dense path (METHOD.md rule 3), and the row says so.
+Where `R = sum r_k >= min(m, n)` HLoRA itself builds the dense `dW` (METHOD.md rule 3), and its largest
+intermediate says so.
 """
 
 from __future__ import annotations
@@ -34,11 +37,10 @@ import torch
 
 from hlora.aggregation import registry
 from hlora.aggregation.base import Aggregator
-from hlora.errors import HloraError
+from hlora.errors import ConfigError, HloraError
 from hlora.protocol import ClientUpdate
 from hlora.weights import AdapterWeights, LoraFactors
 
-METHODS = ("hlora", "flexlora")  # the method under test first, the dense reference second
 TARGETS = ("query", "value")
 MIB = 2**20
 
@@ -91,20 +93,29 @@ class Workload:
 
 @dataclass(frozen=True)
 class AggregationRow:
-    """One line of the table: both methods on the same K clients."""
+    """One line of the table: one method on K clients, beside the method of the same update if measured."""
 
     clients: int
     total_rank: int  # R = sum r_k per adapted weight
-    hlora_path: str  # "qr", or "dense" where R >= min(m, n) (METHOD.md rule 3)
-    hlora_s: float  # median seconds of one aggregate() over all layers
-    flexlora_s: float
-    speedup: float  # flexlora_s / hlora_s
-    hlora_peak_mib: float | None  # peak extra memory of one aggregate(); None where it cannot be measured
-    flexlora_peak_mib: float | None
-    memory_ratio: float | None  # flexlora / hlora
-    hlora_largest: str  # the largest intermediate per adapted weight, rows x columns
-    flexlora_largest: str
-    max_rel_diff: float  # max over layers of max|dW_hlora - dW_flexlora| / max|dW_flexlora|
+    method: str
+    seconds: float  # median seconds of one aggregate() over all layers
+    peak_mib: float | None  # peak extra memory of one aggregate(); None where not measured
+    largest: str  # the largest intermediate per adapted weight, rows x columns (`largest_intermediate`)
+    same_update_as: str | None  # the method of the same update (Aggregator.same_update_as), if measured
+    speedup: float | None  # its seconds / these
+    memory_ratio: float | None  # its peak / this one
+    max_rel_diff: float | None  # max over layers of max|dW_this - dW_its| / max|dW_its|
+
+
+def bench_methods(methods: Sequence[str] | None = None) -> list[str]:
+    """`methods` (each registered and able to serve mixed ranks), or every registered method that can,
+    in `registry.ordered()`; ConfigError naming one that is not."""
+    if methods is None:
+        return [name for name in registry.ordered() if not registry.get(name).equal_ranks]
+    for name in methods:
+        if registry.get(name).equal_ranks:
+            raise ConfigError(f"method {name!r} needs one rank for every client: the bench's ranks are mixed")
+    return list(dict.fromkeys(methods))
 
 
 def layer_names(layers: int) -> list[str]:
@@ -143,19 +154,27 @@ def make_workload(spec: BenchSpec) -> Workload:
     return Workload(AdapterWeights(dict.fromkeys(names, zeros)), updates)
 
 
-def hlora_path(total_rank: int, m: int, n: int) -> str:
-    """Which path `aggregate_products` takes: METHOD.md rule 3 builds the dense `dW` only where the
-    rank sum reaches the smaller side, since then the stacked factors are no smaller than `dW`."""
-    return "dense" if total_rank >= min(m, n) else "qr"
+def largest_intermediate(aggregator: Aggregator, work: Workload) -> str:
+    """The largest tensor (by elements) that any torch operation returns during one `aggregate` call on
+    the workload's first adapted weight, as its sides largest first (`1024x128`): measured, so it shows
+    the path a method took (HLoRA's stacked factors, `m x R`, or a dense `m x n` product)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
 
+    class Largest(TorchDispatchMode):
+        shape: tuple[int, ...] = ()
 
-def largest_intermediate(method: str, total_rank: int, m: int, n: int) -> str:
-    """The largest matrix a method holds per adapted weight, from the algorithm: HLoRA's QR path holds
-    the stacked factors and their Q (`m x R`, `R x n`) and the `R x R` core; a dense path holds `dW`
-    and its SVD (`m x n`). Neither ever holds a client's own `m x n` product."""
-    if method == "hlora" and hlora_path(total_rank, m, n) == "qr":
-        return f"{max(m, n)}x{total_rank}"
-    return f"{m}x{n}"
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.numel() > np.prod(self.shape, dtype=np.int64):
+                    self.shape = tuple(t.shape)
+            return out
+
+    one = work.first_layer()
+    with Largest() as seen:
+        aggregator.aggregate(one.global_weights, one.updates)
+    return "x".join(str(side) for side in sorted(seen.shape, reverse=True))
 
 
 def _sync(device: torch.device) -> None:
@@ -263,60 +282,72 @@ def _mib(nbytes: int | None) -> float | None:
     return None if nbytes is None else nbytes / MIB
 
 
-def bench_case(spec: BenchSpec, repeats: int, memory: bool = True) -> AggregationRow:
-    """Both methods on one case: median time, peak extra memory (unless `memory` is False) and
-    agreement."""
+def bench_case(
+    spec: BenchSpec, repeats: int, memory: bool = True, methods: Sequence[str] | None = None
+) -> list[AggregationRow]:
+    """`bench_methods(methods)` on one case: median time, peak extra memory (unless `memory` is False),
+    largest intermediate, and the comparison with the method of the same update where both ran."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     device = torch.device(spec.device)
     work = make_workload(spec)
-    aggregators = {name: registry.create(name, spec.global_rank, seed=spec.seed) for name in METHODS}
+    aggregators = {
+        name: registry.create(name, spec.global_rank, seed=spec.seed) for name in bench_methods(methods)
+    }
     seconds, results = time_methods(aggregators, work, repeats, device)
-    diff = max_relative_difference(results["hlora"], results["flexlora"])
-    total_rank, m, n = work.total_rank, spec.width, spec.width
+    largest = {name: largest_intermediate(aggregator, work) for name, aggregator in aggregators.items()}
+    twins = {name: a.same_update_as for name, a in aggregators.items() if a.same_update_as in aggregators}
+    diffs = {name: max_relative_difference(results[name], results[twin]) for name, twin in twins.items()}
+    total_rank = work.total_rank
     del work, results  # the memory measurement builds its own inputs
-    peaks = {name: _mib(peak_extra_bytes(spec, name)) if memory else None for name in METHODS}
+    peaks = {name: _mib(peak_extra_bytes(spec, name)) if memory else None for name in aggregators}
     median = {name: statistics.median(s) for name, s in seconds.items()}
-    ratio = None
-    if peaks["hlora"] and peaks["flexlora"] is not None:
-        ratio = peaks["flexlora"] / peaks["hlora"]
-    return AggregationRow(
-        clients=spec.clients,
-        total_rank=total_rank,
-        hlora_path=hlora_path(total_rank, m, n),
-        hlora_s=median["hlora"],
-        flexlora_s=median["flexlora"],
-        speedup=median["flexlora"] / median["hlora"],
-        hlora_peak_mib=peaks["hlora"],
-        flexlora_peak_mib=peaks["flexlora"],
-        memory_ratio=ratio,
-        hlora_largest=largest_intermediate("hlora", total_rank, m, n),
-        flexlora_largest=largest_intermediate("flexlora", total_rank, m, n),
-        max_rel_diff=diff,
-    )
+    rows = []
+    for name in aggregators:
+        twin = twins.get(name)
+        ratio = None
+        if twin is not None and peaks[name] and peaks[twin] is not None:
+            ratio = peaks[twin] / peaks[name]
+        rows.append(
+            AggregationRow(
+                clients=spec.clients,
+                total_rank=total_rank,
+                method=name,
+                seconds=median[name],
+                peak_mib=peaks[name],
+                largest=largest[name],
+                same_update_as=twin,
+                speedup=median[twin] / median[name] if twin is not None else None,
+                memory_ratio=ratio,
+                max_rel_diff=diffs.get(name),
+            )
+        )
+    return rows
 
 
 def run_bench(
-    clients: Sequence[int], repeats: int, memory: bool = True, **spec_fields: object
+    clients: Sequence[int],
+    repeats: int,
+    memory: bool = True,
+    methods: Sequence[str] | None = None,
+    **spec_fields: object,
 ) -> Iterator[AggregationRow]:
     """`bench_case` for each client count in turn (the same seed, so K = 20 extends nothing of K = 10:
-    each case is drawn on its own). `spec_fields` are the other `BenchSpec` fields."""
+    each case is drawn on its own), its rows one by one. `spec_fields` are the other `BenchSpec` fields."""
     for k in clients:
-        yield bench_case(BenchSpec(clients=k, **spec_fields), repeats, memory)
+        yield from bench_case(BenchSpec(clients=k, **spec_fields), repeats, memory, methods)
 
 
 _COLUMNS = (  # header, width, format of the AggregationRow field of the same position
     ("K", 4, "{}"),
     ("R", 5, "{}"),
-    ("hlora_path", 10, "{}"),
-    ("hlora_s", 8, "{:.3f}"),
-    ("flexlora_s", 10, "{:.3f}"),
+    ("method", 8, "{}"),
+    ("seconds", 8, "{:.3f}"),
+    ("peak_MiB", 8, "{:.1f}"),
+    ("largest", 9, "{}"),
+    ("same_update_as", 14, "{}"),
     ("speedup", 7, "{:.1f}x"),
-    ("hlora_MiB", 9, "{:.1f}"),
-    ("flexlora_MiB", 12, "{:.1f}"),
     ("mem_ratio", 9, "{:.1f}x"),
-    ("hlora_largest", 13, "{}"),
-    ("flexlora_largest", 16, "{}"),
     ("max_rel_diff", 12, "{:.1e}"),
 )
 

@@ -250,12 +250,14 @@ def export(
 def compare(
     config: Annotated[Path, typer.Argument(help="The TOML config every run starts from (a federated one).")],
     methods: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="Methods to compare, comma-separated. With mixed ranks fedit stands for FedIT at the "
-            "smallest and at the largest client rank."
+            help="Methods to compare, comma-separated (default: every method, in the order of "
+            "`hlora methods`). With mixed ranks a method of equal ranks (fedit) stands for that method at "
+            "the smallest and at the largest client rank.",
+            show_default=False,
         ),
-    ] = "hlora,flexlora,zeropad,flora,ffa,fedit",
+    ] = None,
     seeds: Annotated[
         str, typer.Option(help="Seeds, comma-separated: each gives its own partition and tiers.")
     ] = "0",
@@ -295,6 +297,7 @@ def compare(
 ) -> None:
     """Run every method and seed on the same partitions and rank tiers, beside the references, skipping
     complete runs and resuming stopped ones; then write summary.md, summary.csv and charts."""
+    from hlora.aggregation import registry
     from hlora.experiments import compare as cmp
     from hlora.experiments.report import write_report
 
@@ -304,7 +307,7 @@ def compare(
         planned = cmp.prepare_comparison(
             config,
             list(set_ or []),
-            cmp.parse_methods(methods),
+            cmp.parse_methods(methods) if methods is not None else registry.ordered(),
             cmp.parse_seeds(seeds),
             out,
             references=references,
@@ -371,12 +374,24 @@ def bench_aggregation(
     device: Annotated[str, typer.Option(help="auto (cuda if available), cpu or cuda[:i].")] = "auto",
     memory: Annotated[bool, typer.Option(help="Measure peak memory (on CPU: a fresh process each).")] = True,
     csv: Annotated[Path | None, typer.Option(help="Also write the rows to this new CSV file.")] = None,
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            help="Methods to measure, comma-separated (default: every method that serves mixed ranks, "
+            "in the order of `hlora methods`).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """HLoRA's QR aggregation against FlexLoRA's dense SVD on the same random client updates."""
+    """Every method's server aggregation on the same random client updates of mixed ranks: time, peak
+    memory, largest intermediate, and each method against the one computing the same update by another
+    path (HLoRA's QR path against FlexLoRA's dense SVD)."""
     import torch
 
     from hlora.bench import aggregation as bench
+    from hlora.experiments.compare import parse_methods
 
+    chosen = bench.bench_methods(parse_methods(methods) if methods is not None else None)
     if csv is not None and csv.exists():  # fail before the slow part, and again atomically when writing
         raise bench.BenchOutputError(f"{csv} exists already; benchmark results are never overwritten")
     if device == "auto":
@@ -392,6 +407,7 @@ def bench_aggregation(
         clients,
         repeats,
         memory,
+        chosen,
         layers=layers,
         width=width,
         ranks=tuple(ranks),
@@ -402,11 +418,13 @@ def bench_aggregation(
     for row in cases:
         rows.append(row)
         typer.echo(bench.table_row(row))
-    if any(row.hlora_path == "dense" for row in rows):
-        typer.echo(
-            "hlora_path dense: R = sum r_k >= min(m, n), so HLoRA builds dW densely like FlexLoRA "
-            "(METHOD.md rule 3); the stacked factors would be no smaller than dW."
-        )
+    largest = {(row.clients, row.method): row.largest for row in rows}
+    for row in rows:
+        if row.same_update_as is not None and row.largest == largest[(row.clients, row.same_update_as)]:
+            typer.echo(
+                f"K = {row.clients}: {row.method} built the dense {row.largest} like {row.same_update_as}: "
+                "R = sum r_k >= min(m, n), where the stacked factors would be no smaller (METHOD.md rule 3)."
+            )
     if csv is not None:
         bench.write_csv(rows, csv)
         typer.echo(f"rows written to {csv}")

@@ -19,8 +19,10 @@ The references (on by default):
 - `local-c<k>`: client `k` alone on its own part of the federated partition at its own rank, the same
   rounds and local work per round (`run.mode = "local"`); the lower reference is the mean over clients.
 
-FedIT needs equal ranks, so with mixed tiers `fedit` in the methods stands for the two `fedit-r<r>` runs
-(with references on they are the same run directories, run once).
+FedIT needs equal ranks (`Aggregator.equal_ranks`), so with mixed tiers `fedit` in the methods stands for
+the two `fedit-r<r>` runs (with references on they are the same run directories, run once). The code
+names no method: the references train with `registry.reference()`, and any method of equal ranks is
+run at both ends of the tiers.
 """
 
 from __future__ import annotations
@@ -110,41 +112,51 @@ def plan_runs(
     """Every run of the comparison, seed by seed: the methods, then the references.
 
     `ranks_of_seed(seed)` gives the clients' ranks `{client id: r_k}` that the base config gives at that
-    seed; with more than one distinct rank, `fedit` becomes FedIT at the smallest and the largest.
+    seed; with more than one distinct rank, a method of `equal_ranks` (FedIT) becomes that method at the
+    smallest and at the largest (the references' rule, `registry.reference()`, gives the `fedit-r<r>`
+    references, so the two are the same runs).
     `local_clients` are the client ids of the local reference; `central_overrides` (`section.key=value`)
     apply to the centralised reference alone, after its mode."""
+    from hlora.aggregation import registry
+
+    reference = registry.reference()
     specs: list[RunSpec] = []
     for seed in seeds:
         ranks = sorted(set(ranks_of_seed(seed).values()))
-        fedit_ranks = [ranks[0], ranks[-1]] if len(ranks) > 1 else ranks
-        fedit_refs = [
-            RunSpec(
-                f"fedit-r{r}",
-                seed,
-                (
-                    "federation.method=fedit",
-                    "lora.rank_policy=fixed",
-                    f"lora.rank={r}",
-                    f"lora.bank_rank={r}",
-                ),
-                reference=True,
-            )
-            for r in dict.fromkeys(fedit_ranks)
-        ]
+        ends = list(dict.fromkeys([ranks[0], ranks[-1]]))
         for method in methods:
-            if method == "fedit" and len(ranks) > 1:
-                specs.extend(fedit_refs)
+            if registry.get(method).equal_ranks and len(ranks) > 1:
+                specs.extend(fixed_rank_runs(method, seed, ends, reference=method == reference))
             else:
                 specs.append(RunSpec(method, seed, (f"federation.method={method}",)))
         if references:
             specs.append(RunSpec(CENTRAL, seed, ("run.mode=centralized", *central_overrides), reference=True))
-            if not (len(ranks) == 1 and "fedit" in methods):  # equal ranks: plain fedit is that reference
-                specs.extend(fedit_refs)
+            if not (len(ranks) == 1 and reference in methods):  # equal ranks: the plain run is it
+                specs.extend(fixed_rank_runs(reference, seed, ends, reference=True))
             specs.extend(
                 RunSpec(f"{LOCAL}-c{k}", seed, ("run.mode=local", f"run.client={k}"), reference=True)
                 for k in local_clients
             )
-    return list(dict.fromkeys(specs))  # fedit in the methods and as reference: one run
+    return list(dict.fromkeys(specs))  # the references' rule in the methods and as reference: one run
+
+
+def fixed_rank_runs(method: str, seed: int, ranks: Sequence[int], reference: bool) -> list[RunSpec]:
+    """`method` with every client and the server at one rank (`lora.rank_policy = "fixed"`), once per
+    rank of `ranks`, named `<method>-r<rank>`: the `fedit-r<r>` references."""
+    return [
+        RunSpec(
+            f"{method}-r{r}",
+            seed,
+            (
+                f"federation.method={method}",
+                "lora.rank_policy=fixed",
+                f"lora.rank={r}",
+                f"lora.bank_rank={r}",
+            ),
+            reference=reference,
+        )
+        for r in ranks
+    ]
 
 
 def spec_settings(base: Settings, spec: RunSpec) -> Settings:

@@ -5,21 +5,28 @@ from its `metrics.jsonl`. Runs of one name form a group (a row of the tables, a 
 the local reference's runs (`local-c<k>`) of one seed are first averaged over clients, round by round,
 so that a seed of `local` is the mean client training alone. Statistics over seeds are the mean and the
 sample standard deviation (none with one seed).
+
+The figures of one run are plain sums and maxima over its rounds (`seed_figures`); everything over seeds
+is pandas: one frame row per run (`seed_frame`) or per run and rank tier, grouped for the tables
+(`group_table`, `tier_table`, `paired_table`), unstacked for the per-tier CSV columns, written with
+`to_csv`. Groups are ordered by `registry.ordered()` (`group_order`); the paired table's subject is the
+first method of that order that has runs here (HLoRA in a full comparison).
 """
 
 from __future__ import annotations
 
-import csv
-import math
+import json
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
+from hlora.aggregation import registry
 from hlora.experiments.compare import CENTRAL, LOCAL, RUNS_DIR
 from hlora.federation.metrics import evaluated_rows
 from hlora.rundir import CONFIG_FILE, SUMMARY_FILE, read_metrics, write_text_atomic
@@ -31,8 +38,8 @@ PLOT_ROUNDS = "accuracy_by_round.png"
 PLOT_TRAFFIC = "accuracy_by_traffic.png"
 PLOT_TIERS = "tier_accuracy.png"
 TARGET_SHARE = 0.95  # default target: this share of the centralised reference's mean final accuracy
-_METHOD_ORDER = ("hlora", "flexlora", "zeropad", "flora", "ffa", "fedit")
 _DIR = re.compile(r"(?P<name>.+)-s(?P<seed>-?\d+)")
+_FIXED_RANK = re.compile(r"(?P<method>.+)-r(?P<rank>\d+)")  # compare.fixed_rank_runs: `fedit-r2`
 
 
 @dataclass
@@ -57,31 +64,46 @@ class SeedRun:
 
 
 def is_reference(group: str) -> bool:
-    return group in (CENTRAL, LOCAL) or re.fullmatch(r"fedit-r\d+", group) is not None
+    """The centralised and local references, and the references' rule at one rank (`fedit-r2`)."""
+    match = _FIXED_RANK.fullmatch(group)
+    return group in (CENTRAL, LOCAL) or (match is not None and match["method"] == registry.reference())
 
 
-def group_order(group: str) -> tuple[int, int, str]:
-    """Methods first (HLoRA, its dense twin, the baselines, the peers), then the references."""
-    if group in _METHOD_ORDER:
-        return (0, _METHOD_ORDER.index(group), group)
-    if not is_reference(group):
-        return (1, 0, group)
-    if group == CENTRAL:
-        return (2, 0, group)
-    if group == LOCAL:
-        return (4, 0, group)
-    return (3, int(group.removeprefix("fedit-r")), group)
+def group_order(group: str) -> tuple[int, int, int, str]:
+    """Methods first, in `registry.ordered()` (a method's own fixed-rank runs right after it), then
+    groups of no registered method, then the references: centralised, the fixed-rank ones by rank,
+    local."""
+    methods = registry.ordered()
+    fixed = _FIXED_RANK.fullmatch(group)
+    method, rank = (fixed["method"], int(fixed["rank"])) if fixed else (group, 0)
+    if is_reference(group):
+        return ({CENTRAL: 2, LOCAL: 4}.get(group, 3), 0, rank, group)
+    if method in methods:
+        return (0, methods.index(method), rank, group)
+    return (1, 0, 0, group)
 
 
 def label(group: str) -> str:
-    """How a group is named in tables and legends."""
+    """How a group is named in tables and legends; a fixed-rank reference by its rule's class name, the
+    method as its paper writes it (`FedIT r=2 (ref.)`)."""
     if group == CENTRAL:
         return "centralised (upper ref.)"
     if group == LOCAL:
         return "local alone (lower ref.)"
     if is_reference(group):
-        return f"FedIT r={group.removeprefix('fedit-r')} (ref.)"
+        return f"{_reference_title()} r={_FIXED_RANK.fullmatch(group)['rank']} (ref.)"
     return group
+
+
+def _reference_title() -> str:
+    return registry.get(registry.reference()).__name__
+
+
+def subject_of(groups: Iterable[str]) -> str | None:
+    """The method the paired table compares with every other group: the first of `registry.ordered()`
+    among `groups` (None if no method ran)."""
+    present = set(groups)
+    return next((method for method in registry.ordered() if method in present), None)
 
 
 @dataclass
@@ -97,8 +119,6 @@ class Loaded:
 
 def load_results(results_dir: Path) -> Loaded:
     """Every complete run under `results_dir/runs/`, the local reference averaged over clients."""
-    import json
-
     folder = Path(results_dir) / RUNS_DIR
     loaded = Loaded(runs=[])
     local: dict[int, list[list[dict[str, Any]]]] = {}
@@ -201,21 +221,14 @@ def _by_rank(rows: Sequence[dict[str, Any]], key: str, reduce, fallback: str | N
 # --- statistics ---------------------------------------------------------------------------------------
 
 
-def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-    """The mean and the sample standard deviation (ddof 1; None with fewer than two values)."""
-    clean = [v for v in values if v is not None and not math.isnan(v)]
-    if not clean:
-        return None, None
-    return float(np.mean(clean)), float(np.std(clean, ddof=1)) if len(clean) > 1 else None
-
-
 def rounds_to_target(rows: Sequence[dict[str, Any]], target: float) -> int | None:
     """The first evaluated round whose dev accuracy reaches `target`; None if none does."""
     return next((r["round"] for r in evaluated_rows(rows) if r["accuracy"] >= target), None)
 
 
 def seed_figures(run: SeedRun, target: float | None) -> dict[str, Any]:
-    """The figures of one seed of one group."""
+    """The figures of one seed of one group: sums and maxima over its rounds, and per rank tier (`tiers`:
+    rank -> final accuracy, mean step seconds, largest peak and trainable-state bytes)."""
     rows = run.rows
     scored = evaluated_rows(rows)  # the last round is always among them
     final = scored[-1]
@@ -223,7 +236,14 @@ def seed_figures(run: SeedRun, target: float | None) -> dict[str, Any]:
     # every tier scored at the end, and every tier that trained in some round (a round samples a few)
     ranks = sorted({*tier_acc, *(rank for row in rows for rank in row.get("tier_step_s", {}))}, key=int)
     reached = rounds_to_target(rows, target) if target is not None else None
-    figures: dict[str, Any] = {
+
+    def total(key: str) -> float | None:
+        return sum(r.get(key, 0) for r in rows) if run.communicates else None
+
+    def per_round(key: str, rank: str) -> list[Any]:
+        return [r[key][rank] for r in rows if rank in r.get(key, {})]
+
+    return {
         "rounds": len(rows),
         "final_accuracy": final["accuracy"],
         "best_accuracy": max(r["accuracy"] for r in scored),
@@ -231,132 +251,151 @@ def seed_figures(run: SeedRun, target: float | None) -> dict[str, Any]:
         "best_f1": max(r["f1"] for r in scored) if "f1" in final else None,
         "rounds_to_target": reached,
         "wall_to_target_s": sum(r["wall_s"] for r in rows if r["round"] <= reached) if reached else None,
-        "uplink_mb": sum(r["uplink_bytes"] for r in rows) / 1e6 if run.communicates else None,
-        "downlink_mb": sum(r["downlink_bytes"] for r in rows) / 1e6 if run.communicates else None,
+        "uplink_mb": total("uplink_bytes") / 1e6 if run.communicates else None,
+        "downlink_mb": total("downlink_bytes") / 1e6 if run.communicates else None,
         "wall_s": sum(r["wall_s"] for r in rows),
-        "aggregate_s": sum(r.get("aggregate_s", 0.0) for r in rows) if run.communicates else None,
-        "tiers": {},
-    }
-    for rank in ranks:
-        steps = [r["tier_step_s"][rank] for r in rows if rank in r.get("tier_step_s", {})]
-        peaks = [r["tier_peak_bytes"][rank] for r in rows if rank in r.get("tier_peak_bytes", {})]
-        states = [r["tier_state_bytes"][rank] for r in rows if rank in r.get("tier_state_bytes", {})]
-        figures["tiers"][int(rank)] = {
-            # a run that did not score tiers, or a single-rank run: its rank holds the global model
-            "final_accuracy": tier_acc.get(rank, final["accuracy"] if len(ranks) == 1 else None),
-            "step_s": float(np.mean(steps)) if steps else None,
-            "peak_bytes": max(peaks) if peaks else None,
-            "state_bytes": max(states) if states else None,
-        }
-    return figures
-
-
-_SCALARS = (
-    "final_accuracy",
-    "best_accuracy",
-    "final_f1",
-    "best_f1",
-    "uplink_mb",
-    "downlink_mb",
-    "wall_s",
-    "aggregate_s",
-)
-
-
-def group_table(runs: Sequence[SeedRun], target: float | None) -> list[dict[str, Any]]:
-    """One row per group: `<figure>_mean`, `<figure>_std` over seeds, rounds to target (mean over the
-    seeds that reached it, and how many did), and per rank tier the final accuracy (mean, std), step time
-    (mean) and peak memory (largest)."""
-    groups: dict[str, list[SeedRun]] = {}
-    for run in runs:
-        groups.setdefault(run.group, []).append(run)
-    table = []
-    for group in sorted(groups, key=group_order):
-        figures = [seed_figures(r, target) for r in groups[group]]
-        row: dict[str, Any] = {
-            "group": group,
-            "reference": is_reference(group),
-            "seeds": len(figures),
-            "clients": groups[group][0].clients,
-            "rounds": min(f["rounds"] for f in figures),
-        }
-        for key in _SCALARS:
-            row[f"{key}_mean"], row[f"{key}_std"] = mean_std([f[key] for f in figures])
-        reached = [f["rounds_to_target"] for f in figures if f["rounds_to_target"] is not None]
-        row["reached_target"] = len(reached) if target is not None else None
-        row["rounds_to_target_mean"] = float(np.mean(reached)) if reached else None
-        walls = [f["wall_to_target_s"] for f in figures if f["wall_to_target_s"] is not None]
-        row["wall_to_target_s_mean"] = float(np.mean(walls)) if walls else None
-        ranks = sorted({rank for f in figures for rank in f["tiers"]})
-        row["tiers"] = {}
-        for rank in ranks:
-            tiers = [f["tiers"][rank] for f in figures if rank in f["tiers"]]
-            acc_mean, acc_std = mean_std([t["final_accuracy"] for t in tiers])
-            steps = [t["step_s"] for t in tiers if t["step_s"] is not None]
-            peaks = [t["peak_bytes"] for t in tiers if t["peak_bytes"] is not None]
-            states = [t["state_bytes"] for t in tiers if t["state_bytes"] is not None]
-            row["tiers"][rank] = {
-                "final_accuracy_mean": acc_mean,
-                "final_accuracy_std": acc_std,
-                "step_ms": 1e3 * float(np.mean(steps)) if steps else None,
-                "peak_mib": max(peaks) / 2**20 if peaks else None,
-                "state_mib": max(states) / 2**20 if states else None,
+        "aggregate_s": total("aggregate_s"),
+        "tiers": {
+            int(rank): {
+                # a run that did not score tiers, or a single-rank run: its rank holds the global model
+                "final_accuracy": tier_acc.get(rank, final["accuracy"] if len(ranks) == 1 else None),
+                "step_s": np.mean(steps) if (steps := per_round("tier_step_s", rank)) else None,
+                "peak_bytes": max(per_round("tier_peak_bytes", rank), default=None),
+                "state_bytes": max(per_round("tier_state_bytes", rank), default=None),
             }
-        table.append(row)
-    return table
+            for rank in ranks
+        },
+    }
 
 
-def default_target(table: Sequence[dict[str, Any]]) -> float | None:
+_SCALARS = ("final_accuracy", "best_accuracy", "final_f1", "best_f1", "uplink_mb", "downlink_mb", "wall_s",
+            "aggregate_s")  # fmt: skip
+_TIER_COLUMNS = ("final_accuracy_mean", "final_accuracy_std", "step_ms", "peak_mib", "state_mib")
+
+
+def seed_frame(runs: Sequence[SeedRun], target: float | None) -> pd.DataFrame:
+    """One row per run: `group`, `seed`, `clients` and its `seed_figures` but the tiers (None as NaN)."""
+    figures = [dict(group=r.group, seed=r.seed, clients=r.clients, **seed_figures(r, target)) for r in runs]
+    numbers = (*_SCALARS, "rounds_to_target", "wall_to_target_s")
+    return pd.DataFrame(figures).drop(columns="tiers").astype(dict.fromkeys(numbers, float))
+
+
+# Over seeds: the mean, and the sample standard deviation (NaN with one seed). Series' own reductions,
+# not groupby's compiled ones (which sum otherwise), so the figures are numpy's to the last bit.
+def _mean(values: pd.Series) -> float:
+    return values.mean()
+
+
+def _std(values: pd.Series) -> float:
+    return values.std()
+
+
+def _mean_std(*keys: str) -> dict[str, tuple[str, Callable]]:
+    """Named aggregations `<key>_mean` and `<key>_std` over each group's seeds, for each of `keys`."""
+    return {f"{key}_{name}": (key, f) for key in keys for name, f in (("mean", _mean), ("std", _std))}
+
+
+def _in_group_order(table: pd.DataFrame) -> pd.DataFrame:
+    """`table` (indexed by group) in `group_order`, with a `reference` column first."""
+    table.insert(0, "reference", table.index.map(is_reference))
+    return table.loc[sorted(table.index, key=group_order)]
+
+
+def group_table(runs: Sequence[SeedRun], target: float | None) -> pd.DataFrame:
+    """One row per group (the index, in `group_order`): `<figure>_mean`, `<figure>_std` over seeds,
+    rounds to target (mean over the seeds that reached it, how many did; NA without a target) and the
+    wall time up to it."""
+    by_group = seed_frame(runs, target).groupby("group", sort=False)
+    reached = by_group["rounds_to_target"]
+    table = by_group.agg(
+        seeds=("seed", "size"), clients=("clients", "first"), rounds=("rounds", "min"), **_mean_std(*_SCALARS)
+    ).assign(
+        target_accuracy=target,
+        reached_target=reached.count().astype("Int64") if target is not None else pd.NA,
+        rounds_to_target_mean=reached.agg(_mean),
+        wall_to_target_s_mean=by_group["wall_to_target_s"].agg(_mean),
+    )
+    return _in_group_order(table)
+
+
+def tier_table(runs: Sequence[SeedRun]) -> pd.DataFrame:
+    """One row per group and rank tier (the index): the final accuracy (mean, std over seeds), the mean
+    milliseconds per step, the largest peak and trainable-state memory in MiB."""
+    tiers = [
+        {"group": r.group, "rank": rank, **figures}
+        for r in runs
+        for rank, figures in seed_figures(r, None)["tiers"].items()
+    ]
+    numbers = ["final_accuracy", "step_s", "peak_bytes", "state_bytes"]
+    frame = pd.DataFrame(tiers, columns=["group", "rank", *numbers]).astype(dict.fromkeys(numbers, float))
+    table = frame.groupby(["group", "rank"]).agg(
+        **_mean_std("final_accuracy"), step_s=("step_s", _mean), peak=("peak_bytes", "max"),
+        state=("state_bytes", "max"),
+    )  # fmt: skip
+    table = table.assign(step_ms=1e3 * table.pop("step_s"), peak_mib=table.pop("peak") / 2**20,
+                         state_mib=table.pop("state") / 2**20)  # fmt: skip
+    return table.loc[sorted(table.index, key=lambda key: (group_order(key[0]), key[1]))]
+
+
+def default_target(table: pd.DataFrame) -> float | None:
     """`TARGET_SHARE` of the centralised reference's mean final accuracy; None without that reference."""
-    central = next((row for row in table if row["group"] == CENTRAL), None)
-    return None if central is None else TARGET_SHARE * central["final_accuracy_mean"]
-
-
-SUBJECT = "hlora"  # the method the paired table compares with every other group
+    return TARGET_SHARE * table.at[CENTRAL, "final_accuracy_mean"] if CENTRAL in table.index else None
 
 
 def paired_table(
-    runs: Sequence[SeedRun], target: float | None, subject: str = SUBJECT
+    runs: Sequence[SeedRun], target: float | None, subject: str | None = None
 ) -> list[dict[str, Any]]:
-    """`subject` against every other group, seed by seed on the seeds both ran (the same partition, tiers
-    and sampled clients): differences are `subject` minus the other, so positive means `subject` ahead.
+    """`subject` (default `subject_of` the runs) against every other group, seed by seed on the seeds
+    both ran (the same partition, tiers and sampled clients): differences are `subject` minus the
+    other, so positive means `subject` ahead.
 
     Per group: how many seeds pair; the final and the best dev accuracy difference (mean, std over the
     seeds) and in how many seeds `subject` ends ahead; the difference of the mean dev accuracy over the
     rounds both ran (the area under the accuracy curve per round: a convergence figure that needs no
     target); rounds to the target of each (mean over the seeds where both reach it); and the other's
-    total traffic and aggregation time as multiples of `subject`'s. Empty without `subject` runs."""
-    by_key = {(r.group, r.seed): r for r in runs}
-    figures_of = {key: seed_figures(run, target) for key, run in by_key.items()}  # each run's once
-    mine = {r.seed: r for r in runs if r.group == subject}
-    table = []
-    for group in sorted({r.group for r in runs if r.group != subject}, key=group_order):
-        seeds = [seed for seed in sorted(mine) if (group, seed) in by_key]
-        if not seeds:
-            continue
-        pairs = [(mine[seed], by_key[(group, seed)]) for seed in seeds]
-        figures = [(figures_of[(subject, seed)], figures_of[(group, seed)]) for seed in seeds]
-        row: dict[str, Any] = {"group": group, "reference": is_reference(group), "seeds": len(seeds)}
-        for key in ("final_accuracy", "best_accuracy"):
-            row[f"{key}_diff_mean"], row[f"{key}_diff_std"] = mean_std([a[key] - b[key] for a, b in figures])
-        row["final_accuracy_p"] = paired_p([a["final_accuracy"] - b["final_accuracy"] for a, b in figures])
-        row["ahead"] = sum(a["final_accuracy"] > b["final_accuracy"] for a, b in figures)
-        row["behind"] = sum(a["final_accuracy"] < b["final_accuracy"] for a, b in figures)
-        curve = [_mean_accuracy_diff(a.rows, b.rows) for a, b in pairs]
-        row["mean_accuracy_diff_mean"], row["mean_accuracy_diff_std"] = mean_std(curve)
-        row["mean_accuracy_p"] = paired_p(curve)
-        both = [(a["rounds_to_target"], b["rounds_to_target"]) for a, b in figures]
-        both = [(x, y) for x, y in both if x is not None and y is not None]
-        row["both_reached_target"] = len(both) if target is not None else None
-        row["rounds_to_target_subject"] = float(np.mean([x for x, _ in both])) if both else None
-        row["rounds_to_target_other"] = float(np.mean([y for _, y in both])) if both else None
-        traffic = [(a["uplink_mb"] + a["downlink_mb"], b["uplink_mb"] + b["downlink_mb"])
-                   for a, b in figures if b["uplink_mb"] is not None and a["uplink_mb"]]  # fmt: skip
-        row["traffic_ratio"] = float(np.mean([y / x for x, y in traffic])) if traffic else None
-        agg = [(a["aggregate_s"], b["aggregate_s"]) for a, b in figures if b["aggregate_s"] is not None]
-        row["aggregate_ratio"] = float(np.mean([y / x for x, y in agg if x > 0])) if agg else None
-        table.append(row)
-    return table
+    total traffic and aggregation time as multiples of `subject`'s. Empty without `subject` runs; None
+    for a figure with nothing to show."""
+    subject = subject or subject_of(r.group for r in runs)
+    seeds = seed_frame(runs, target)
+    mine = seeds[seeds["group"] == subject].set_index("seed")
+    pair = seeds[seeds["group"] != subject].join(mine, on="seed", rsuffix="_s", how="inner")  # _s: subject's
+    if pair.empty:
+        return []
+    rows_of = {(r.group, r.seed): r.rows for r in runs}
+    final = pair["final_accuracy_s"] - pair["final_accuracy"]
+    both_reached = pair["rounds_to_target"].notna() & pair["rounds_to_target_s"].notna()
+    traffic = (pair["uplink_mb"] + pair["downlink_mb"]) / (pair["uplink_mb_s"] + pair["downlink_mb_s"])
+    figures = pair[["group"]].assign(
+        final_accuracy_diff=final,
+        best_accuracy_diff=pair["best_accuracy_s"] - pair["best_accuracy"],
+        ahead=final > 0,
+        behind=final < 0,
+        mean_accuracy_diff=[
+            _mean_accuracy_diff(rows_of[(subject, seed)], rows_of[(group, seed)])
+            for group, seed in zip(pair["group"], pair["seed"], strict=True)
+        ],
+        subject_to_target=pair["rounds_to_target_s"].where(both_reached),
+        other_to_target=pair["rounds_to_target"].where(both_reached),
+        traffic_ratio=traffic.where(pair["uplink_mb_s"] > 0),
+        aggregate_ratio=(pair["aggregate_s"] / pair["aggregate_s_s"]).where(pair["aggregate_s_s"] > 0),
+    )
+    table = figures.groupby("group", sort=False).agg(
+        seeds=("group", "size"),
+        **_mean_std("final_accuracy_diff", "best_accuracy_diff"),
+        final_accuracy_p=("final_accuracy_diff", paired_p),
+        ahead=("ahead", "sum"),
+        behind=("behind", "sum"),
+        **_mean_std("mean_accuracy_diff"),
+        mean_accuracy_p=("mean_accuracy_diff", paired_p),
+        both_reached_target=("subject_to_target", "count"),
+        rounds_to_target_subject=("subject_to_target", _mean),
+        rounds_to_target_other=("other_to_target", _mean),
+        traffic_ratio=("traffic_ratio", _mean),
+        aggregate_ratio=("aggregate_ratio", _mean),
+    )
+    if target is None:
+        table["both_reached_target"] = None
+    return _records(_in_group_order(table))
 
 
 def paired_p(diffs: Sequence[float]) -> float | None:
@@ -389,8 +428,8 @@ def _common_rounds(runs: Sequence[Sequence[dict[str, Any]]]) -> set[int]:
 
 def write_report(results_dir: Path, target: float | None = None) -> list[Path]:
     """Read every complete run of `results_dir` and write `summary.md`, `summary.csv` and three charts
-    beside them; `target` (default: `TARGET_SHARE` of the centralised final accuracy). Returns the paths
-    written. RunDirError when there is no complete run."""
+    beside them (and `paired.csv` when the subject has runs); `target` (default: `TARGET_SHARE` of the
+    centralised final accuracy). Returns the paths written. RunDirError when there is no complete run."""
     from hlora.errors import RunDirError
 
     loaded = load_results(results_dir)
@@ -402,17 +441,41 @@ def write_report(results_dir: Path, target: float | None = None) -> list[Path]:
         target_note = f"{TARGET_SHARE:g} x the centralised reference's mean final accuracy"
         if target is None:
             target_note = "none: no centralised reference and no --target-accuracy"
-    table = group_table(loaded.runs, target)
-    paired = paired_table(loaded.runs, target)
+    table, tiers = group_table(loaded.runs, target), tier_table(loaded.runs)
+    subject = subject_of(r.group for r in loaded.runs)
+    paired = paired_table(loaded.runs, target, subject)
     results_dir = Path(results_dir)
     paths = [results_dir / SUMMARY_MD, results_dir / SUMMARY_CSV]
-    write_text_atomic(paths[0], markdown(table, loaded, target, target_note, paired))
-    write_csv(table, target, paths[1])
+    write_text_atomic(paths[0], markdown(table, tiers, loaded, target, target_note, paired, subject))
+    write_csv(table, tiers, paths[1])
     if paired:
         paths.append(results_dir / PAIRED_CSV)
-        _write_rows(paired, paths[-1])
+        _to_csv(pd.DataFrame(paired), paths[-1])
     paths += plot_all(loaded.runs, results_dir, loaded.settings)
     return paths
+
+
+def write_csv(table: pd.DataFrame, tiers: pd.DataFrame, path: Path) -> None:
+    """`group_table` with `tier_table` pivoted beside it: `tier<r>_<figure>` columns, rank by rank
+    (empty where a group lacks r)."""
+    ranks = sorted(tiers.index.unique("rank"))
+    wide = tiers.unstack("rank")[[(key, r) for r in ranks for key in _TIER_COLUMNS]]
+    wide.columns = [f"tier{r}_{key}" for key, r in wide.columns]
+    _to_csv(table.join(wide).reset_index(), path)
+
+
+def _to_csv(frame: pd.DataFrame, path: Path) -> None:
+    """`frame` as CSV (missing values as empty cells, the csv module's CRLF line ends of the reports
+    written so far), written beside `path` and renamed into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    frame.to_csv(tmp, index=False, na_rep="", lineterminator="\r\n")
+    tmp.replace(path)
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """The rows of `frame` (its index as the first columns) as dicts, None where a value is missing."""
+    frame = frame.reset_index()
+    return frame.astype(object).where(frame.notna(), None).to_dict("records")
 
 
 def _pm(mean: float | None, std: float | None, digits: int = 4, signed: bool = False) -> str:
@@ -437,13 +500,17 @@ def _cells(*cells: Any) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """A markdown table (a small writer: `DataFrame.to_markdown` would need `tabulate`)."""
+    return [_cells(*header), _cells(*["---"] * len(header)), *(_cells(*row) for row in rows)]
+
+
 def markdown(
-    table: Sequence[dict[str, Any]],
-    loaded: Loaded,
-    target: float | None,
-    target_note: str,
-    paired: Sequence[dict[str, Any]] = (),
-) -> str:
+    table: pd.DataFrame, tiers: pd.DataFrame, loaded: Loaded, target: float | None, target_note: str,
+    paired: Sequence[dict[str, Any]] = (), subject: str | None = None,
+) -> str:  # fmt: skip
+    """summary.md: the settings, the group table, the tier table, what they mean, the paired table of
+    `subject` and how the runs were made."""
     s = loaded.settings
     lines = ["# Comparison", ""]
     if s:
@@ -464,33 +531,22 @@ def markdown(
     cadence = cadence_note(loaded.runs)
     if cadence:
         target_note += f"; rounds to target are read on the evaluated rounds, {cadence}"
-    lines += [
-        f"Target accuracy {target_text} ({target_note}).",
-        "",
-        _cells(
-            "method", "seeds", "final acc", "best acc", "final F1", "best F1", "rounds to target",
-            "MB up", "MB down", "wall s", "aggregation s",
-        ),
-        _cells(*["---"] * 11),
-    ]  # fmt: skip
-    for row in table:
-        to_target = "-"
-        if row["reached_target"] is not None:
-            to_target = f"{_num(row['rounds_to_target_mean'])} ({row['reached_target']}/{row['seeds']})"
-            if row["wall_to_target_s_mean"] is not None:
-                to_target += f", {row['wall_to_target_s_mean']:.0f} s"
-        lines.append(
-            _cells(
-                label(row["group"]),
-                row["seeds"],
-                *[_pm(row[f"{k}_mean"], row[f"{k}_std"]) for k in _SCALARS[:4]],
-                to_target,
-                _mb(row["uplink_mb_mean"]),
-                _mb(row["downlink_mb_mean"]),
-                _num(row["wall_s_mean"]),
-                _num(row["aggregate_s_mean"], 3),
-            )
-        )
+
+    def to_target(row: dict[str, Any]) -> str:
+        if row["reached_target"] is None:
+            return "-"
+        text = f"{_num(row['rounds_to_target_mean'])} ({row['reached_target']}/{row['seeds']})"
+        wall = row["wall_to_target_s_mean"]
+        return text if wall is None else f"{text}, {wall:.0f} s"
+
+    lines += [f"Target accuracy {target_text} ({target_note}).", ""]
+    lines += _table(
+        ("method", "seeds", "final acc", "best acc", "final F1", "best F1", "rounds to target", "MB up",
+         "MB down", "wall s", "aggregation s"),
+        [(label(row["group"]), row["seeds"], *[_pm(row[f"{k}_mean"], row[f"{k}_std"]) for k in _SCALARS[:4]],
+          to_target(row), _mb(row["uplink_mb_mean"]), _mb(row["downlink_mb_mean"]), _num(row["wall_s_mean"]),
+          _num(row["aggregate_s_mean"], 3)) for row in _records(table)],
+    )  # fmt: skip
     lines += [
         "",
         "Per rank tier: the dev accuracy of the adapter a client of that rank holds at the end (the "
@@ -499,22 +555,14 @@ def markdown(
         "part that grows with the rank; the rest is the base model and the activations of the client's "
         "longest batch).",
         "",
-        _cells("method", "rank", "final acc", "ms per step", "peak MiB", "trainable state MiB"),
-        _cells(*["---"] * 6),
     ]
-    for row in table:
-        for rank, tier in row["tiers"].items():
-            lines.append(
-                _cells(
-                    label(row["group"]),
-                    rank,
-                    _pm(tier["final_accuracy_mean"], tier["final_accuracy_std"]),
-                    _num(tier["step_ms"]),
-                    _num(tier["peak_mib"]),
-                    _num(tier["state_mib"], 2),
-                )
-            )
-    local = next((row for row in table if row["group"] == LOCAL), None)
+    lines += _table(
+        ("method", "rank", "final acc", "ms per step", "peak MiB", "trainable state MiB"),
+        [(label(t["group"]), t["rank"], _pm(t["final_accuracy_mean"], t["final_accuracy_std"]),
+          _num(t["step_ms"]), _num(t["peak_mib"]), _num(t["state_mib"], 2)) for t in _records(tiers)],
+    )  # fmt: skip
+    clients = f"{table.at[LOCAL, 'clients']} clients" if LOCAL in table.index else "the clients"
+    rule = _reference_title()
     lines += [
         "",
         "Mean ± sample standard deviation over seeds (no ± with one seed). Rounds to target: the first "
@@ -524,19 +572,16 @@ def markdown(
         "runs). Aggregation s: the server's aggregation time summed over the rounds.",
         "",
         "References: centralised = one client holding all the training data at the bank rank, the same "
-        "rounds and local epochs (or steps) a round; FedIT r=... = every client at that one rank (the "
+        f"rounds and local epochs (or steps) a round; {rule} r=... = every client at that one rank (the "
         "smallest and the largest tier); local alone = each client training on its own data at its own "
-        "rank with no federation, the mean over "
-        + (f"{local['clients']} clients" if local else "the clients")
-        + " (per tier: over that tier's clients). The centralised and the local runs exchange nothing, "
-        "so they have no MB or aggregation time.",
+        f"rank with no federation, the mean over {clients} (per tier: over that tier's clients). The "
+        "centralised and the local runs exchange nothing, so they have no MB or aggregation time.",
     ]
     if loaded.central_settings:
-        lines[-1] += " The centralised reference has settings of its own: " + "; ".join(
-            loaded.central_settings
-        ) + "."
+        own = "; ".join(loaded.central_settings)
+        lines[-1] += f" The centralised reference has settings of its own: {own}."
     if paired:
-        lines += paired_lines(paired, target, evaluated=bool(cadence))
+        lines += paired_lines(paired, target, subject, evaluated=bool(cadence))
     if loaded.incomplete:
         lines += ["", f"Not complete, left out: {', '.join(loaded.incomplete)}."]
     lines += provenance_lines(loaded.environments)
@@ -544,54 +589,42 @@ def markdown(
 
 
 def paired_lines(
-    paired: Sequence[dict[str, Any]], target: float | None, evaluated: bool = False
+    paired: Sequence[dict[str, Any]], target: float | None, subject: str, evaluated: bool = False
 ) -> list[str]:
-    """The paired table; `evaluated`: some runs skipped evaluations (`eval.every`), and the text says
-    that the mean accuracy is over the rounds both evaluated."""
+    """The paired table of `subject`; `evaluated`: some runs skipped evaluations (`eval.every`), and
+    the text says that the mean accuracy is over the rounds both evaluated."""
     both = "both evaluated" if evaluated else "both ran"
     lines = [
         "",
-        f"## {SUBJECT} against each method and reference, seed by seed",
+        f"## {subject} against each method and reference, seed by seed",
         "",
-        f"Differences are {SUBJECT} minus the other on the same seeds (same partition, tiers and sampled "
-        f"clients): positive means {SUBJECT} is ahead; mean ± sample standard deviation over the seeds, "
+        f"Differences are {subject} minus the other on the same seeds (same partition, tiers and sampled "
+        f"clients): positive means {subject} is ahead; mean ± sample standard deviation over the seeds, "
         "and p, the two-sided p-value of a paired t-test over the seeds that the mean difference is zero "
         "(with 3 seeds only a large, steady difference gets p below 0.05; the dev set is the same for "
         "both, so its sampling noise is not in p). Mean accuracy: the dev accuracy averaged over the "
         f"rounds {both} (a convergence figure that needs no target). Traffic and aggregation: the "
-        f"other's totals as multiples of {SUBJECT}'s (above 1: {SUBJECT} spends less).",
+        f"other's totals as multiples of {subject}'s (above 1: {subject} spends less).",
         "",
-        _cells(
-            "against", "seeds", "final acc diff", f"{SUBJECT} ahead / behind", "best acc diff",
-            "mean acc diff", f"rounds to target ({SUBJECT} vs other)", "traffic x", "aggregation x",
-        ),
-        _cells(*["---"] * 9),
-    ]  # fmt: skip
-    for row in paired:
-        to_target = "-"
+    ]
+
+    def to_target(row: dict[str, Any]) -> str:
         if row["both_reached_target"]:
-            to_target = (
-                f"{row['rounds_to_target_subject']:.1f} vs {row['rounds_to_target_other']:.1f} "
-                f"({row['both_reached_target']}/{row['seeds']})"
-            )
-        elif target is not None:
-            to_target = f"not both (0/{row['seeds']})"
-        lines.append(
-            _cells(
-                label(row["group"]),
-                row["seeds"],
-                _pm(row["final_accuracy_diff_mean"], row["final_accuracy_diff_std"], signed=True)
-                + _p(row["final_accuracy_p"]),
-                f"{row['ahead']} / {row['behind']}",
-                _pm(row["best_accuracy_diff_mean"], row["best_accuracy_diff_std"], signed=True),
-                _pm(row["mean_accuracy_diff_mean"], row["mean_accuracy_diff_std"], signed=True)
-                + _p(row["mean_accuracy_p"]),
-                to_target,
-                _num(row["traffic_ratio"], 2),
-                _num(row["aggregate_ratio"], 1),
-            )
-        )
-    return lines
+            return (f"{row['rounds_to_target_subject']:.1f} vs {row['rounds_to_target_other']:.1f} "
+                    f"({row['both_reached_target']}/{row['seeds']})")  # fmt: skip
+        return "-" if target is None else f"not both (0/{row['seeds']})"
+
+    def diff(row: dict[str, Any], key: str) -> str:
+        return _pm(row[f"{key}_diff_mean"], row[f"{key}_diff_std"], signed=True)
+
+    return lines + _table(
+        ("against", "seeds", "final acc diff", f"{subject} ahead / behind", "best acc diff", "mean acc diff",
+         f"rounds to target ({subject} vs other)", "traffic x", "aggregation x"),
+        [(label(row["group"]), row["seeds"], diff(row, "final_accuracy") + _p(row["final_accuracy_p"]),
+          f"{row['ahead']} / {row['behind']}", diff(row, "best_accuracy"),
+          diff(row, "mean_accuracy") + _p(row["mean_accuracy_p"]), to_target(row),
+          _num(row["traffic_ratio"], 2), _num(row["aggregate_ratio"], 1)) for row in paired],
+    )  # fmt: skip
 
 
 def _p(value: float | None) -> str:
@@ -655,67 +688,35 @@ def _seeds(runs: Sequence[SeedRun]) -> list[int]:
     return sorted({r.seed for r in runs})
 
 
-def write_csv(table: Sequence[dict[str, Any]], target: float | None, path: Path) -> None:
-    """One row per group; the per-tier figures as `tier<r>_...` columns (empty where a group lacks r)."""
-    ranks = sorted({rank for row in table for rank in row["tiers"]})
-    scalar = [f"{k}_{stat}" for k in _SCALARS for stat in ("mean", "std")]
-    tier_keys = ("final_accuracy_mean", "final_accuracy_std", "step_ms", "peak_mib", "state_mib")
-    header = [
-        "group",
-        "reference",
-        "seeds",
-        "clients",
-        "rounds",
-        *scalar,
-        "target_accuracy",
-        "reached_target",
-        "rounds_to_target_mean",
-        "wall_to_target_s_mean",
-        *[f"tier{r}_{k}" for r in ranks for k in tier_keys],
-    ]
-    lines = []
-    for row in table:
-        out = {k: row.get(k) for k in header if not k.startswith("tier")}
-        out["target_accuracy"] = target
-        for r in ranks:
-            for k in tier_keys:
-                out[f"tier{r}_{k}"] = row["tiers"].get(r, {}).get(k)
-        lines.append(out)
-    _write_rows(lines, path, header)
-
-
-def _write_rows(rows: Sequence[dict[str, Any]], path: Path, header: Sequence[str] | None = None) -> None:
-    """A CSV of `rows` (columns: `header`, default the first row's keys; None as an empty cell),
-    written beside `path` and renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(header or (rows[0] if rows else [])))
-        writer.writeheader()
-        for out in rows:
-            writer.writerow({k: "" if v is None else v for k, v in out.items()})
-    tmp.replace(path)
-
-
 # --- charts -------------------------------------------------------------------------------------------
 
+Curve = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
-def _curves(runs: Sequence[SeedRun], key) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """Per group, over the rounds every seed has and evaluated: x (mean over seeds of `key(rows)`, a value
-    per row: a cumulative one counts the rounds between too), and the mean, minimum and maximum dev
-    accuracy over seeds."""
+
+def _curves(
+    runs: Sequence[SeedRun], key: Callable[[list[dict[str, Any]]], Sequence[float]]
+) -> dict[str, Curve]:
+    """Per group (in `group_order`), over the rounds every seed has and evaluated: x (mean over seeds of
+    `key(rows)`, a value per row: a cumulative one counts the rounds between too), and the mean, minimum
+    and maximum dev accuracy over seeds."""
     groups: dict[str, list[SeedRun]] = {}
-    for run in runs:
+    for run in sorted(runs, key=lambda r: group_order(r.group)):
         groups.setdefault(run.group, []).append(run)
     curves = {}
-    for group in sorted(groups, key=group_order):
-        n = min(len(r.rows) for r in groups[group])
-        seeds = [r.rows[:n] for r in groups[group]]
-        both = _common_rounds(seeds)
-        kept = [(rows, [i for i, row in enumerate(rows) if row["round"] in both]) for rows in seeds]
-        acc = np.array([[rows[i]["accuracy"] for i in idx] for rows, idx in kept])
-        x = np.mean([np.asarray(key(rows))[idx] for rows, idx in kept], axis=0)
-        curves[group] = (x, acc.mean(axis=0), acc.min(axis=0), acc.max(axis=0))
+    for group, seeds in groups.items():
+        n = min(len(r.rows) for r in seeds)
+        rows = [r.rows[:n] for r in seeds]
+        acc = _per_round(rows, lambda rows: [r.get("accuracy") for r in rows]).dropna()  # all evaluated
+        x = _per_round(rows, key).loc[acc.index].mean(axis=1)
+        curves[group] = (x.to_numpy(), *(acc.agg(stat, axis=1).to_numpy() for stat in ("mean", "min", "max")))
     return curves
+
+
+def _per_round(runs: Sequence[Sequence[dict[str, Any]]], values: Callable) -> pd.DataFrame:
+    """One column per run (metrics rows), one row per round: `values(rows)`, a value per row."""
+    return pd.DataFrame(
+        {i: pd.Series(values(rows), [r["round"] for r in rows], dtype=float) for i, rows in enumerate(runs)}
+    )
 
 
 # matplotlib's default cycle without its grey (C7), which the majority-class line uses
@@ -730,6 +731,7 @@ def _style(group: str, index: int) -> dict[str, Any]:
 
 
 def plot_all(runs: Sequence[SeedRun], folder: Path, settings: dict[str, Any]) -> list[Path]:
+    """The three charts: accuracy per round, accuracy against traffic, final accuracy per rank tier."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -742,6 +744,13 @@ def plot_all(runs: Sequence[SeedRun], folder: Path, settings: dict[str, Any]) ->
     seeds = len(_seeds(runs))
     band = "mean; band: min-max over seeds" if seeds > 1 else "one seed"
     paths = []
+
+    def draw(ax, curves: dict[str, Curve]) -> None:
+        for group, (x, mean, low, high) in curves.items():
+            style = _style(group, colours[group])
+            ax.plot(x, mean, label=label(group), **style)
+            if seeds > 1 and not is_reference(group):  # references: the mean alone, not to crowd the chart
+                ax.fill_between(x, low, high, color=style["color"], alpha=0.12)
 
     def finish(fig, ax, name: str, title: str) -> None:
         if baseline is not None:
@@ -759,30 +768,21 @@ def plot_all(runs: Sequence[SeedRun], folder: Path, settings: dict[str, Any]) ->
 
     # 1. accuracy per round
     fig, ax = plt.subplots(figsize=(10, 5), dpi=120)
-    for group, (x, mean, low, high) in _curves(runs, lambda rows: [r["round"] for r in rows]).items():
-        style = _style(group, colours[group])
-        ax.plot(x, mean, label=label(group), **style)
-        if seeds > 1 and not is_reference(group):  # references: the mean line alone, not to crowd the chart
-            ax.fill_between(x, low, high, color=style["color"], alpha=0.12)
+    draw(ax, _curves(runs, lambda rows: [r["round"] for r in rows]))
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("dev accuracy")
     finish(fig, ax, PLOT_ROUNDS, f"{task} dev accuracy per round ({band})")
 
-    # 2. accuracy against traffic
+    # 2. accuracy against traffic; the runs that exchange nothing as their final accuracy
     fig, ax = plt.subplots(figsize=(10, 5), dpi=120)
-    talking = [r for r in runs if r.communicates]
     curves = _curves(
-        talking, lambda rows: np.cumsum([(r["uplink_bytes"] + r["downlink_bytes"]) / 1e6 for r in rows])
+        [r for r in runs if r.communicates],
+        lambda rows: np.cumsum([(r["uplink_bytes"] + r["downlink_bytes"]) / 1e6 for r in rows]),
     )
-    for group, (x, mean, low, high) in curves.items():
-        style = _style(group, colours[group])
-        ax.plot(x, mean, label=label(group), **style)
-        if seeds > 1 and not is_reference(group):
-            ax.fill_between(x, low, high, color=style["color"], alpha=0.12)
-    for group, (_, mean, _, _) in _curves(
-        [r for r in runs if not r.communicates], lambda rows: [0] * len(rows)
-    ).items():
+    draw(ax, curves)
+    silent = _curves([r for r in runs if not r.communicates], lambda rows: [0] * len(rows))
+    for group, (_, mean, _, _) in silent.items():
         ax.axhline(mean[-1], label=f"{label(group)}, final (no traffic)", **_style(group, colours[group]))
     spans = [x for x, *_ in curves.values() if len(x) and x[0] > 0]
     if spans and max(float(x[-1]) for x in spans) / min(float(x[0]) for x in spans) > 50:
@@ -791,47 +791,31 @@ def plot_all(runs: Sequence[SeedRun], folder: Path, settings: dict[str, Any]) ->
     ax.set_ylabel("dev accuracy")
     finish(fig, ax, PLOT_TRAFFIC, f"{task} dev accuracy against traffic ({band})")
 
-    # 3. final accuracy per rank tier, grouped bars
-    table = group_table(runs, None)
-    shown = [row for row in table if not is_reference(row["group"]) or row["group"] == LOCAL]
-    ranks = sorted({rank for row in shown for rank in row["tiers"]})
+    # 3. final accuracy per rank tier: the methods and the local reference, a bar per rank
+    tiers = tier_table(runs)
+    shown = [g for g in colours if not is_reference(g) or g == LOCAL]
+    accuracy = tiers["final_accuracy_mean"].unstack("rank").reindex(shown)
+    spread = tiers["final_accuracy_std"].unstack("rank").reindex(shown).fillna(0.0)
+    ranks = list(accuracy.columns)
     fig, ax = plt.subplots(figsize=(max(8.0, 1.3 * len(shown) + 4), 4.5), dpi=120)
     width = 0.8 / max(1, len(ranks))
     for j, rank in enumerate(ranks):
-        heights, errors, xs = [], [], []
-        for i, row in enumerate(shown):
-            tier = row["tiers"].get(rank)
-            if tier is None or tier["final_accuracy_mean"] is None:
-                continue
-            xs.append(i - 0.4 + width * (j + 0.5))
-            heights.append(tier["final_accuracy_mean"])
-            errors.append(tier["final_accuracy_std"] or 0.0)
-        colour = plt.cm.viridis(
-            0.15 + 0.7 * j / max(1, len(ranks) - 1)
-        )  # ranks: light to dark, not methods' hues
+        present = accuracy[rank].notna().to_numpy()
         ax.bar(
-            xs,
-            heights,
+            (np.arange(len(shown)) - 0.4 + width * (j + 0.5))[present],
+            accuracy[rank][present],
             width,
-            yerr=errors if seeds > 1 else None,
+            yerr=spread[rank][present] if seeds > 1 else None,
             capsize=2,
-            color=colour,
+            color=plt.cm.viridis(0.15 + 0.7 * j / max(1, len(ranks) - 1)),  # ranks light to dark, not hues
             label=f"rank {rank}",
         )
-    central = next((row for row in table if row["group"] == CENTRAL), None)
-    if central is not None:
-        ax.axhline(central["final_accuracy_mean"], label=label(CENTRAL), **_style(CENTRAL, colours[CENTRAL]))
-    ax.set_xticks(range(len(shown)), [label(row["group"]) for row in shown], rotation=15, fontsize=8)
+    central = [evaluated_rows(r.rows)[-1]["accuracy"] for r in runs if r.group == CENTRAL]
+    if central:  # its mean final accuracy
+        ax.axhline(np.mean(central), label=label(CENTRAL), **_style(CENTRAL, colours[CENTRAL]))
+    ax.set_xticks(range(len(shown)), [label(g) for g in shown], rotation=15, fontsize=8)
     ax.set_ylabel("final dev accuracy")
-    low = min(
-        [baseline or 1.0]
-        + [
-            t["final_accuracy_mean"]
-            for row in shown
-            for t in row["tiers"].values()
-            if t["final_accuracy_mean"] is not None
-        ]
-    )
+    low = np.nanmin([baseline or 1.0, *accuracy.to_numpy().ravel()])
     ax.set_ylim(max(0.0, low - 0.05), None)
     error_note = " (mean; ticks: ± std over seeds)" if seeds > 1 else ""
     finish(fig, ax, PLOT_TIERS, f"{task} final dev accuracy of the adapter each rank tier holds{error_note}")

@@ -1,0 +1,29 @@
+"""The report asks the registry, never a method's name: the order of its groups, the label of the
+fixed-rank references, and the subject of its paired table."""
+
+from __future__ import annotations
+
+from hlora.aggregation import registry
+from hlora.experiments import report
+
+
+def test_groups_follow_the_registry_order_then_the_references() -> None:
+    ref = registry.reference()
+    first, second = registry.ordered()[:2]
+    groups = ["local", f"{ref}-r16", "central", "unregistered", f"{ref}-r2", second, f"{first}-r2", first]
+    assert sorted(groups, key=report.group_order) == [
+        first, f"{first}-r2", second, "unregistered", "central", f"{ref}-r2", f"{ref}-r16", "local",
+    ]  # fmt: skip
+    assert report.is_reference(f"{ref}-r2") and not report.is_reference(f"{first}-r2")
+
+
+def test_fixed_rank_references_are_labelled_by_their_rule() -> None:
+    assert report.label("fedit-r4") == "FedIT r=4 (ref.)"  # the committed reports' wording, from the class
+    assert report.label("central") == "centralised (upper ref.)"
+
+
+def test_the_subject_is_the_first_method_present_in_registry_order() -> None:
+    ordered = registry.ordered()
+    assert report.subject_of(["central", *reversed(ordered)]) == ordered[0]
+    assert report.subject_of(["central", ordered[2], ordered[1]]) == ordered[1]
+    assert report.subject_of(["central", "local"]) is None
