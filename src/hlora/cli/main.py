@@ -229,9 +229,9 @@ def export(
         raise ExportError(f"--rank {rank} is above the run's bank rank {exp.bank_rank}")
     ckpt = Checkpoint.read(run_dir)
     assert ckpt is not None  # restore_run refuses a run without one
-    held = rank if rank is not None else exp.bank_rank
+    client_rank = rank if rank is not None else exp.bank_rank
     path = export_model(
-        exp.server.model_plan(held),
+        exp.server.model_plan(client_rank),
         exp.settings,
         out_dir,
         merged=merged,
@@ -239,11 +239,11 @@ def export(
             "run_dir": str(run_dir.resolve()),
             "round": ckpt.round,
             "method": exp.settings.federation.method,
-            "held_rank": held,
+            "held_rank": client_rank,
         },
     )
     kind = "merged model" if merged else "PEFT adapter"
-    typer.echo(f"{kind} of {run_dir} at round {ckpt.round}, as a rank-{held} client holds it: {path}")
+    typer.echo(f"{kind} of {run_dir} at round {ckpt.round}, as a rank-{client_rank} client holds it: {path}")
 
 
 @app.command()
@@ -394,8 +394,7 @@ def bench_aggregation(
     chosen = bench.bench_methods(parse_methods(methods) if methods is not None else None)
     if csv is not None and csv.exists():  # fail before the slow part, and again atomically when writing
         raise bench.BenchOutputError(f"{csv} exists already; benchmark results are never overwritten")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(_device(device))
     typer.echo(
         f"{layers} layers x {'/'.join(bench.TARGETS)}, {width} x {width}, client ranks from {ranks}, "
         f"bank rank {bank_rank or max(ranks)}, seed {seed}, {device} ({torch.get_num_threads()} threads), "

@@ -467,9 +467,7 @@ def write_csv(table: pd.DataFrame, tiers: pd.DataFrame, path: Path) -> None:
 def _to_csv(frame: pd.DataFrame, path: Path) -> None:
     """`frame` as CSV (missing values as empty cells, the csv module's CRLF line ends of the reports
     written so far), written beside `path` and renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_csv(tmp, index=False, na_rep="", lineterminator="\r\n")
-    tmp.replace(path)
+    write_text_atomic(path, frame.to_csv(index=False, na_rep="", lineterminator="\r\n"))
 
 
 def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:

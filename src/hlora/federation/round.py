@@ -37,7 +37,7 @@ from hlora.federation.metrics import (
 )
 from hlora.federation.prepared import PreparedRun, restore, save_checkpoint
 from hlora.federation.reports import check_reports, planned_work
-from hlora.federation.server import RoundTraffic, traffic
+from hlora.federation.server import RoundOutcome, RoundTraffic, traffic
 from hlora.federation.validation import Rejection
 from hlora.protocol import ClientPlan, ClientUpdate, TrainResult
 from hlora.provenance import environment
@@ -69,6 +69,12 @@ class Replies:
     corrupted: dict[int, str] = field(default_factory=dict)  # client id -> injected corruption ([faults])
     # Bytes counted from the messages that travelled; None: from the plans and updates (`traffic`)
     sent: RoundTraffic | None = None
+
+
+@dataclass(frozen=True)
+class _TierScores:
+    scores: dict[int, dict[str, float]]  # rank -> the dev scores of the model that tier holds
+    seconds: float  # what scoring them cost
 
 
 class RoundLoop:
@@ -112,40 +118,73 @@ class RoundLoop:
         return self.exp.server.configure(rnd)
 
     def finish(self, rnd: int, plans: dict[int, ClientPlan], replies: Replies) -> dict[str, Any]:
-        """Aggregate what came back, evaluate the global model (and each tier's) if the round is one
-        `eval.every` picks, append the metrics row and commit the checkpoint. Returns the row."""
-        exp, s = self.exp, self.exp.settings
-        server = exp.server
+        """The rest of the round, the same for every runtime: aggregate what came back, evaluate the
+        global model (and each tier's) if the round is one `eval.every` picks, build the metrics row,
+        commit the checkpoint and append the row. Returns the row."""
         t1 = time.perf_counter()
-        outcome = server.aggregate(rnd, replies.updates)
-        if replies.unreadable:
-            for cid, why in sorted(replies.unreadable.items()):
-                log.warning("round %d: client %s rejected (%s): %s", rnd, cid, why.code, why.detail)
-            outcome = replace(outcome, rejected={**outcome.rejected, **replies.unreadable})
+        outcome = self._aggregate(rnd, replies)
         t2 = time.perf_counter()
-        last = rnd == s.federation.rounds
-        evaluated = rnd % s.eval.every == 0 or last
-        scores: dict[str, float] = {}
-        if evaluated:  # else the base waits for the next client to merge FLoRA's deltas, in the same order
-            held = server.model_plan()  # the global model, as a client would hold it (FLoRA: merged stacks)
-            merge_base(exp.model, held)
-            scores = evaluate(exp.model, held.adapter, exp.dev, exp.task, s.eval.batch_size, exp.collate)
+        scores, tiers = self._evaluate(rnd)
         t3 = time.perf_counter()
-        score_tiers = evaluated and (s.eval.tiers is True or (s.eval.tiers == "final" and last))
-        tiers = evaluate_tiers(exp, held, scores) if score_tiers else {}
-        t4 = time.perf_counter()
         timings = {
             "train_s": t1 - self._t0,
             "aggregate_s": t2 - t1 - outcome.instruments_s,
             "instruments_s": outcome.instruments_s,
+            **({"eval_s": t3 - t2 - tiers.seconds} if scores else {}),
+            **({"tier_eval_s": tiers.seconds} if tiers.scores else {}),
+            "wall_s": t3 - self._t0,
         }
-        if evaluated:
-            timings["eval_s"] = t3 - t2
-        if score_tiers:
-            timings["tier_eval_s"] = t4 - t3
-        timings["wall_s"] = t4 - self._t0
+        row = self._row(rnd, plans, replies, outcome, scores, tiers.scores, timings)
+        # The checkpoint first, so that the row can say what it cost (the checkpoint's copy of the row
+        # lacks `checkpoint_s`); a crash between the two loses nothing: a resumed run rewrites
+        # metrics.jsonl from the checkpoint's rows.
+        t4 = time.perf_counter()
+        save_checkpoint(self.run_dir, self.exp, rnd, [*self.metrics.rows, row])
+        row["checkpoint_s"] = round(time.perf_counter() - t4, 4)
+        self.metrics.append(row)
+        return row
+
+    def _aggregate(self, rnd: int, replies: Replies) -> RoundOutcome:
+        """Step 1: the server folds the accepted updates into the next global adapter; replies that
+        could not be read as updates count as refused."""
+        outcome = self.exp.server.aggregate(rnd, replies.updates)
+        if replies.unreadable:
+            for cid, why in sorted(replies.unreadable.items()):
+                log.warning("round %d: client %s rejected (%s): %s", rnd, cid, why.code, why.detail)
+            outcome = replace(outcome, rejected={**outcome.rejected, **replies.unreadable})
+        return outcome
+
+    def _evaluate(self, rnd: int) -> tuple[dict[str, float], _TierScores]:
+        """Step 2: the dev scores of the global model, as a client would hold it, on the rounds
+        `eval.every` picks (and always the last); each rank tier's where `eval.tiers` asks. A round not
+        evaluated merges nothing: FLoRA's deltas wait for the next client, in the same order."""
+        exp, s = self.exp, self.exp.settings
+        last = rnd == s.federation.rounds
+        if not (rnd % s.eval.every == 0 or last):
+            return {}, _TierScores({}, 0.0)
+        global_model = exp.server.model_plan()  # FLoRA: with the merged stacks
+        merge_base(exp.model, global_model)
+        scores = evaluate(exp.model, global_model.adapter, exp.dev, exp.task, s.eval.batch_size, exp.collate)
+        if not (s.eval.tiers is True or (s.eval.tiers == "final" and last)):
+            return scores, _TierScores({}, 0.0)
+        t0 = time.perf_counter()
+        tiers = evaluate_tiers(exp, global_model, scores)
+        return scores, _TierScores(tiers, time.perf_counter() - t0)
+
+    def _row(
+        self,
+        rnd: int,
+        plans: dict[int, ClientPlan],
+        replies: Replies,
+        outcome: RoundOutcome,
+        scores: dict[str, float],
+        tiers: dict[int, dict[str, float]],
+        timings: dict[str, float],
+    ) -> dict[str, Any]:
+        """Step 3: the round's metrics row. The clients' own figures are claims: those out of bounds are
+        recorded as missing, not averaged (`federation.reports`)."""
+        exp, s = self.exp, self.exp.settings
         sent = replies.sent if replies.sent is not None else traffic(plans, replies.updates)
-        # The clients' own figures are claims: those out of bounds are recorded as missing, not averaged.
         work = {cid: planned_work(s.train, len(exp.partitions[cid])) for cid in replies.results}
         results, invalid = check_reports(replies.results, work)
         if invalid:
@@ -155,16 +194,9 @@ class RoundLoop:
                 "; ".join(f"client {cid}: {', '.join(names)}" for cid, names in sorted(invalid.items())),
             )
         row = round_row(rnd, scores, tiers, results, sent, exp.client_ranks, timings)
-        row["evaluated"] = evaluated
+        row["evaluated"] = bool(scores)
         row.update(reliability_fields(outcome, replies.lost, replies.corrupted))
         row["invalid_reports"] = {str(cid): names for cid, names in sorted(invalid.items())}
-        # The checkpoint first, so that the row can say what it cost (the checkpoint's copy of the row
-        # lacks `checkpoint_s`); a crash between the two loses nothing: a resumed run rewrites
-        # metrics.jsonl from the checkpoint's rows.
-        t5 = time.perf_counter()
-        save_checkpoint(self.run_dir, exp, rnd, [*self.metrics.rows, row])
-        row["checkpoint_s"] = round(time.perf_counter() - t5, 4)
-        self.metrics.append(row)
         return row
 
     def release(self) -> None:
@@ -212,13 +244,13 @@ def evaluate_tiers(
     s = exp.settings
     scores: dict[int, dict[str, float]] = {}
     for rank in sorted(set(exp.client_ranks.values())):
-        held = exp.server.model_plan(rank)
-        if _same_model(held, global_model):
+        tier_model = exp.server.model_plan(rank)
+        if _same_model(tier_model, global_model):
             scores[rank] = global_scores
         else:
-            merge_base(exp.model, held)
+            merge_base(exp.model, tier_model)
             scores[rank] = evaluate(
-                exp.model, held.adapter, exp.dev, exp.task, s.eval.batch_size, exp.collate
+                exp.model, tier_model.adapter, exp.dev, exp.task, s.eval.batch_size, exp.collate
             )
     return scores
 

@@ -69,9 +69,9 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError(f"a plan for client {header['client-id']} reached the node of partition {pid}")
     # The deltas folded in earlier rounds first (a fresh process holds none; merge skips those a model
     # holds), then the plan's own, which fit() folds in.
-    held = _held_deltas(context)
-    for version in sorted(held):
-        exp.model.merge(version, AdapterWeights.from_tensors(from_record(held[version])))
+    folded = _folded_deltas(context)
+    for version in sorted(folded):
+        exp.model.merge(version, AdapterWeights.from_tensors(from_record(folded[version])))
     trainer = LocalTrainer(exp.model, settings.train, exp.collate, progress=False)
     client = FederatedClient(pid, exp.train.subset(exp.partitions[pid]), trainer)
     _, result = client.fit(plan, header["seed"])
@@ -84,7 +84,7 @@ def train(msg: Message, context: Context) -> Message:
     return Message(encode_update(plan, result), reply_to=msg)
 
 
-def _held_deltas(context: Context) -> dict[int, ArrayRecord]:
+def _folded_deltas(context: Context) -> dict[int, ArrayRecord]:
     return {
         int(key.removeprefix(_DELTA)): record
         for key, record in context.state.array_records.items()
