@@ -54,10 +54,13 @@ from hlora.models.lora_model import (
     LOAD_ERRORS,
     LoadedBase,
     load_base,
+    load_classifier,
+    local_only,
     one_line,
     portable_model_name,
     quiet_transformers,
     resolve_model_path,
+    seeded_load,
 )
 from hlora.protocol import ClientPlan
 from hlora.weights import AdapterWeights, LoraFactors
@@ -276,7 +279,7 @@ def load_model_folder(
     The same two calls a user makes without hlora: `from_pretrained` of the base, then
     `PeftModel.from_pretrained`. Raises ModelError for a folder that is neither, or that does not load.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = Path(path).expanduser()
     if not path.is_dir():
@@ -304,17 +307,9 @@ def load_model_folder(
             f"{path} is neither a PEFT adapter folder ({ADAPTER_CONFIG_FILE}) nor a transformers model "
             "folder (config.json)"
         )
-    local_only = Path(base_path).exists() or os.environ.get("HF_HUB_OFFLINE") == "1"
-    with quiet_transformers(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # nothing random should survive the load; if something does, it is repeatable
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                base_path, num_labels=num_labels, local_files_only=local_only, dtype=getattr(torch, dtype)
-            )
-        except LOAD_ERRORS as e:  # RuntimeError among them: a head of another size
-            raise ModelError(
-                f"cannot load a sequence-classification model from {base_path!r}: {one_line(e)}"
-            ) from None
+    # seed 0: nothing random should survive the load; if something does, it is repeatable
+    with seeded_load(0):
+        model, _ = load_classifier(base_path, num_labels, dtype)
         if is_adapter:
             try:
                 model = PeftModel.from_pretrained(model, str(path))
@@ -325,7 +320,8 @@ def load_model_folder(
         has_tokenizer = (path / "tokenizer_config.json").is_file()
         try:
             tokenizer = AutoTokenizer.from_pretrained(
-                str(path) if has_tokenizer else base_path, local_files_only=local_only or has_tokenizer
+                str(path) if has_tokenizer else base_path,
+                local_files_only=local_only(base_path) or has_tokenizer,
             )
         except LOAD_ERRORS as e:
             raise ModelError(f"cannot load the tokenizer for {path}: {one_line(e)}") from None

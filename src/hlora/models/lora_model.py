@@ -258,32 +258,51 @@ class LoadedBase:
     new_parameters: tuple[str, ...]
 
 
+@contextlib.contextmanager
+def seeded_load(seed: int) -> Iterator[None]:
+    """Around a model load: transformers kept quiet, and whatever the load initialises at random (a new
+    head, PEFT's slots before their weights arrive) drawn from `seed` without touching the global RNG."""
+    with quiet_transformers(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def local_only(path: str) -> bool:
+    """Load from local files only: a folder here, or the hub switched off (`HF_HUB_OFFLINE=1`)."""
+    return Path(path).exists() or os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def load_classifier(path: str, num_labels: int, dtype: str) -> tuple[nn.Module, dict]:
+    """`AutoModelForSequenceClassification.from_pretrained(path)` and its loading info (which weights
+    the checkpoint lacked); ModelError in one line. Call it inside `seeded_load`."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=num_labels,
+            local_files_only=local_only(path),
+            dtype=getattr(torch, dtype),
+            output_loading_info=True,
+        )
+    except LOAD_ERRORS as e:  # RuntimeError among them: a head of another size
+        raise ModelError(
+            f"cannot load a sequence-classification model from {path!r}: {one_line(e)}"
+        ) from None
+
+
 def load_base(settings: ModelSettings, num_labels: int, seed: int) -> LoadedBase:
     """The sequence-classification model and its tokenizer. The new parameters' initialisation is seeded,
     so every load with one seed gives the same model."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = resolve_model_path(settings.name_or_path)
-    local_only = Path(path).exists() or os.environ.get("HF_HUB_OFFLINE") == "1"
-    dtype = getattr(torch, settings.dtype)
-    with quiet_transformers(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_load(seed):
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only(path))
         except LOAD_ERRORS as e:
             raise ModelError(f"cannot load the tokenizer of {path!r}: {one_line(e)}") from None
-        try:
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                path,
-                num_labels=num_labels,
-                local_files_only=local_only,
-                dtype=dtype,
-                output_loading_info=True,
-            )
-        except LOAD_ERRORS as e:
-            raise ModelError(
-                f"cannot load a sequence-classification model from {path!r}: {one_line(e)}"
-            ) from None
+        model, info = load_classifier(path, num_labels, settings.dtype)
     ensure_pad_token(tokenizer, model, path)
     params = dict(model.named_parameters())
     new = tuple(sorted(k for k in info.get("missing_keys", ()) if k in params))
