@@ -11,6 +11,7 @@ are normalised to sum to 1.
 | `factor_mean`         | 1, FedIT                 | `(sum p_k B_k, sum p_k A_k)`, equal ranks only |
 | `zero_pad_mean`       | 2, zero-padding          | factors padded to `rank`, then averaged        |
 | `aggregate_products`  | 3, HLoRA                 | truncated SVD of the product mean, QR path     |
+| `aggregate_rank_blocks` | raFLoRA's rank blocks  | each block averaged over its holders, QR path  |
 | `dense_product_svd`   | 4, FlexLoRA (reference)  | the same, dense, singular values in `B`        |
 | `stack_factors`       | 5, FLoRA                 | `([B_1 ... B_K], [p_1 A_1; ...; p_K A_K])`     |
 | `product_mean`        | the exact mean           | the dense `m x n` matrix `sum p_k B_k @ A_k`   |
@@ -33,11 +34,14 @@ from torch import Tensor
 __all__ = [
     "FactorPair",
     "aggregate_products",
+    "aggregate_rank_blocks",
+    "block_weights",
     "dense_product_svd",
     "factor_mean",
     "normalise_weights",
     "product_mean",
     "product_norms",
+    "rank_blocks",
     "stack_factors",
     "zero_pad_mean",
 ]
@@ -287,17 +291,24 @@ def aggregate_products(
         root = c.p.sqrt()
         Bc = torch.cat([w * B for w, B in zip(root, c.Bs, strict=True)], dim=1)  # m x R
         Ac = torch.cat([w * A for w, A in zip(root, c.As, strict=True)], dim=0)  # R x n
-        # geqrf keeps each Q as R Householder reflectors: Q is never formed (m x R, n x R), and only the
-        # `rank` singular vectors that are kept are rotated back (ormqr), not all R of them.
-        H_B, tau_B = torch.geqrf(Bc)  # R_B in the upper triangle of the first R rows
-        H_A, tau_A = torch.geqrf(Ac.T)
-        R = c.total_rank
-        U_c, S, Vh_c = torch.linalg.svd(H_B[:R].triu() @ H_A[:R].triu().T)  # the R x R core
-        q = min(rank, R)
-        U = _apply_q(H_B, tau_B, U_c[:, :q])  # m x q
-        Vh = _apply_q(H_A, tau_A, Vh_c[:q].T).T  # q x n
-        S = S[:q]
+        U, S, Vh = _stacked_svd(Bc, Ac, rank)
     return _svd_factors(c, U, S, Vh, rank, balanced=True)
+
+
+def _stacked_svd(Bc: Tensor, Ac: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The leading `q = min(rank, R)` singular triplets of `Bc @ Ac` (`Bc` is `m x R`, `Ac` is `R x n`,
+    `R < min(m, n)`) through QR of both factors and the SVD of the `R x R` core: `U` is `m x q`, `S` is
+    `q`, `Vh` is `q x n`."""
+    # geqrf keeps each Q as R Householder reflectors: Q is never formed (m x R, n x R), and only the
+    # `rank` singular vectors that are kept are rotated back (ormqr), not all R of them.
+    H_B, tau_B = torch.geqrf(Bc)  # R_B in the upper triangle of the first R rows
+    H_A, tau_A = torch.geqrf(Ac.T)
+    R = Bc.shape[1]
+    U_c, S, Vh_c = torch.linalg.svd(H_B[:R].triu() @ H_A[:R].triu().T)  # the R x R core
+    q = min(rank, R)
+    U = _apply_q(H_B, tau_B, U_c[:, :q])  # m x q
+    Vh = _apply_q(H_A, tau_A, Vh_c[:q].T).T  # q x n
+    return U, S[:q], Vh
 
 
 def _apply_q(reflectors: Tensor, tau: Tensor, X: Tensor) -> Tensor:
@@ -306,6 +317,85 @@ def _apply_q(reflectors: Tensor, tau: Tensor, X: Tensor) -> Tensor:
     padded = X.new_zeros(reflectors.shape[0], X.shape[1])
     padded[: X.shape[0]] = X
     return torch.ormqr(reflectors, tau, padded)
+
+
+def rank_blocks(ranks: Sequence[int]) -> list[tuple[int, int]]:
+    """The rank blocks of a round: `[0, e_1), [e_1, e_2), ..., [e_{L-1}, e_L)` for its distinct client
+    ranks `e_1 < ... < e_L`. A client of rank `r` holds exactly the blocks that end at or below `r`."""
+    edges = sorted(set(_check_rank(r) for r in ranks))
+    if not edges:
+        raise ValueError("no client ranks to cut into blocks")
+    return list(zip([0, *edges[:-1]], edges, strict=True))
+
+
+def block_weights(ranks: Sequence[int], weights: Sequence[float] | Tensor) -> Tensor:
+    """raFLoRA's per-block weights: `w_kb = p_k / sum_{j holds b} p_j` where client `k` holds block `b`
+    (`r_k >= end_b`), else 0; each block's weights are `p` renormalised over its holders.
+
+    Args:
+        ranks: K client ranks `r_k >= 1`.
+        weights: K weights `p_k` (normalised to sum 1).
+
+    Returns:
+        A float64 tensor `K x L` (`L = len(rank_blocks(ranks))`) whose every column sums to 1.
+    """
+    return _block_weights(list(ranks), normalise_weights(weights, len(ranks)))
+
+
+def _block_weights(ranks: list[int], p: Tensor) -> Tensor:
+    blocks = rank_blocks(ranks)
+    held = torch.tensor([[r >= end for _, end in blocks] for r in ranks], device=p.device)  # K x L
+    columns = []
+    for b in range(len(blocks)):
+        if bool(held[:, b].all()):
+            columns.append(p)  # every client holds it (block 0 always): p itself, already normalised
+            continue
+        w = torch.where(held[:, b], p, torch.zeros_like(p))
+        total = w.sum()
+        columns.append(w / total if total > 0 else w)  # holders all of weight 0: the block adds nothing
+    return torch.stack(columns, dim=1)
+
+
+def aggregate_rank_blocks(
+    factors: Sequence[FactorPair], weights: Sequence[float] | Tensor, rank: int
+) -> FactorPair:
+    """Rank-block averaging (raFLoRA, arXiv 2602.13486): each rank block of the product averaged over
+    the clients that hold it, then re-factored like HLoRA, without building the dense sum.
+
+    Client `k`'s components `0..r_k-1` are aligned across clients (each started from the global adapter's
+    leading components). With the blocks of `rank_blocks` and the weights `w_kb` of `block_weights`,
+    `G = sum_b sum_{k holds b} w_kb B_k[:, b] @ A_k[b]`: block `b` is its holders' weighted mean, not
+    diluted by the clients that lack it. This is one weighted stack: column `i` of `B_k` and row `i` of
+    `A_k` scaled by `sqrt(w_k,b(i))`, so `aggregate_products`' QR path (or its dense fallback where
+    `R >= min(m, n)`) gives `G`'s best rank-`rank` factors, split evenly, signs fixed, zero-padded.
+    With one rank for all there is one block, `w_k0 = p_k`, and `G` is HLoRA's product mean.
+
+    Args:
+        factors: K pairs `(B_k, A_k)`, `B_k` is `m x r_k`, `A_k` is `r_k x n`; ranks may differ.
+        weights: K weights `p_k` (normalised to sum 1).
+        rank: the server's bank rank `r_g >= 1`.
+
+    Returns:
+        `(B, A)`: `B` is `m x rank`, `A` is `rank x n`, in the first factor's dtype.
+    """
+    rank = _check_rank(rank)
+    c = _clients(factors, weights)
+    W = _block_weights(c.ranks, c.p)
+    blocks = rank_blocks(c.ranks)
+    Bs, As = [], []
+    for k, (B, A, r) in enumerate(zip(c.Bs, c.As, c.ranks, strict=True)):
+        per_component = torch.cat([W[k, b].expand(hi - lo) for b, (lo, hi) in enumerate(blocks) if hi <= r])
+        root = per_component.sqrt()
+        Bs.append(B * root)
+        As.append(root[:, None] * A)
+    # The weights now live in the factors: p = 1 makes `_dense_mean` and the round-off scale of
+    # `_svd_factors` (`||Bc||_F ||Ac||_F`) those of the weighted stack.
+    stacked = c._replace(Bs=Bs, As=As, p=torch.ones_like(c.p))
+    if c.total_rank >= min(c.m, c.n):
+        U, S, Vh = torch.linalg.svd(_dense_mean(stacked), full_matrices=False)
+    else:
+        U, S, Vh = _stacked_svd(torch.cat(Bs, dim=1), torch.cat(As, dim=0), rank)
+    return _svd_factors(stacked, U, S, Vh, rank, balanced=True)
 
 
 def dense_product_svd(
