@@ -19,7 +19,9 @@ re-factored at the bank rank by a truncated SVD through QR of the weighted stack
 `m x n` matrix; `products.aggregate_rank_blocks`), split evenly as in HLoRA. A client of rank `r_k` gets
 the first `r_k` components (the default `plan_for`). With one rank for all there is one block and
 `G` is HLoRA's product mean. The method keeps no state across rounds: the blocks and weights come from
-the round's updates alone, so a resumed run needs nothing beyond the global adapter.
+the round's updates alone, so a resumed run needs nothing beyond the global adapter. The instruments'
+`rel_error` (against the plain product mean) is non-zero with mixed ranks by design: it measures the
+reweighting of the high blocks, not an error of the computation.
 
 Where it departs from the paper: raFLoRA cuts partitions at the federation's rank configuration and
 weighs each partition by the clients' "effective contributions" to it; here the blocks are the distinct
