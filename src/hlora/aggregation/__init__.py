@@ -5,6 +5,7 @@
 | `fedit`    | `fedit.py`    | 1, FedAvg of the factors; equal ranks only                            |
 | `zeropad`  | `zeropad.py`  | 2, zero-padding to the bank rank (option: HetLoRA's norm weighting)   |
 | `hlora`    | `hlora.py`    | 3, truncated SVD of the product mean through QR, balanced split       |
+| `hlora_ef` | `hlora_ef.py` | 3 + error feedback: what the truncation drops joins the next round    |
 | `flexlora` | `flexlora.py` | 4, the same product mean, dense SVD, singular values in `B`           |
 | `flora`    | `flora.py`    | 5, stacking; clients merge the stack into their base, train afresh    |
 | `ffa`      | `ffa.py`      | 6, `A` frozen at the shared seeded init; `B` zero-padded and averaged |
@@ -21,7 +22,7 @@ error, spectrum, energy per rank block), from `Aggregator.global_update`.
 model.
 """
 
-from hlora.aggregation import fedit, ffa, flexlora, flora, hlora, zeropad  # noqa: F401  (registers the methods)
+from hlora.aggregation import fedit, ffa, flexlora, flora, hlora, hlora_ef, zeropad  # noqa: F401  (registers the methods)
 from hlora.aggregation.base import Aggregator
 from hlora.aggregation.products import aggregate_products
 
