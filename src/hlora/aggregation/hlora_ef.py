@@ -20,9 +20,10 @@ level are left out, so it has rank 0 while the round's total client rank fits th
 Source: error feedback for compressed updates (1-bit SGD, Seide et al., Interspeech 2014; EF-SGD,
 Karimireddy et al., ICML 2019), which ECLoRA (Ning et al., "Federated fine-tuning on heterogeneous
 LoRAs with error-compensated aggregation", IEEE TNNLS 2025, doi 10.1109/TNNLS.2025.3586545) brings to
-SVD-based heterogeneous-rank LoRA aggregation. Where this departs from ECLoRA as its abstract states it:
+SVD-based heterogeneous-rank LoRA aggregation (this module follows its abstract, the full text was not
+at hand: a randomised SVD whose decomposition error of earlier rounds is added back). Where it departs:
 the truncation is HLoRA's exact one through QR, not a randomised SVD, and the residual is held factored
-at a bounded rank rather than as the full decomposition error.
+at a bounded rank (`residual_rank`), so its smallest components can be dropped.
 
 Update space. EF-SGD compresses an update `d_t` and keeps `x_t = x_{t-1} + C(d_t + e_{t-1})`,
 `e_t = d_t + e_{t-1} - C(d_t + e_{t-1})`. HLoRA's clients send whole adapters, not updates: client `k`
@@ -39,9 +40,10 @@ HLoRA's); (3) `rel_error` in the instruments measures `G_t` against `M_t`, so it
 
 `residual_rank` (option, default: the bank rank `r_g`): the most components of the residual kept per
 adapted weight, so the server holds at most `r_g + e` components per weight (twice HLoRA's by default,
-`e (m + n)` numbers more), and the carried term adds at most `e` to the stack's rank `R`. A budget of
-`r_g` holds everything a round's truncation drops while `R <= 2 r_g`. `residual_rank = 0`: no feedback,
-HLoRA bit for bit.
+`e (m + n)` numbers more), and the carried term adds at most `e` to the stack's rank. The bank rank is
+the budget because it bounds the residual's cost by the global adapter's own, and it holds everything a
+round's truncation drops while the stack's total rank (the round's client ranks plus the carried
+residual's) is at most `2 r_g`. `residual_rank = 0`: no feedback, HLoRA bit for bit.
 """
 
 from __future__ import annotations
