@@ -5,6 +5,7 @@
 | `fedit`    | `fedit.py`    | 1, FedAvg of the factors; equal ranks only                            |
 | `zeropad`  | `zeropad.py`  | 2, zero-padding to the bank rank (option: HetLoRA's norm weighting)   |
 | `hlora`    | `hlora.py`    | 3, truncated SVD of the product mean through QR, balanced split       |
+| `hlora_ef` | `hlora_ef.py` | 3 + error feedback: what the truncation drops joins the next round    |
 | `rablock`  | `rablock.py`  | raFLoRA 2602.13486: rank blocks averaged over holders, then 3's QR    |
 | `flexlora` | `flexlora.py` | 4, the same product mean, dense SVD, singular values in `B`           |
 | `flora`    | `flora.py`    | 5, stacking; clients merge the stack into their base, train afresh    |
@@ -22,7 +23,16 @@ error, spectrum, energy per rank block), from `Aggregator.global_update`.
 model.
 """
 
-from hlora.aggregation import fedit, ffa, flexlora, flora, hlora, rablock, zeropad  # noqa: F401  (registers the methods)
+from hlora.aggregation import (  # noqa: F401  (registers the methods)
+    fedit,
+    ffa,
+    flexlora,
+    flora,
+    hlora,
+    hlora_ef,
+    rablock,
+    zeropad,
+)
 from hlora.aggregation.base import Aggregator
 from hlora.aggregation.products import aggregate_products
 

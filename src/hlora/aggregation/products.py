@@ -11,6 +11,7 @@ are normalised to sum to 1.
 | `factor_mean`         | 1, FedIT                 | `(sum p_k B_k, sum p_k A_k)`, equal ranks only |
 | `zero_pad_mean`       | 2, zero-padding          | factors padded to `rank`, then averaged        |
 | `aggregate_products`  | 3, HLoRA                 | truncated SVD of the product mean, QR path     |
+| `truncate_products`   | 3, HLoRA with feedback   | the same, plus a carried term and the tail cut |
 | `aggregate_rank_blocks` | raFLoRA's rank blocks  | each block averaged over its holders, QR path  |
 | `dense_product_svd`   | 4, FlexLoRA (reference)  | the same, dense, singular values in `B`        |
 | `stack_factors`       | 5, FLoRA                 | `([B_1 ... B_K], [p_1 A_1; ...; p_K A_K])`     |
@@ -43,6 +44,8 @@ __all__ = [
     "product_norms",
     "rank_blocks",
     "stack_factors",
+    "truncate_products",
+    "Truncation",
     "zero_pad_mean",
 ]
 
@@ -57,7 +60,7 @@ class _Clients(NamedTuple):
 
     Bs: list[Tensor]  # each m x r_k, float64
     As: list[Tensor]  # each r_k x n, float64
-    p: Tensor  # K, float64, sums to 1
+    p: Tensor  # K, float64, sums to 1 (a carried term, `_with_carry`, adds one weight 1 on top)
     ranks: list[int]  # r_k
     m: int
     n: int
@@ -193,17 +196,9 @@ def _svd_factors(c: _Clients, U: Tensor, S: Tensor, Vh: Tensor, rank: int, balan
     zero.
     Balanced: `B = U sqrt(S)`, `A = sqrt(S) Vh`; otherwise `B = U S`, `A = Vh` (FlexLoRA).
     """
-    scale = c.factor_scale()
-    if not torch.isfinite(scale):
-        scale = S.max().clamp_min(0)
-    tol = scale * max(c.m, c.n, c.total_rank) * torch.finfo(_WORK_DTYPE).eps
-    keep = tol < S
+    keep = _round_off(c, S) < S
     S = torch.where(keep, S, torch.zeros_like(S))
-    idx = U.abs().argmax(dim=0)
-    signs = torch.sign(U[idx, torch.arange(U.shape[1], device=U.device)])
-    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-    U = U * signs
-    Vh = Vh * signs[:, None]
+    U, Vh = _fix_signs(U, Vh)
     q = min(rank, S.numel())
     U, S, Vh, keep = U[:, :q], S[:q], Vh[:q], keep[:q]
     if balanced:
@@ -212,6 +207,24 @@ def _svd_factors(c: _Clients, U: Tensor, S: Tensor, Vh: Tensor, rank: int, balan
     else:
         B, A = U * S, Vh * keep[:, None].to(Vh.dtype)
     return _pad(B, A, rank, c)
+
+
+def _round_off(c: _Clients, S: Tensor) -> Tensor:
+    """The singular value at or below which a component of `c`'s product mean is round-off (see
+    `_svd_factors`); `S` is the spectrum, whose largest value stands in for an overflowing scale."""
+    scale = c.factor_scale()
+    if not torch.isfinite(scale):
+        scale = S.max().clamp_min(0)
+    return scale * max(c.m, c.n, c.total_rank) * torch.finfo(_WORK_DTYPE).eps
+
+
+def _fix_signs(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
+    """Sign each column of `U` so that its largest-magnitude entry is positive, and the matching row
+    of `Vh` with it: the factors then no longer depend on client order or LAPACK."""
+    idx = U.abs().argmax(dim=0)
+    signs = torch.sign(U[idx, torch.arange(U.shape[1], device=U.device)])
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return U * signs, Vh * signs[:, None]
 
 
 def _pad(B: Tensor, A: Tensor, rank: int, c: _Clients) -> FactorPair:
@@ -285,30 +298,39 @@ def aggregate_products(
     """
     rank = _check_rank(rank)
     c = _clients(factors, weights)
-    if c.total_rank >= min(c.m, c.n):
-        U, S, Vh = torch.linalg.svd(_dense_mean(c), full_matrices=False)
-    else:
-        root = c.p.sqrt()
-        Bc = torch.cat([w * B for w, B in zip(root, c.Bs, strict=True)], dim=1)  # m x R
-        Ac = torch.cat([w * A for w, A in zip(root, c.As, strict=True)], dim=0)  # R x n
-        U, S, Vh = _stacked_svd(Bc, Ac, rank)
+    (U, S, Vh), _ = _product_svd(c, rank, 0)
     return _svd_factors(c, U, S, Vh, rank, balanced=True)
 
 
-def _stacked_svd(Bc: Tensor, Ac: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The leading `q = min(rank, R)` singular triplets of `Bc @ Ac` (`Bc` is `m x R`, `Ac` is `R x n`,
-    `R < min(m, n)`) through QR of both factors and the SVD of the `R x R` core: `U` is `m x q`, `S` is
-    `q`, `Vh` is `q x n`."""
+_Svd = tuple[Tensor, Tensor, Tensor]
+
+
+def _product_svd(c: _Clients, rank: int, tail_rank: int) -> tuple[_Svd, _Svd | None]:
+    """The leading singular triplets `(U, S, Vh)` of `c`'s product mean for `_svd_factors`, and the next
+    `tail_rank` of them (None where `tail_rank` is 0): QR of the stacked factors where `R < min(m, n)`
+    (`aggregate_products`), else the dense SVD (then the leading triplets are all of them)."""
+    if c.total_rank >= min(c.m, c.n):
+        U, S, Vh = torch.linalg.svd(_dense_mean(c), full_matrices=False)
+        tail = (U[:, rank : rank + tail_rank], S[rank : rank + tail_rank], Vh[rank : rank + tail_rank])
+        return (U, S, Vh), tail if tail_rank else None
+    root = c.p.sqrt()
+    Bc = torch.cat([w * B for w, B in zip(root, c.Bs, strict=True)], dim=1)  # m x R
+    Ac = torch.cat([w * A for w, A in zip(root, c.As, strict=True)], dim=0)  # R x n
     # geqrf keeps each Q as R Householder reflectors: Q is never formed (m x R, n x R), and only the
     # `rank` singular vectors that are kept are rotated back (ormqr), not all R of them.
     H_B, tau_B = torch.geqrf(Bc)  # R_B in the upper triangle of the first R rows
     H_A, tau_A = torch.geqrf(Ac.T)
-    R = Bc.shape[1]
+    R = c.total_rank
     U_c, S, Vh_c = torch.linalg.svd(H_B[:R].triu() @ H_A[:R].triu().T)  # the R x R core
     q = min(rank, R)
     U = _apply_q(H_B, tau_B, U_c[:, :q])  # m x q
     Vh = _apply_q(H_A, tau_A, Vh_c[:q].T).T  # q x n
-    return U, S[:q], Vh
+    tail = None
+    if tail_rank:
+        # Rotated on their own, so that the kept vectors are the same bits with or without a tail.
+        t = slice(q, min(q + tail_rank, R))
+        tail = (_apply_q(H_B, tau_B, U_c[:, t]), S[t], _apply_q(H_A, tau_A, Vh_c[t].T).T)
+    return (U, S[:q], Vh), tail
 
 
 def _apply_q(reflectors: Tensor, tau: Tensor, X: Tensor) -> Tensor:
@@ -317,6 +339,81 @@ def _apply_q(reflectors: Tensor, tau: Tensor, X: Tensor) -> Tensor:
     padded = X.new_zeros(reflectors.shape[0], X.shape[1])
     padded[: X.shape[0]] = X
     return torch.ormqr(reflectors, tau, padded)
+
+
+class Truncation(NamedTuple):
+    """What `truncate_products` keeps and what it cuts off, both as balanced factors."""
+
+    kept: FactorPair  # (B, A): m x rank, rank x n, as `aggregate_products` returns them
+    tail: FactorPair  # (B_E, A_E): m x t, t x n, t <= tail_rank: the next components, round-off left out
+
+
+def truncate_products(
+    factors: Sequence[FactorPair],
+    weights: Sequence[float] | Tensor,
+    rank: int,
+    carry: FactorPair | None = None,
+    tail_rank: int = 0,
+) -> Truncation:
+    """HLoRA with error feedback: the best rank-`rank` factors of `dW + B_E @ A_E`, and what they leave out.
+
+    `dW = sum_k p_k B_k @ A_k` with the `p_k` normalised as in `aggregate_products`; the carried term
+    `carry = (B_E, A_E)` is added with weight 1, not normalised with them, as one more block of the
+    stacked factors (`Bc = [... sqrt(p_K) B_K, B_E]`, `Ac = [...; sqrt(p_K) A_K; A_E]`), so the dense
+    `m x n` matrix is still never built where the stack's total rank is below `min(m, n)`. With
+    `X = dW + B_E @ A_E = U S V^T`, `kept` is `aggregate_products`' split of its first `rank` components
+    (without `carry`, the same bits as `aggregate_products(factors, weights, rank)`) and `tail` the next
+    `tail_rank` components, also split evenly and sign-fixed, with those at round-off level left out, so
+    `t` is the number of the tail's components that are not round-off (0: the kept factors are `X`).
+    `kept` + `tail` is `X` to round-off while `X` has at most `rank + tail_rank` components; beyond that
+    the smallest components are dropped (the best rank-`(rank + tail_rank)` approximation of `X`).
+
+    Args:
+        factors: K pairs `(B_k, A_k)`, `B_k` is `m x r_k`, `A_k` is `r_k x n`; ranks may differ.
+        weights: K weights `p_k` (normalised to sum 1).
+        rank: the number of components to keep, `>= 1`.
+        carry: `(B_E, A_E)`, `B_E` is `m x r_E`, `A_E` is `r_E x n` (`r_E` may be 0), or None.
+        tail_rank: the most components of the tail to return, `>= 0`.
+
+    Returns:
+        `Truncation(kept=(B, A), tail=(B_E, A_E))`, in the first client factor's dtype.
+    """
+    rank = _check_rank(rank)
+    tail_rank = 0 if tail_rank == 0 else _check_rank(tail_rank)
+    c = _clients(factors, weights)
+    if carry is not None:
+        c = _with_carry(c, carry)
+    (U, S, Vh), tail = _product_svd(c, rank, tail_rank)
+    kept = _svd_factors(c, U, S, Vh, rank, balanced=True)
+    if tail is None:
+        return Truncation(kept, (kept[0].new_zeros(c.m, 0), kept[1].new_zeros(0, c.n)))
+    U_t, S_t, Vh_t = tail
+    t = int((_round_off(c, S) < S_t).sum())  # S_t descends: the components above round-off lead
+    U_t, Vh_t = _fix_signs(U_t[:, :t], Vh_t[:t])
+    root = S_t[:t].sqrt()
+    return Truncation(kept, ((U_t * root).to(c.dtype), (root[:, None] * Vh_t).to(c.dtype)))
+
+
+def _with_carry(c: _Clients, carry: FactorPair) -> _Clients:
+    """`c` with the carried `(B_E, A_E)` as one more block of weight 1 (a carry of rank 0 adds nothing)."""
+    try:
+        B, A = carry
+    except (TypeError, ValueError):
+        raise ValueError(f"the carried term must be a (B, A) pair, got {type(carry).__name__}") from None
+    if not isinstance(B, Tensor) or not isinstance(A, Tensor) or B.ndim != 2 or A.ndim != 2:
+        raise ValueError("the carried term's B and A must be 2-D tensors")
+    if B.shape[0] != c.m or A.shape[1] != c.n or B.shape[1] != A.shape[0]:
+        raise ValueError(
+            f"the carried term (B {tuple(B.shape)}, A {tuple(A.shape)}) does not fit a {c.m} x {c.n} weight"
+        )
+    if B.shape[1] == 0:
+        return c
+    return c._replace(
+        Bs=[*c.Bs, B.detach().to(device=c.device, dtype=_WORK_DTYPE)],
+        As=[*c.As, A.detach().to(device=c.device, dtype=_WORK_DTYPE)],
+        p=torch.cat([c.p, c.p.new_ones(1)]),
+        ranks=[*c.ranks, B.shape[1]],
+    )
 
 
 def rank_blocks(ranks: Sequence[int]) -> list[tuple[int, int]]:
@@ -391,10 +488,7 @@ def aggregate_rank_blocks(
     # The weights now live in the factors: p = 1 makes `_dense_mean` and the round-off scale of
     # `_svd_factors` (`||Bc||_F ||Ac||_F`) those of the weighted stack.
     stacked = c._replace(Bs=Bs, As=As, p=torch.ones_like(c.p))
-    if c.total_rank >= min(c.m, c.n):
-        U, S, Vh = torch.linalg.svd(_dense_mean(stacked), full_matrices=False)
-    else:
-        U, S, Vh = _stacked_svd(torch.cat(Bs, dim=1), torch.cat(As, dim=0), rank)
+    (U, S, Vh), _ = _product_svd(stacked, rank, 0)
     return _svd_factors(stacked, U, S, Vh, rank, balanced=True)
 
 
