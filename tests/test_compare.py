@@ -428,6 +428,9 @@ def test_paired_table_is_hlora_minus_each_other_run_of_the_same_seed(compared):
     assert f"| zeropad | 2 | {statistics.mean(diffs):+.4f} ± {statistics.stdev(diffs):.4f} |" in text
 
 
+CHARTS = (report.PLOT_ROUNDS, report.PLOT_TRAFFIC, report.PLOT_TIERS, report.PLOT_BIAS, report.PLOT_BLOCKS)
+
+
 def test_summary_md_and_charts_are_written(compared):
     out, _ = compared
     text = (out / "summary.md").read_text(encoding="utf-8")
@@ -448,9 +451,23 @@ def test_summary_md_and_charts_are_written(compared):
     assert env["device"] == "cpu" and env["torch"] == torch.__version__ and env["cpu_count"] >= 1
     assert "## How these runs were made" in text and f"`{env['command']}` (14 runs)" in text
     assert f"- {env['commit'] or 'not a git checkout'} (14 runs)" in text
-    for name in (report.PLOT_ROUNDS, report.PLOT_TRAFFIC, report.PLOT_TIERS):
+    for name in CHARTS:
         data = (out / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 10_000
+
+
+def test_the_instruments_frame_holds_every_method_round_and_block(compared):
+    """What the mechanism charts draw: per method, seed and round, the bias and each block's energy share
+    (the tiers of the compared config: blocks 0-2, 2-4 and above), shares summing to 1; no reference."""
+    runs = report.load_results(compared[0]).runs
+    frame = report.instrument_frame(runs)
+    assert set(frame["group"]) == {"hlora", "zeropad"} and set(frame["seed"]) == {0, 1}
+    blocks = [c for c in frame.columns if c.startswith("block ")]
+    assert blocks[:2] == ["block 0-2", "block 2-4"]
+    assert frame[blocks].fillna(0).sum(axis=1).sub(1).abs().max() < 1e-6
+    assert (frame["rel_error"] >= 0).all()
+    hlora_rounds = sorted(frame.loc[(frame["group"] == "hlora") & (frame["seed"] == 0), "round"])
+    assert hlora_rounds == [r["round"] for r in next(r for r in runs if r.group == "hlora").rows]
 
 
 @pytest.fixture
@@ -503,12 +520,12 @@ def test_a_finished_run_of_another_config_is_refused_in_one_line(results_copy, c
 
 def test_report_regenerates_tables_and_charts(results_copy, no_training):
     before = (results_copy / "summary.csv").read_text()
-    for name in ("summary.md", "summary.csv", report.PLOT_ROUNDS, report.PLOT_TRAFFIC, report.PLOT_TIERS):
+    for name in ("summary.md", "summary.csv", *CHARTS):
         (results_copy / name).unlink()
     code, stdout, stderr = hlora("report", str(results_copy))
     assert code == 0, stderr
     assert (results_copy / "summary.csv").read_text() == before
-    assert (results_copy / report.PLOT_TIERS).is_file() and "summary.md" in stdout
+    assert all((results_copy / name).is_file() for name in CHARTS) and "summary.md" in stdout
     code, _, stderr = hlora("compare", "unused.toml", "--report-only", "--out", str(results_copy),
                             "--target-accuracy", "0.7")  # fmt: skip
     assert code == 0, stderr

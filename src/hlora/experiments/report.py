@@ -37,6 +37,8 @@ PAIRED_CSV = "paired.csv"
 PLOT_ROUNDS = "accuracy_by_round.png"
 PLOT_TRAFFIC = "accuracy_by_traffic.png"
 PLOT_TIERS = "tier_accuracy.png"
+PLOT_BIAS = "bias_by_round.png"  # the instruments: written where the runs logged them
+PLOT_BLOCKS = "block_energy_by_round.png"
 TARGET_SHARE = 0.95  # default target: this share of the centralised reference's mean final accuracy
 _DIR = re.compile(r"(?P<name>.+)-s(?P<seed>-?\d+)")
 _FIXED_RANK = re.compile(r"(?P<method>.+)-r(?P<rank>\d+)")  # compare.fixed_rank_runs: `fedit-r2`
@@ -452,6 +454,7 @@ def write_report(results_dir: Path, target: float | None = None) -> list[Path]:
         paths.append(results_dir / PAIRED_CSV)
         _to_csv(pd.DataFrame(paired), paths[-1])
     paths += plot_all(loaded.runs, results_dir, loaded.settings)
+    paths += plot_mechanism(loaded.runs, results_dir, loaded.settings)
     return paths
 
 
@@ -818,3 +821,98 @@ def plot_all(runs: Sequence[SeedRun], folder: Path, settings: dict[str, Any]) ->
     error_note = " (mean; ticks: ± std over seeds)" if seeds > 1 else ""
     finish(fig, ax, PLOT_TIERS, f"{task} final dev accuracy of the adapter each rank tier holds{error_note}")
     return paths
+
+
+def instrument_frame(runs: Sequence[SeedRun]) -> pd.DataFrame:
+    """The methods' per-round instruments (`aggregation.instruments`), one row per run and round:
+    `group`, `seed`, `round`, `rel_error` (the aggregate against the exact product mean) and one column
+    per rank block, `block <lo-hi>` (its share of the update's energy, mean over the adapted weights), in
+    the blocks' order. The references are left out (one client: nothing to aggregate), and so are rounds
+    without instruments (a failed round, a run made before they existed). Empty where none has any."""
+    records = []
+    for run in runs:
+        if run.reference:
+            continue
+        for row in run.rows:
+            figures = row.get("instruments")
+            if not figures:
+                continue
+            blocks = {f"block {b}": share for b, share in (figures.get("block_energy") or {}).items()}
+            where = {"group": run.group, "seed": run.seed, "round": row["round"]}
+            records.append({**where, "rel_error": figures.get("rel_error"), **blocks})
+    return pd.DataFrame.from_records(records)
+
+
+def plot_mechanism(runs: Sequence[SeedRun], folder: Path, settings: dict[str, Any]) -> list[Path]:
+    """The mechanism behind the accuracy, where the runs logged their instruments: the relative error of
+    each method's aggregate against the exact product mean by round (`PLOT_BIAS`; mean over seeds, band
+    min-max), and each rank block's share of the global update's energy by round, a panel per method
+    (`PLOT_BLOCKS`; mean over seeds): rank collapse shows as the lowest block taking everything."""
+    frame = instrument_frame(runs)
+    if frame.empty:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    task = str(settings.get("task", "")).upper()
+    groups = sorted(frame["group"].unique(), key=group_order)
+    seeds = frame["seed"].nunique()
+    band = "mean; band: min-max over seeds" if seeds > 1 else "one seed"
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=120)
+    for i, group in enumerate(groups):
+        error = frame[frame["group"] == group].groupby("round")["rel_error"]
+        error = error.agg(["mean", "min", "max"]).dropna()
+        style = _style(group, i)
+        ax.plot(error.index, error["mean"], label=label(group), **style)
+        if seeds > 1:
+            ax.fill_between(error.index, error["min"], error["max"], color=style["color"], alpha=0.12)
+    if (frame["rel_error"].dropna() > 0).all() and frame["rel_error"].max() > 20 * frame["rel_error"].min():
+        ax.set_yscale("log")
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("relative error vs the exact product mean")
+    ax.set_title(f"{task}: each method's aggregate against the exact mean of the clients' products ({band})",
+                 fontsize=10)  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, framealpha=0.9)
+    fig.tight_layout()
+    fig.savefig(folder / PLOT_BIAS)
+    plt.close(fig)
+    paths.append(folder / PLOT_BIAS)
+
+    blocks = [c for c in frame.columns if c.startswith("block ")]
+    columns = min(4, len(groups))
+    rows = -(-len(groups) // columns)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(3.2 * columns + 1.6, 2.8 * rows + 0.6), dpi=120, sharex=True, sharey=True,
+        squeeze=False,
+    )  # fmt: skip
+    colours = [plt.cm.viridis(0.15 + 0.7 * j / max(1, len(blocks) - 1)) for j in range(len(blocks))]
+    for ax, group in zip(axes.flat, groups, strict=False):
+        shares = frame[frame["group"] == group].groupby("round")[blocks].mean().fillna(0.0)
+        ax.stackplot(shares.index, shares.T.to_numpy(), colors=colours, labels=[b[6:] for b in blocks])
+        ax.set_title(label(group), fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(groups) :]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes[:, 0]:
+        ax.set_ylabel("share of energy")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles[::-1], labels[::-1], title="rank block", loc="center right", fontsize=8)
+    over = "mean over seeds" if seeds > 1 else "one seed"
+    fig.suptitle(f"{task}: energy of the global update per rank block, by round ({over})", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 1.4 / (3.2 * columns + 1.6), 1))
+    fig.savefig(folder / PLOT_BLOCKS)
+    plt.close(fig)
+    paths.append(folder / PLOT_BLOCKS)
+    return paths
+
