@@ -196,3 +196,44 @@ def test_a_plan_with_a_fold_crosses_the_wire_and_validates(model):
     assert all(validate_update(u, plans[u.client_id]) is None for u in updates)
     wide = ClientUpdate(0, 5, adapter(4, seed=1))  # the whole adapter from a rank-1 client
     assert validate_update(wide, plans[0]).code == "rank"
+
+
+# --- resume: the run that never stopped ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("crash", ["aggregate", "commit"])
+def test_a_fedplora_run_crashed_in_round_2_resumes_to_the_uninterrupted_run(
+    tiny_settings, tmp_path, monkeypatch, crash
+):
+    from hlora import checkpoint, simulation
+    from hlora.federation import round as engine
+    from hlora.federation.prepared import prepare
+    from hlora.federation.server import FederatedServer
+    from hlora.rundir import create_run_dir, read_metrics
+    from tests.test_checkpoint import Crash, assert_same_run, configured, resume_in_process
+
+    settings = configured(tiny_settings, "fedplora")  # ranks 2 and 4, bank rank 4: the rank-2 tier folds
+    simulation.run(prepare(settings), create_run_dir(tmp_path / "whole"), progress=False)
+
+    def aggregate(server, rnd, updates, original=FederatedServer.aggregate):
+        if rnd == 2:
+            raise Crash
+        return original(server, rnd, updates)
+
+    def save_checkpoint(run_dir, exp, rnd, metrics, original=engine.save_checkpoint):
+        if rnd == 2:
+            raise Crash
+        original(run_dir, exp, rnd, metrics)
+
+    run_dir = create_run_dir(tmp_path / "crashed")
+    with monkeypatch.context() as patch:
+        if crash == "aggregate":
+            patch.setattr(FederatedServer, "aggregate", aggregate)
+        else:
+            patch.setattr(engine, "save_checkpoint", save_checkpoint)
+        with pytest.raises(Crash):
+            simulation.run(prepare(settings), run_dir, progress=False)
+    assert checkpoint.open_resume(run_dir)[1].round == 1
+    resume_in_process(run_dir)
+    assert [row["round"] for row in read_metrics(run_dir)] == [1, 2, 3]
+    assert_same_run(tmp_path / "whole", run_dir)
