@@ -20,6 +20,10 @@ per run, round and client (`seeding.selection_seed`), so clients never draw and 
 in the paper the client selects. The paper's scaling is folded as LoRA's own `s = lora_alpha / r`,
 which is one `scale` for every rank here. A client's model as the server evaluates it (every rank tier,
 `plan_for`) is the whole global adapter at `R`: what every client starts from, folded or trained.
+Module-wise factor averaging is no product mean, and the instruments' exact mean `sum p_k B_k A_k` holds
+only each client's trained modules, not its fold: their `rel_error` (about 1.5 on MRPC) is no bias figure
+for this rule; the revival of zero components (`base.revive_components`) is not applied, since an
+untrained module keeps its value.
 """
 
 from __future__ import annotations
