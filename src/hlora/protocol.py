@@ -38,23 +38,30 @@ class ClientPlan:
     """What the server asks of one client for one round.
 
     The client folds `merge` into its base weights (oldest first), loads `adapter` (at its rank) and
-    trains it; with `train_a` false, every `A` stays frozen and only `B` and the head train. `downlink()`
-    and `uplink()` say which tensors actually travel, and so what the traffic figures count.
+    trains it; with `train_a` false, every `A` stays frozen and only `B` and the head train. A `fold`
+    (Fed-PLoRA) is added to the base weights for this round's training only, `W0 += s * B_f @ A_f`, and
+    the exact original weights are restored after it. `downlink()` and `uplink()` say which tensors
+    actually travel, and so what the traffic figures count.
     """
 
     adapter: AdapterWeights  # the adapter the client starts from, at its rank
     train_a: bool = True  # False (FFA-LoRA): A is the shared init, frozen; it neither trains nor travels
     fresh: bool = False  # True (FLoRA): the factors are the run's seeded init, rebuilt by the client
     merge: tuple[BaseDelta, ...] = ()  # deltas to fold into the base weights before training (FLoRA)
+    # Factors only: modules held in the base weights for this round's training alone, undone after it
+    # (Fed-PLoRA's global modules the client does not train); None for every other method.
+    fold: AdapterWeights | None = None
 
     def downlink(self) -> dict[str, Tensor]:
-        """The tensors sent to the client: the deltas it lacks, and the adapter's parts it cannot
-        rebuild from the run's seed (no factors when `fresh`, no `A` when it is frozen)."""
+        """The tensors sent to the client: the deltas it lacks, the round's fold, and the adapter's parts
+        it cannot rebuild from the run's seed (no factors when `fresh`, no `A` when it is frozen)."""
         sent = {
             f"merge.{delta.version}.{name}": t
             for delta in self.merge
             for name, t in delta.weights.tensors().items()
         }
+        if self.fold is not None:
+            sent.update({f"fold.{name}": t for name, t in self.fold.tensors().items()})
         for name, t in self.adapter.tensors().items():
             is_a, is_b = name.endswith(".lora_A"), name.endswith(".lora_B")
             if (self.fresh and (is_a or is_b)) or (is_a and not self.train_a):

@@ -13,6 +13,7 @@ starts a fresh process per message) and adding a draw somewhere cannot shift ano
 | which clients a round samples          | `sampling_seed(seed, round)`                      |
 | a client's batches and dropout         | `client_seed(seed, round, client)`                |
 | injected faults (`[faults]`)           | `fault_seed(seed, round, client)`                 |
+| Fed-PLoRA's modules a client trains    | `selection_seed(seed, round, client)`             |
 
 The stream tags are part of the results: changing one changes every run made since. The global RNGs
 (Python's, numpy's, torch's) are set from the run seed as a run is prepared (`seed_everything`) and saved
@@ -38,6 +39,7 @@ INITIAL_ADAPTER = 0xA11CE
 TIERS = 0x7153E5
 SAMPLING = 0x5A3D1E
 FAULTS = 0xFA017
+SELECTION = 0x5E1EC7
 
 
 def derive_seed(*parts: int) -> int:
@@ -64,6 +66,11 @@ def client_seed(seed: int, rnd: int, client_id: int) -> int:
 
 def fault_seed(seed: int, rnd: int, client_id: int) -> int:
     return derive_seed(seed, rnd, client_id, FAULTS)
+
+
+def selection_seed(seed: int, rnd: int, client_id: int) -> int:
+    """The seed of the server's choice of what one client trains in one round (Fed-PLoRA's modules)."""
+    return derive_seed(seed, rnd, client_id, SELECTION)
 
 
 def seed_everything(seed: int) -> None:

@@ -7,6 +7,7 @@
 | `hlora`    | `hlora.py`    | 3, truncated SVD of the product mean through QR, balanced split       |
 | `hlora_ef` | `hlora_ef.py` | 3 + error feedback: what the truncation drops joins the next round    |
 | `rablock`  | `rablock.py`  | raFLoRA 2602.13486: rank blocks averaged over holders, then 3's QR    |
+| `fedplora` | `fedplora.py` | Fed-PLoRA 2602.16936: r_k drawn rank-1 modules train, the rest fold   |
 | `flexlora` | `flexlora.py` | 4, the same product mean, dense SVD, singular values in `B`           |
 | `flora`    | `flora.py`    | 5, stacking; clients merge the stack into their base, train afresh    |
 | `ffa`      | `ffa.py`      | 6, `A` frozen at the shared seeded init; `B` zero-padded and averaged |
@@ -25,6 +26,7 @@ model.
 
 from hlora.aggregation import (  # noqa: F401  (registers the methods)
     fedit,
+    fedplora,
     ffa,
     flexlora,
     flora,

@@ -79,6 +79,15 @@ class Aggregator(ABC):
         """
         return ClientPlan(global_weights.truncate(client_rank))
 
+    def plan_client(
+        self, global_weights: AdapterWeights, client_rank: int, synced: int, *, client_id: int, rnd: int
+    ) -> ClientPlan:
+        """The plan of one client of the round `rnd` (what `FederatedServer.configure` asks for): by
+        default `plan_for`, which depends on the rank alone. A method whose plan differs per client and
+        round (Fed-PLoRA's seeded choice of modules) overrides this; `plan_for` then stays the plan of a
+        client of that rank as the server evaluates it (`FederatedServer.model_plan`)."""
+        return self.plan_for(global_weights, client_rank, synced)
+
     @abstractmethod
     def aggregate(self, global_weights: AdapterWeights, updates: Sequence[ClientUpdate]) -> AdapterWeights:
         """The next global adapter (at `bank_rank`) from this round's client updates."""

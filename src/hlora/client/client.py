@@ -16,7 +16,10 @@ def merge_base(model: LoraModel, plan: ClientPlan) -> None:
 
 def apply_plan(model: LoraModel, plan: ClientPlan) -> None:
     """Put `model` in the state the plan starts from: base deltas merged, adapter loaded, `A` frozen
-    where the plan says so (what the server evaluates as the model a client holds)."""
+    where the plan says so (what the server evaluates as the model a client holds). A plan's `fold`
+    holds for one training only (`FederatedClient.fit`); a plan that has one is refused here."""
+    if plan.fold is not None:
+        raise ValueError("a plan with a fold holds for one training only, it cannot be applied for good")
     merge_base(model, plan)
     model.load(plan.adapter, train_a=plan.train_a)
 
@@ -31,7 +34,9 @@ class FederatedClient:
 
     def fit(self, plan: ClientPlan, seed: int) -> tuple[ClientUpdate, TrainResult]:
         merge_base(self.trainer.model, plan)
-        result = self.trainer.train(
-            plan.adapter, self.data, seed, desc=f"client {self.client_id}", train_a=plan.train_a
-        )
+        # The fold is in the base for this training only: later clients and evaluation share the base.
+        with self.trainer.model.folded(plan.fold):
+            result = self.trainer.train(
+                plan.adapter, self.data, seed, desc=f"client {self.client_id}", train_a=plan.train_a
+            )
         return ClientUpdate(self.client_id, result.num_samples, result.weights), result

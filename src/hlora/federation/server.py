@@ -134,8 +134,8 @@ class FederatedServer:
         """What each of the round's clients is asked to do, at its rank."""
         plans = {}
         for cid in self.sample(rnd):
-            plans[cid] = self.aggregator.plan_for(
-                self.global_weights, self.client_ranks[cid], synced=self._synced.get(cid, 0)
+            plans[cid] = self.aggregator.plan_client(
+                self.global_weights, self.client_ranks[cid], self._synced.get(cid, 0), client_id=cid, rnd=rnd
             )
         self._round = rnd
         self._plans = {cid: (plan, self.version) for cid, plan in plans.items()}

@@ -1,10 +1,11 @@
 """Plans and updates as Flower records, and the bytes they put on the wire.
 
 A plan travels as one `ArrayRecord` holding exactly `ClientPlan.downlink()` (the base deltas the node
-lacks, and the adapter's parts it cannot rebuild) and one `ConfigRecord` saying what the arrays are
-(rank, `train_a`, `fresh`, the delta versions, the round's seed). The node rebuilds the rest of its
-adapter from the run's round-0 global adapter, which every party derives from the run's seed. An update
-travels as the `ArrayRecord` of `ClientPlan.uplink()` and a `MetricRecord` of its training figures.
+lacks, the round's fold, and the adapter's parts it cannot rebuild) and one `ConfigRecord` saying what
+the arrays are (rank, `train_a`, `fresh`, the delta versions, whether a fold travels, the round's seed).
+The node rebuilds the rest of its adapter from the run's round-0 global adapter, which every party
+derives from the run's seed. An update travels as the `ArrayRecord` of `ClientPlan.uplink()` and a
+`MetricRecord` of its training figures.
 
 Each tensor is one `Array` of its raw bytes (`stype` "torch.raw", little-endian, C order): every torch
 dtype travels, bfloat16 included, and the bytes a message carries are exactly `tensor_bytes` of what it
@@ -34,6 +35,7 @@ UPDATE_ARRAYS = "hlora.uplink"  # and of its reply
 UPDATE_METRICS = "hlora.train"
 RUN_CONFIG = "hlora.config"  # in every train message: the run's resolved config, as TOML text
 _MERGE = "merge."  # prefix of a base delta's tensors in `ClientPlan.downlink()`: merge.<version>.<name>
+_FOLD = "fold."  # and of the round's fold (Fed-PLoRA): fold.<name>
 _DTYPES = {
     str(dtype).removeprefix("torch."): dtype
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32)
@@ -114,6 +116,7 @@ def encode_plan(plan: ClientPlan, client_id: int, rnd: int, seed: int) -> Record
                     "train-a": plan.train_a,
                     "fresh": plan.fresh,
                     "merge": [delta.version for delta in plan.merge],
+                    "fold": plan.fold is not None,
                 }
             ),
         }
@@ -130,6 +133,7 @@ def decode_plan(content: RecordDict, round0: AdapterWeights) -> tuple[ClientPlan
         received = from_record(content.array_records[PLAN_ARRAYS])
         rank, train_a, fresh = int(header["rank"]), bool(header["train-a"]), bool(header["fresh"])
         versions = [int(v) for v in header["merge"]]
+        has_fold = bool(header["fold"]) if "fold" in header else False
         meta = {key: int(header[key]) for key in ("client-id", "round", "seed")}
     except (KeyError, TypeError, ValueError) as e:
         raise WireError(f"not a plan: {e}") from None
@@ -151,8 +155,17 @@ def decode_plan(content: RecordDict, round0: AdapterWeights) -> tuple[ClientPlan
             merge.append(BaseDelta(version, AdapterWeights.from_tensors(delta)))
         except ValueError as e:
             raise WireError(f"base delta {version}: {e}") from None
+    fold = None
+    if has_fold:
+        folded = {k.removeprefix(_FOLD): t for k, t in received.items() if k.startswith(_FOLD)}
+        try:
+            fold = AdapterWeights.from_tensors(folded)
+        except ValueError as e:
+            raise WireError(f"the plan's fold: {e}") from None
+        if fold.dense or not fold.factors:
+            raise WireError("the plan's fold holds no LoRA factors, or tensors that are not factors")
     try:
-        plan = ClientPlan(AdapterWeights.from_tensors(adapter), train_a, fresh, tuple(merge))
+        plan = ClientPlan(AdapterWeights.from_tensors(adapter), train_a, fresh, tuple(merge), fold)
     except ValueError as e:
         raise WireError(f"the plan's adapter: {e}") from None
     if plan.downlink().keys() != received.keys():  # every array accounted for, none extra

@@ -444,6 +444,12 @@ class LoraModel:
             return
         if version != self.merged_version + 1:
             raise ValueError(f"base delta {version} arrived before delta {self.merged_version + 1}")
+        self._add_to_base(delta)
+        self.merged_version = version
+
+    def _base_weights(self, delta: AdapterWeights) -> dict[str, nn.Parameter]:
+        """The frozen base weight of every adapted weight `delta` names (ValueError for one this model
+        does not adapt)."""
         if self._peft is None:
             raise RuntimeError("no adapter slot yet: call load() or initial_weights() first")
         layers = {
@@ -454,11 +460,39 @@ class LoraModel:
         missing = sorted(delta.factors.keys() - layers.keys())
         if missing:
             raise ValueError(f"base delta names weights this model does not adapt: {missing[:3]}")
-        for name, f in delta.factors.items():
-            weight = layers[name].get_base_layer().weight
+        return {name: layers[name].get_base_layer().weight for name in delta.factors}
+
+    def _add_to_base(self, delta: AdapterWeights) -> None:
+        """`W0 += scale * B @ A` per adapted weight of `delta`: LoRA's own scaling, so folded factors
+        make the update they would make in an adapter."""
+        for name, weight in self._base_weights(delta).items():
+            f = delta.factors[name]
             update = f.B.to(self.device, torch.float32) @ f.A.to(self.device, torch.float32)
             weight.add_(update.to(weight.dtype), alpha=self.settings.scale)
-        self.merged_version = version
+
+    @contextlib.contextmanager
+    def folded(self, fold: AdapterWeights | None) -> Iterator[None]:
+        """Within the block, the base weights hold `fold` too (`W0 += scale * B @ A`, as `merge` adds);
+        after it, exactly the weights they held before, bit for bit (restored from a copy, not
+        subtracted: the in-process clients and evaluation share this one base). None: nothing."""
+        if fold is None or not fold.factors:
+            yield
+            return
+        with torch.no_grad():
+            weights = self._base_weights(fold)
+            saved = {name: w.detach().clone() for name, w in weights.items()}
+            try:
+                self._add_to_base(fold)
+            except BaseException:
+                for name, w in weights.items():
+                    w.copy_(saved[name])
+                raise
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, w in weights.items():
+                    w.copy_(saved[name])
 
     @torch.no_grad()
     def read(self, rank: int | None = None) -> AdapterWeights:
