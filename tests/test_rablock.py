@@ -6,8 +6,6 @@ Client factors are random Gaussian float64 from a seed that hypothesis draws, so
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import pytest
 import torch
 from hypothesis import given, note, settings
@@ -23,21 +21,15 @@ from hlora.aggregation.products import (
     rank_blocks,
 )
 from hlora.weights import AdapterWeights, LoraFactors
+from tests.test_products import Clients as ProductClients
 
 FAST = settings(max_examples=25, deadline=None, derandomize=True)
 MAX_DIM = 40
 TIERS = (1, 2, 4, 8, 16)
 
 
-class Clients(NamedTuple):
-    m: int
-    n: int
-    factors: list[tuple[torch.Tensor, torch.Tensor]]
-    weights: list[float]
-
-    @property
-    def ranks(self) -> list[int]:
-        return [B.shape[1] for B, _ in self.factors]
+class Clients(ProductClients):
+    """`test_products`' random clients, with the round-off this file's comparisons allow."""
 
     @property
     def tol(self) -> float:
