@@ -77,7 +77,12 @@ def clients(draw, dims: str = "any", equal_ranks: bool = False, max_clients: int
             m, n = n, m
     else:
         m, n = draw(st.integers(1, MAX_DIM)), draw(st.integers(1, MAX_DIM))
-    weights = draw(st.lists(st.floats(0.05, 10.0), min_size=k, max_size=k))
+    return draw_factors(draw, m, n, ranks)
+
+
+def draw_factors(draw, m: int, n: int, ranks: list[int], cls: type[Clients] = Clients) -> Clients:
+    """Random float64 factors of the given ranks for an `m x n` weight, and weights in [0.05, 10]."""
+    weights = draw(st.lists(st.floats(0.05, 10.0), min_size=len(ranks), max_size=len(ranks)))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
     factors = [
         (
@@ -87,7 +92,7 @@ def clients(draw, dims: str = "any", equal_ranks: bool = False, max_clients: int
         for r in ranks
     ]
     note(f"m={m} n={n} ranks={ranks} weights={weights}")
-    return Clients(m, n, factors, weights)
+    return cls(m, n, factors, weights)
 
 
 def frob(x: torch.Tensor) -> float:

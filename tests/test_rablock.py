@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, note, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hlora.aggregation import registry
@@ -22,6 +22,7 @@ from hlora.aggregation.products import (
 )
 from hlora.weights import AdapterWeights, LoraFactors
 from tests.test_products import Clients as ProductClients
+from tests.test_products import draw_factors
 
 FAST = settings(max_examples=25, deadline=None, derandomize=True)
 MAX_DIM = 40
@@ -39,17 +40,7 @@ class Clients(ProductClients):
 
 def make_clients(draw, ranks: list[int]) -> Clients:
     m, n = draw(st.integers(1, MAX_DIM)), draw(st.integers(1, MAX_DIM))
-    weights = draw(st.lists(st.floats(0.05, 10.0), min_size=len(ranks), max_size=len(ranks)))
-    g = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
-    factors = [
-        (
-            torch.randn(m, r, generator=g, dtype=torch.float64),
-            torch.randn(r, n, generator=g, dtype=torch.float64),
-        )
-        for r in ranks
-    ]
-    note(f"m={m} n={n} ranks={ranks} weights={weights}")
-    return Clients(m, n, factors, weights)
+    return draw_factors(draw, m, n, ranks, Clients)
 
 
 @st.composite
