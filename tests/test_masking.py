@@ -258,3 +258,24 @@ def test_bad_settings_refused_in_one_line(kwargs, match):
     with pytest.raises(ValueError, match=match) as caught:
         secure_sum(inputs, **kwargs)
     assert "\n" not in str(caught.value)
+
+
+def test_a_client_that_aborts_on_a_tampered_share_counts_as_dropped_and_the_sum_stays_exact():
+    inputs = random_inputs(5, 16, seed=9)
+    played = Played(inputs)
+    box = played.inboxes[2]
+    blob = bytearray(box.ciphertexts[4])
+    blob[masking.NONCE_BYTES] ^= 0x80  # a bit of the ciphertext body
+    masked = []
+    for u in range(5):
+        inbox = Inbox(2, {**box.ciphertexts, 4: bytes(blob)}) if u == 2 else played.inboxes[u]
+        try:
+            masked.append(played.clients[u].masked_input(inbox))
+        except ProtocolAbort:
+            assert u == 2
+    survivor_list = played.server.collect_masked(masked)
+    assert survivor_list.survivors == (0, 1, 3, 4)
+    replies = [played.clients[u].unmask(survivor_list) for u in survivor_list.survivors]
+    assert all(2 in m.mask_key_shares and 2 not in m.self_mask_shares for m in replies)
+    total = played.server.unmask(replies)
+    assert np.array_equal(total.view(np.int64), fixed_sum(inputs, [0, 1, 3, 4]))

@@ -63,8 +63,14 @@ _MASK_INFO = b"hlora secure-sum pairwise mask v1"
 
 class ProtocolAbort(RuntimeError):
     """A party met a message that the protocol says to abort on: a share that does not authenticate
-    (tampered, or encrypted for someone else), a roster with repeated keys, a survivor list that is not
-    a subset of the clients that shared. Bonawitz et al. abort the whole round; so does `secure_sum`."""
+    (tampered, or encrypted for someone else), a roster without the client's own keys or with repeated
+    keys, a survivor list that is not a subset of the clients that shared, a second unmasking request.
+
+    The client stops there and sends nothing more. A client that aborts on its inbox (round 2) has sent
+    no masked input, so to the server it is a client that dropped after sharing its keys: its pairwise
+    masks are cancelled from its key shares and its input stays out of the sum, and nothing of its input
+    was revealed (its key only unmasks a `y_u` that was never sent). Bonawitz et al. abort the client's
+    part in the same way. `secure_sum`, where no party tampers, lets it propagate (a bug)."""
 
 
 # ---------------------------------------------------------------------------------------------------
