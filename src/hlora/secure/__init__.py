@@ -1,0 +1,6 @@
+"""Secure summation: the server learns the sum of the clients' vectors and nothing else of them.
+
+`masking` is pairwise-mask secure aggregation as SecAgg computes it (Bonawitz et al., CCS 2017), written
+as the protocol's parties (clients and a server whose methods are its rounds) and run in-process by
+`masking.secure_sum`; `shamir` is the threshold secret sharing that lets it survive dropouts.
+"""
