@@ -328,3 +328,60 @@ def test_a_secure_run_crashed_in_round_2_resumes_bit_identically(tiny_settings, 
     assert [row["round"] for row in read_metrics(run_dir)] == [1, 2, 3]
     assert all(len(row["secure"]["stage_clients"]) == 4 for row in read_metrics(run_dir))
     assert_same_run(tmp_path / "whole", run_dir)
+
+
+# --- the engine on its own -----------------------------------------------------------------------------
+
+
+def engine(min_clients=1):
+    from hlora.aggregation import registry
+    from hlora.config import SecureSettings
+
+    init = clients_of([4], 99)[0]
+    ranks, sizes = {0: 2, 1: 4, 2: 3}, {0: 10, 1: 30, 2: 20}
+    server = FederatedServer(
+        registry.create("hlora", bank_rank=4),
+        init,
+        ranks,
+        3,
+        seed=0,
+        min_clients=min_clients,
+        client_sizes=sizes,
+    )
+    return server, engine_secure.SecureRound(server, SecureSettings(enabled=True)), sizes
+
+
+def test_the_engine_adopts_the_survivors_mean_and_counts_them_as_aggregated():
+    server, secure, sizes = engine()
+    plans = server.configure(1)
+    trained = clients_of([2, 4, 3], 5)
+    done = secure.play(1, plans, [0, 1, 2], exchange_over(trained, drop=lambda i, _: (1,) if i == 1 else ()))
+    assert done.outcome.accepted == (0, 2) and done.outcome.missing == (1,) and not done.outcome.failed
+    assert done.record["stage_clients"] == [[0, 1, 2], [0, 2]] and server.version == 1
+    B_ref, A_ref = aggregate_products(pairs(trained, [0, 2]), [sizes[0], sizes[2]], 4)
+    g = server.global_weights
+    assert_same_tiers(
+        g.factors["w"].B.double(), g.factors["w"].A.double(), B_ref.double(), A_ref.double(), [2, 3, 4], 1e-5
+    )
+    # client 1 sent its sketch and then nothing: its uplink is stage 1's alone
+    assert done.traffic.uplink_bytes_by_client[1] == 8 * M * 9
+    assert done.traffic.uplink_bytes_by_client[0] == 8 * (M * 9 + 9 * N + 3)
+
+
+def test_a_round_whose_sums_cannot_be_made_fails_and_keeps_the_global_model():
+    server, secure, _ = engine(min_clients=2)
+    before = server.global_weights.tensors()
+    plans = server.configure(1)
+    trained = clients_of([2, 4, 3], 5)
+    done = secure.play(
+        1, plans, [0, 1, 2], exchange_over(trained, drop=lambda i, req: tuple(req) if i == 1 else ())
+    )
+    assert done.outcome.failed and "secure sums could not be made" in done.outcome.reason
+    assert server.version == 0 and all(
+        torch.equal(before[k], v) for k, v in server.global_weights.tensors().items()
+    )
+    plans = server.configure(2)  # too few survivors for min_clients
+    done = secure.play(
+        2, plans, [0, 1, 2], exchange_over(trained, drop=lambda i, _: (0, 1) if i == 1 else ())
+    )
+    assert done.outcome.failed and "min_clients is 2" in done.outcome.reason and server.version == 0
