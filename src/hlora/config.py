@@ -224,6 +224,24 @@ class FaultSettings(_Section):
         return self
 
 
+class SecureSettings(_Section):
+    """Secure two-stage aggregation (`hlora.secure.two_stage`, `hlora.federation.secure`): the server sees
+    only sums of the clients' contributions, never an update, and still gets the product mean's best
+    factors at the bank rank. What it gives up (no per-update validation, no defence against a poisoned
+    sum) is in the README's "Secure aggregation". Off by default; a config without it runs as before."""
+
+    enabled: bool = False
+    # q, the columns of the random sketch `Omega` per adapted weight; 0: the round's total client rank,
+    # with which the result is exact. Below it the result is a randomised SVD (Halko et al. 2011).
+    sketch_rank: int = Field(0, ge=0)
+    # Power iterations of the range finder: each costs two more secure sums, and sharpens a sketch
+    # narrower than the rank of the product mean.
+    power_iterations: int = Field(0, ge=0, le=16)
+    # The fewest clients whose contributions a secure sum needs (the summation's Shamir threshold); None:
+    # the summation's default.
+    threshold: int | None = Field(None, ge=1)
+
+
 class Settings(_Section):
     """The whole run configuration (the resolved form is saved as `config.toml` in the run)."""
 
@@ -235,6 +253,7 @@ class Settings(_Section):
     train: TrainSettings = Field(default_factory=TrainSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     faults: FaultSettings = Field(default_factory=FaultSettings)
+    secure: SecureSettings = Field(default_factory=SecureSettings)
     # The chosen method's options (its `Options` model says which keys it takes); kept as written, so
     # that the saved config round-trips, and validated here and again when the method is created.
     method_options: dict[str, Any] = Field(default_factory=dict)
@@ -247,6 +266,40 @@ class Settings(_Section):
             raise ValueError(
                 f"run.client ({self.run.client}) is not a client id: ids run from 0 to "
                 f"federation.num_clients - 1 ({self.federation.num_clients - 1})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _secure_fits(self) -> Settings:
+        sec = self.secure
+        if not sec.enabled:
+            return self
+        from hlora.aggregation import registry
+
+        method = self.federation.method
+        if method in registry.names() and registry.get(method).secure_refactor is None:
+            able = [name for name in registry.ordered() if registry.get(name).secure_refactor is not None]
+            raise ValueError(
+                f"secure.enabled: method {method!r} cannot be computed from sums of client contributions; "
+                f"methods that can: {', '.join(able)}"
+            )
+        if self.run.mode != "federated":
+            raise ValueError(f'secure.enabled: run.mode {self.run.mode!r} has no federation to secure')
+        if self.faults.corrupt > 0:
+            raise ValueError(
+                "secure.enabled with faults.corrupt > 0: the server sees no update, so it cannot refuse a "
+                "corrupted one (secure aggregation gives up per-update validation)"
+            )
+        bank = self.lora.bank_rank if self.lora.bank_rank is not None else self.lora.max_client_rank
+        if 0 < sec.sketch_rank < bank:
+            raise ValueError(
+                f"secure.sketch_rank ({sec.sketch_rank}) is below the server's bank rank ({bank}): the "
+                f"global adapter would lose components; use 0 (the round's total client rank) or >= {bank}"
+            )
+        if sec.threshold is not None and sec.threshold > self.federation.clients_per_round:
+            raise ValueError(
+                f"secure.threshold ({sec.threshold}) exceeds federation.clients_per_round "
+                f"({self.federation.clients_per_round}): no secure sum could ever be opened"
             )
         return self
 
@@ -386,7 +439,21 @@ def settings_to_toml(settings: Settings) -> str:
             return {k: present(v) for k, v in values.items() if v is not None}
         return values
 
-    return tomli_w.dumps(present(settings.model_dump()))
+    return tomli_w.dumps(present(_without_default_sections(settings.model_dump())))
+
+
+# Sections added after runs were committed: left out of the recorded config and of the fingerprint
+# while they hold their defaults, so that a config without them records, fingerprints and resumes as
+# before they existed.
+_OPTIONAL_SECTIONS: dict[str, type[_Section]] = {"secure": SecureSettings}
+
+
+def _without_default_sections(data: dict[str, Any]) -> dict[str, Any]:
+    """A settings dump less the optional sections that hold their defaults."""
+    for name, section in _OPTIONAL_SECTIONS.items():
+        if name in data and data[name] == section().model_dump():
+            del data[name]
+    return data
 
 
 # The reference runs, and what identifies a run's config: `hlora.checkpoint` and `hlora compare` use these.
@@ -435,7 +502,7 @@ def effective_settings(settings: Settings) -> Settings:
 def fingerprinted(settings: Settings) -> dict[str, Any]:
     """What the fingerprint covers, as JSON: the resolved config less what a resume may change
     (`federation.rounds`) and what does not change results (`run.name`)."""
-    data = settings.model_dump()
+    data = _without_default_sections(settings.model_dump())
     del data["federation"]["rounds"], data["run"]["name"]
     return json.loads(json.dumps(data))
 

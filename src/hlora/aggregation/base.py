@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel
@@ -45,6 +45,11 @@ class Aggregator(ABC):
     # of the same product mean), or None: `hlora bench aggregation` checks that the two agree and
     # compares their cost.
     same_update_as: ClassVar[str | None] = None
+    # Secure aggregation (`[secure]`, `hlora.secure.two_stage`): what the final SVD of a secure round does
+    # with the singular values, `Z = U_z S V^T` of the sums: "balanced" (`B = Q U_z sqrt(S)`,
+    # `A = sqrt(S) V^T`) or "into_b" (`B = Q U_z S`, `A = V^T`). None: the method cannot be computed from
+    # sums of client contributions alone (its rule needs each update), and `[secure]` refuses it.
+    secure_refactor: ClassVar[Literal["balanced", "into_b"] | None] = None
 
     def __init__(self, bank_rank: int, seed: int = 0, options: BaseModel | None = None) -> None:
         self.bank_rank = bank_rank  # r_g, the rank of the global adapter the server keeps

@@ -21,6 +21,7 @@ from hlora.aggregation.registry import register
 class FlexLoRA(LayerwiseAggregator):
     name = "flexlora"
     order = 10
+    secure_refactor = "into_b"  # the two-stage sums give the same product mean's factors
 
     def combine(self, pairs: Sequence[tuple[Tensor, Tensor]], p: Sequence[float]) -> tuple[Tensor, Tensor]:
         return dense_product_svd(pairs, p, self.bank_rank)

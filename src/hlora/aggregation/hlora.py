@@ -22,6 +22,7 @@ class HLoRA(LayerwiseAggregator):
     name = "hlora"
     order = 0
     same_update_as = "flexlora"  # the same truncated SVD of the product mean, built densely
+    secure_refactor = "balanced"  # the two-stage sums give the same product mean's factors
 
     def combine(self, pairs: Sequence[tuple[Tensor, Tensor]], p: Sequence[float]) -> tuple[Tensor, Tensor]:
         return aggregate_products(pairs, p, self.bank_rank)

@@ -28,6 +28,7 @@ from hlora.checkpoint import Checkpoint
 from hlora.client.client import merge_base
 from hlora.config import settings_to_toml
 from hlora.data.partition import format_partition_table, write_partition_csv
+from hlora.errors import ConfigError
 from hlora.evaluation import evaluate
 from hlora.federation.metrics import (
     plot_accuracy,
@@ -69,6 +70,10 @@ class Replies:
     corrupted: dict[int, str] = field(default_factory=dict)  # client id -> injected corruption ([faults])
     # Bytes counted from the messages that travelled; None: from the plans and updates (`traffic`)
     sent: RoundTraffic | None = None
+    # A secure round (`federation.secure`): the server's outcome, already adopted from sums alone (then
+    # `updates` is empty: no update reached the server), and what the round's `secure` field records.
+    outcome: RoundOutcome | None = None
+    secure: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -82,12 +87,21 @@ class RoundLoop:
     exchange, then `finish` (aggregate, evaluate, metrics row, checkpoint). A runtime decides only how
     plans reach the clients and what comes back (`Replies`)."""
 
-    def __init__(self, exp: PreparedRun, run_dir: Path, resume: Checkpoint | None = None) -> None:
+    def __init__(
+        self, exp: PreparedRun, run_dir: Path, resume: Checkpoint | None = None, carries_secure: bool = False
+    ) -> None:
         """Own `run_dir` (new and empty, or with `resume` the run's own directory): lock it (RunDirError
         while another process holds it), restore the checkpoint (before anything is written: one that
         does not fit changes nothing), then write the config and partition. `first` is the round to play
         next. The caller restores the RNG states (`set_rng_state(resume.rng)`) just before the
-        first round, and calls `release` when the run ends or stops."""
+        first round, and calls `release` when the run ends or stops. A runtime that cannot play secure
+        rounds (`carries_secure` false) is refused a run with `[secure]` on (ConfigError), before
+        anything is written into the run directory."""
+        if exp.settings.secure.enabled and not carries_secure:
+            raise ConfigError(
+                "secure.enabled: this runtime does not carry secure aggregation yet (the Flower runtime "
+                "has no secure two-stage exchange); run it in the simulation (`hlora run`)"
+            )
         self.exp = exp
         self.run_dir = run_dir
         self._lock = lock_run_dir(run_dir)
@@ -147,6 +161,8 @@ class RoundLoop:
     def _aggregate(self, rnd: int, replies: Replies) -> RoundOutcome:
         """Step 1: the server folds the accepted updates into the next global adapter; replies that
         could not be read as updates count as refused."""
+        if replies.outcome is not None:  # a secure round: aggregated from sums as the exchange went
+            return replies.outcome
         outcome = self.exp.server.aggregate(rnd, replies.updates)
         if replies.unreadable:
             for cid, why in sorted(replies.unreadable.items()):
@@ -197,6 +213,8 @@ class RoundLoop:
         row["evaluated"] = bool(scores)
         row.update(reliability_fields(outcome, replies.lost, replies.corrupted))
         row["invalid_reports"] = {str(cid): names for cid, names in sorted(invalid.items())}
+        if replies.secure is not None:
+            row["secure"] = replies.secure
         return row
 
     def release(self) -> None:

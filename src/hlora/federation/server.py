@@ -227,6 +227,33 @@ class FederatedServer:
             instruments_s=time.perf_counter() - t0,
         )
 
+    def adopt(
+        self, rnd: int, candidate: AdapterWeights | None, contributors: Sequence[int], reason: str = ""
+    ) -> RoundOutcome:
+        """Take a global adapter aggregated from sums alone (a secure round, `federation.secure`): no
+        update reached the server, so none is validated, weighed or measured here. `contributors` are the
+        planned clients whose contributions are in `candidate`; with fewer than `min_clients` of them, a
+        `reason` (the round could not be summed), or a `candidate` that is not finite, nothing changes
+        and the outcome says the round failed."""
+        if rnd != self._round:
+            raise ValueError(f"adopt(round {rnd}) without configure({rnd}) before it")
+        ids = tuple(sorted(contributors))
+        if not set(ids) <= self._plans.keys():
+            raise ValueError(f"clients {sorted(set(ids) - self._plans.keys())} were not planned this round")
+        for cid in ids:  # a contribution was computed from what the client was sent
+            self._synced[cid] = self._plans[cid][1]
+        if not reason and len(ids) < self.min_clients:
+            reason = f"{len(ids)} client(s) in the secure sums, min_clients is {self.min_clients}"
+        if not reason and (candidate is None or not _finite(candidate)):
+            reason = "the aggregate is not finite"
+        if reason:
+            log.warning("round %d failed (%s): the global model is unchanged", rnd, reason)
+        else:
+            self.global_weights = candidate  # type: ignore[assignment]
+            self.version += 1
+        missing = tuple(sorted(self._plans.keys() - set(ids)))
+        return RoundOutcome(ids, {}, missing, bool(reason), reason)
+
     def _instruments(self, rnd: int, accepted: list[ClientUpdate]) -> dict[str, Any] | None:
         """The round's instruments (`aggregation.instruments.round_instruments`) over the accepted updates,
         with the federation's ranks as the block edges; None, logged, where they cannot be computed (they
