@@ -26,8 +26,8 @@ Each client sends `q m` numbers in stage 1 and `q n` (plus its head) in stage 2,
 `q = R`, every client pays the whole round's rank, not its own.
 
 The sums go through a `Summation` (`hlora.secure.masking.secure_sum`: pairwise masks, fixed point at
-`2^-scale_bits`); `plain_sum` is a stand-in with the same result type and no masks, for tests and for
-before the masking lands. The server side here only ever receives what a summation returns. The math
+`2^-scale_bits`); `plain_sum` is a stand-in with the same result type and no masks, for the tests of the
+math. The server side here only ever receives what a summation returns. The math
 runs in float64.
 """
 
@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hlora.secure.masking import SecureSumResult, secure_sum
 from hlora.weights import AdapterWeights
 
 log = logging.getLogger("hlora")
@@ -52,18 +53,6 @@ SCALE_BITS = 24  # the summation's fixed-point resolution, 2^-24, as `masking.se
 FLOAT_BYTES = 8  # a float64 on the wire (`Q`, `W`, the weight `p_k`)
 Split = Literal["balanced", "into_b"]
 StageKind = Literal["sketch", "project"]
-
-
-@dataclass(frozen=True)
-class SecureSumResult:
-    """What a secure summation returns: the sum over the survivors (float64), who they are, what the
-    server saw of the exchange, and the bytes each client sent up and received down for it."""
-
-    total: np.ndarray
-    survivors: tuple[int, ...]
-    server_view: Any
-    bytes_up: dict[int, int]
-    bytes_down: dict[int, int]
 
 
 class Summation(Protocol):
@@ -88,10 +77,10 @@ def plain_sum(
     threshold: int | None = None,
     scale_bits: int = SCALE_BITS,
 ) -> SecureSumResult:
-    """A stand-in for `masking.secure_sum` with the same result: the float64 sum over the survivors, no
-    masks and no fixed point (`scale_bits` is ignored), the total as the server's view, each survivor's
-    vector as its uplink. Raises ValueError with fewer than `threshold` (default 1) survivors or vectors
-    of different lengths."""
+    """A stand-in for `masking.secure_sum` with the same result, for tests of the math: the float64 sum
+    over the survivors, no masks and no fixed point (`scale_bits` is ignored), the total as the server's
+    view, each survivor's vector as its uplink. Raises ValueError with fewer than `threshold` (default 1)
+    survivors or vectors of different lengths."""
     dropped = set(dropouts)
     survivors = tuple(sorted(cid for cid in inputs if cid not in dropped))
     if len(survivors) < (threshold or 1):
@@ -116,13 +105,7 @@ def plain_sum(
 
 
 def default_summation() -> Summation:
-    """The pairwise-mask summation (`hlora.secure.masking.secure_sum`) where it is installed, else
-    `plain_sum` (logged: the server's view then holds the sum alone, but nothing masks what travels)."""
-    try:
-        from hlora.secure.masking import secure_sum  # type: ignore[import-not-found]
-    except ImportError:
-        log.warning("secure aggregation: hlora.secure.masking is not available, summing without masks")
-        return plain_sum
+    """The summation of `[secure]` rounds: pairwise-mask secure aggregation (`masking.secure_sum`)."""
     return secure_sum
 
 
