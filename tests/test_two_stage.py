@@ -297,9 +297,10 @@ def test_a_secure_run_ends_where_hlora_does_and_the_server_sees_no_update(
         patch.setattr(engine_secure.SecureRound, "play", play)
         simulation.run(secure, create_run_dir(tmp_path / "secure"), progress=False, summation=recording_sum)
 
-    # Fixed point at 2^-24 perturbs each round's sums by ~1e-7 (test_the_masked_sum_moves_one_round_by_the_fixed_point_alone), and the clients'
-    # AdamW steps carry that into the next rounds: compare what each tier holds (its product) and the
-    # head, not the factors (singular vectors of nearly equal small singular values can turn).
+    # Fixed point at 2^-24 perturbs each round's sums by ~1e-7 (see
+    # test_the_masked_sum_moves_one_round_by_the_fixed_point_alone), and the clients' AdamW steps carry
+    # that into the next rounds: compare what each tier holds (its product) and the head, not the
+    # factors (singular vectors of nearly equal small singular values can turn).
     want, got = plain.server.global_weights, secure.server.global_weights
     assert want.tensors().keys() == got.tensors().keys()
     for rank in sorted(set(secure.client_ranks.values())):
