@@ -14,6 +14,7 @@ starts a fresh process per message) and adding a draw somewhere cannot shift ano
 | a client's batches and dropout         | `client_seed(seed, round, client)`                |
 | injected faults (`[faults]`)           | `fault_seed(seed, round, client)`                 |
 | Fed-PLoRA's modules a client trains    | `selection_seed(seed, round, client)`             |
+| the DP noise of a round (`[privacy]`)   | `noise_seed(seed, round)`                         |
 
 The stream tags are part of the results: changing one changes every run made since. The global RNGs
 (Python's, numpy's, torch's) are set from the run seed as a run is prepared (`seed_everything`) and saved
@@ -40,6 +41,7 @@ TIERS = 0x7153E5
 SAMPLING = 0x5A3D1E
 FAULTS = 0xFA017
 SELECTION = 0x5E1EC7
+NOISE = 0xD9A015E
 
 
 def derive_seed(*parts: int) -> int:
@@ -71,6 +73,13 @@ def fault_seed(seed: int, rnd: int, client_id: int) -> int:
 def selection_seed(seed: int, rnd: int, client_id: int) -> int:
     """The seed of the server's choice of what one client trains in one round (Fed-PLoRA's modules)."""
     return derive_seed(seed, rnd, client_id, SELECTION)
+
+
+def noise_seed(seed: int, rnd: int) -> int:
+    """The seed of a round's differential-privacy noise (`hlora.privacy.mechanism`), unless
+    `privacy.secure_noise` draws it from the OS. For experiments only: whoever knows it can subtract the
+    noise. A resumed round draws the same noise as the round of a run that never stopped."""
+    return derive_seed(seed, rnd, NOISE)
 
 
 def seed_everything(seed: int) -> None:
