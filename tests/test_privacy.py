@@ -340,3 +340,30 @@ def test_a_resumed_private_run_is_the_run_that_never_stopped(tiny_settings, tmp_
     assert [r["privacy"]["epsilon"] for r in read_metrics(run_dir)] == [
         r["privacy"]["epsilon"] for r in read_metrics(tmp_path / "whole")
     ]
+
+
+def test_the_flower_apps_run_the_private_run_of_the_simulation_and_stop_at_its_budget(
+    tiny_settings, tmp_path, monkeypatch
+):
+    from flwr.supercore.task_identity import TaskIdentity
+    from safetensors.torch import load_file
+
+    from tests.test_flower_strategy import LoopbackGrid, node_configs, run_server
+
+    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    budget = epsilon(2, 2.0, 3, 3, 1 / 3**1.1) * 1.001
+    raw = with_privacy(tiny_settings, "zeropad", clip=0.5, noise_multiplier=2.0, epsilon_budget=budget)
+    raw["lora"].update(tiers=[1, 2, 4])
+    settings = validate_settings(raw)
+    out = run_server(LoopbackGrid(node_configs()), settings, tmp_path)
+    sim = tmp_path / "sim"
+    simulation.run(prepare(settings), create_run_dir(sim), progress=False)
+    a, b = (
+        load_file(out / "checkpoint/adapter.safetensors"),
+        load_file(sim / "checkpoint/adapter.safetensors"),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["privacy"] for r in read_metrics(out)] == [r["privacy"] for r in read_metrics(sim)]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["stopped"].startswith("privacy budget: round 3")
