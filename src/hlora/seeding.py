@@ -14,7 +14,7 @@ starts a fresh process per message) and adding a draw somewhere cannot shift ano
 | a client's batches and dropout         | `client_seed(seed, round, client)`                |
 | injected faults (`[faults]`)           | `fault_seed(seed, round, client)`                 |
 | Fed-PLoRA's modules a client trains    | `selection_seed(seed, round, client)`             |
-| the DP noise of a round (`[privacy]`)   | `noise_seed(seed, round)`                         |
+| a round's DP noise (`[privacy]`)       | `noise_seed(seed, round)`                         |
 
 The stream tags are part of the results: changing one changes every run made since. The global RNGs
 (Python's, numpy's, torch's) are set from the run seed as a run is prepared (`seed_everything`) and saved
