@@ -240,6 +240,47 @@ class SecureSettings(_Section):
     # The fewest clients whose contributions a secure sum needs (the summation's Shamir threshold); None:
     # the summation's default.
     threshold: int | None = Field(None, ge=1)
+class PrivacySettings(_Section):
+    """Client-level differential privacy (DP-FedAvg in product space, `hlora.privacy`; README "Privacy").
+    Off unless `clip` is set; a config without `[privacy]` runs and is fingerprinted as before it existed."""
+
+    # C: each client's change (product space, head included) is scaled to an L2 norm of at most C.
+    clip: float | None = Field(None, gt=0, allow_inf_nan=False)
+    # z: the Gaussian noise on the mean of the clipped changes has standard deviation z * C / m
+    # (m = federation.clients_per_round). 0: clipping only, no privacy guarantee (epsilon is infinite).
+    noise_multiplier: float = Field(0.0, ge=0, allow_inf_nan=False)
+    # The delta of the reported (epsilon, delta); None: 1 / num_clients**1.1, just below 1 / num_clients
+    # (a delta of 1 / N allows a mechanism that publishes one client's data outright).
+    delta: float | None = Field(None, gt=0, lt=1)
+    # Stop before a round whose release would take epsilon above this; None: play every round.
+    epsilon_budget: float | None = Field(None, gt=0, allow_inf_nan=False)
+    # True: the noise is drawn from the operating system's CSPRNG (`secrets`), not reproducible. False:
+    # from the run's seed (`seeding.noise_seed`), reproducible, for experiments only: anyone who knows
+    # the seed can subtract the noise.
+    secure_noise: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.clip is not None
+
+    @model_validator(mode="after")
+    def _coherent(self) -> PrivacySettings:
+        if self.clip is None:
+            if self.noise_multiplier > 0:
+                raise ValueError("privacy.noise_multiplier needs privacy.clip: the noise is scaled to it")
+            others = [k for k in ("delta", "epsilon_budget") if getattr(self, k) is not None]
+            others += ["secure_noise"] if self.secure_noise else []
+            if others:
+                raise ValueError(f"privacy.{others[0]} needs privacy.clip: privacy is on only with a clip")
+        if self.epsilon_budget is not None and self.noise_multiplier == 0:
+            raise ValueError(
+                "privacy.epsilon_budget needs privacy.noise_multiplier > 0: without noise epsilon is infinite"
+            )
+        return self
+
+    def resolved_delta(self, num_clients: int) -> float:
+        """`delta`, or its default `1 / num_clients**1.1`."""
+        return self.delta if self.delta is not None else 1.0 / num_clients**1.1
 
 
 class Settings(_Section):
@@ -254,6 +295,7 @@ class Settings(_Section):
     eval: EvalSettings = Field(default_factory=EvalSettings)
     faults: FaultSettings = Field(default_factory=FaultSettings)
     secure: SecureSettings = Field(default_factory=SecureSettings)
+    privacy: PrivacySettings = Field(default_factory=PrivacySettings)
     # The chosen method's options (its `Options` model says which keys it takes); kept as written, so
     # that the saved config round-trips, and validated here and again when the method is created.
     method_options: dict[str, Any] = Field(default_factory=dict)
@@ -316,6 +358,33 @@ class Settings(_Section):
             registry.validate_options(self.federation.method, self.method_options)
         except ConfigError as e:
             raise ValueError(str(e)) from None
+        return self
+
+    @model_validator(mode="after")
+    def _privacy_fits(self) -> Settings:
+        """[privacy] only where it means client-level DP: a method with `private_space` (the references'
+        modes drop [privacy] in `effective_settings`, so `hlora compare`'s references still run)."""
+        privacy = self.privacy
+        if not privacy.enabled or self.run.mode != "federated":
+            return self
+        if self.secure.enabled:
+            raise ValueError(
+                "[privacy] with secure.enabled: the noise is added to the product mean the server forms from "
+                "each update, which a secure round never shows it; the two do not combine yet (README "
+                '"Secure aggregation")'
+            )
+        from hlora.aggregation import registry
+
+        method = registry.get(self.federation.method)
+        why = method.private_refusal(registry.validate_options(self.federation.method, self.method_options))
+        if why is not None:
+            raise ValueError(f"[privacy] with federation.method {self.federation.method!r}: {why}")
+        n = self.federation.num_clients
+        if privacy.delta is not None and privacy.delta >= 1 / n:
+            raise ValueError(
+                f"privacy.delta ({privacy.delta:g}) must be below 1 / federation.num_clients ({1 / n:g}): "
+                "a larger delta allows publishing one client's data outright"
+            )
         return self
 
 
@@ -445,7 +514,7 @@ def settings_to_toml(settings: Settings) -> str:
 # Sections added after runs were committed: left out of the recorded config and of the fingerprint
 # while they hold their defaults, so that a config without them records, fingerprints and resumes as
 # before they existed.
-_OPTIONAL_SECTIONS: dict[str, type[_Section]] = {"secure": SecureSettings}
+_OPTIONAL_SECTIONS: dict[str, type[_Section]] = {"secure": SecureSettings, "privacy": PrivacySettings}
 
 
 def _without_default_sections(data: dict[str, Any]) -> dict[str, Any]:
@@ -470,6 +539,9 @@ def effective_settings(settings: Settings) -> Settings:
     round, no bank rank above the client's own."""
     from hlora.aggregation import registry
 
+    if settings.run.mode != "federated" and settings.privacy.enabled:
+        # Client-level DP is a property of the federated run; the references are its yardsticks.
+        settings = settings.model_copy(update={"privacy": PrivacySettings()})
     if settings.run.mode == "local":
         fed = settings.federation.model_copy(
             update={"method": registry.reference(), "clients_per_round": 1, "min_clients": 1}

@@ -15,6 +15,7 @@ starts a fresh process per message) and adding a draw somewhere cannot shift ano
 | injected faults (`[faults]`)           | `fault_seed(seed, round, client)`                 |
 | Fed-PLoRA's modules a client trains    | `selection_seed(seed, round, client)`             |
 | the sketch `Omega` of a secure round   | `sketch_seed(seed, round)`                        |
+| a round's DP noise (`[privacy]`)       | `noise_seed(seed, round)`                         |
 
 The stream tags are part of the results: changing one changes every run made since. The global RNGs
 (Python's, numpy's, torch's) are set from the run seed as a run is prepared (`seed_everything`) and saved
@@ -42,6 +43,7 @@ SAMPLING = 0x5A3D1E
 FAULTS = 0xFA017
 SELECTION = 0x5E1EC7
 SKETCH = 0x5CE7C4
+NOISE = 0xD9A015E
 
 
 def derive_seed(*parts: int) -> int:
@@ -79,6 +81,11 @@ def sketch_seed(seed: int, rnd: int) -> int:
     """The seed of a secure round's random sketch `Omega` (`hlora.secure.two_stage`): the server sends
     this seed, not the matrix, and every party rebuilds the same `Omega` from it."""
     return derive_seed(seed, rnd, SKETCH)
+def noise_seed(seed: int, rnd: int) -> int:
+    """The seed of a round's differential-privacy noise (`hlora.privacy.mechanism`), unless
+    `privacy.secure_noise` draws it from the OS. For experiments only: whoever knows it can subtract the
+    noise. A resumed round draws the same noise as the round of a run that never stopped."""
+    return derive_seed(seed, rnd, NOISE)
 
 
 def seed_everything(seed: int) -> None:

@@ -79,6 +79,9 @@ def _play(
     if resume is not None:
         set_rng_state(resume.rng)  # last: nothing may draw from them before the rounds
     for rnd in rounds:
+        if loop.stop_reason(rnd) is not None:  # the privacy budget: the run ends here, cleanly
+            rounds.write(f"stopped before round {rnd}: {loop.stopped}")
+            break
         plans = loop.configure(rnd)
         replies = Replies([], {}, corrupted=faults.corrupted(rnd, plans))
         for cid, plan in plans.items():

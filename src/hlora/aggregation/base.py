@@ -50,6 +50,12 @@ class Aggregator(ABC):
     # `A = sqrt(S) V^T`) or "into_b" (`B = Q U_z S`, `A = V^T`). None: the method cannot be computed from
     # sums of client contributions alone (its rule needs each update), and `[secure]` refuses it.
     secure_refactor: ClassVar[Literal["balanced", "into_b"] | None] = None
+    # Where client-level differential privacy (`hlora.privacy`, DP-FedAvg) can clip, average and noise
+    # this method's updates: "products" (the change `B_k A_k - B0_k A0_k` of each adapted weight: the
+    # rules that aggregate the product mean), "factors" (the change of the travelling tensors, zero-padded:
+    # the linear rules), or None (no private path: [privacy] is refused). A method that has one turns the
+    # noisy mean into its next global adapter in `from_noisy_mean`.
+    private_space: ClassVar[Literal["products", "factors"] | None] = None
 
     def __init__(self, bank_rank: int, seed: int = 0, options: BaseModel | None = None) -> None:
         self.bank_rank = bank_rank  # r_g, the rank of the global adapter the server keeps
@@ -97,6 +103,29 @@ class Aggregator(ABC):
     def aggregate(self, global_weights: AdapterWeights, updates: Sequence[ClientUpdate]) -> AdapterWeights:
         """The next global adapter (at `bank_rank`) from this round's client updates."""
 
+    @classmethod
+    def private_refusal(cls, options: BaseModel | None) -> str | None:
+        """Why [privacy] cannot run this method with these options (one line), or None where it can."""
+        if cls.private_space is None:
+            return (
+                "its aggregate is not a mean of the clients' changes in product or factor space, so the "
+                "DP mechanism (clip each change, average with fixed weights, add noise) does not apply; "
+                "use a method with a private path (`hlora methods`)"
+            )
+        return None
+
+    def from_noisy_mean(
+        self, global_weights: AdapterWeights, layers: Mapping[str, Tensor], dense: Mapping[str, Tensor]
+    ) -> AdapterWeights:
+        """The next global adapter (at `bank_rank`) from the DP mechanism's noisy mean
+        (`hlora.privacy.mechanism`): post-processing, so whatever it does keeps the guarantee.
+
+        For `private_space = "products"`, `layers` maps each adapted weight to the noisy dense mean
+        `dW` (`m x n`); for "factors", each travelling factor, named as `AdapterWeights.tensors()` names
+        it (`<layer>.lora_A`, `<layer>.lora_B`), to its noisy zero-padded mean at `bank_rank`. `dense`
+        is the noisy mean of the head. Only methods with a `private_space` implement it."""
+        raise NotImplementedError(f"{self.name} has no private path (private_space is None)")
+
     def global_update(self, result: AdapterWeights) -> Mapping[str, LoraFactors]:
         """The update this round's aggregate stands for, per adapted weight, in the clients' adapter space:
         what the rule made of the clients' products (`aggregation.instruments` measures it against their
@@ -138,6 +167,57 @@ class LayerwiseAggregator(Aggregator):
                 B, A = revive_components(B, A, self.initial.factors[layer].A)
             factors[layer] = LoraFactors(B, A)
         return AdapterWeights(factors, average_dense(updates, p))
+
+
+def refactor_dense_mean(
+    aggregator: Aggregator,
+    global_weights: AdapterWeights,
+    layers: Mapping[str, Tensor],
+    dense: Mapping[str, Tensor],
+    combine: Any,
+) -> AdapterWeights:
+    """`from_noisy_mean` of the product rules (`private_space = "products"`): each noisy dense mean `dW`
+    re-factored at the bank rank by the rule's own `combine` (HLoRA: `aggregate_products`, FlexLoRA:
+    `dense_product_svd`), given as the one pair `(dW, I_n)` (or `(I_m, dW)`, the smaller identity) of
+    weight 1. Its rank is `min(m, n)`, so both take their dense SVD path, with the rule's sign convention,
+    round-off cut and split; then the components left zero are restarted (`revive_components`) as after a
+    plain aggregate. `combine(pairs, weights, rank) -> (B, A)`."""
+    factors = {}
+    for layer, shared in global_weights.factors.items():
+        dW = layers[layer]
+        m, n = dW.shape
+        eye = torch.eye(min(m, n), dtype=dW.dtype, device=dW.device)
+        pair = (eye, dW) if m <= n else (dW, eye)
+        B, A = combine([pair], [1.0], aggregator.bank_rank)
+        B, A = B.to(shared.B.dtype), A.to(shared.A.dtype)
+        if aggregator.initial is not None:
+            B, A = revive_components(B, A, aggregator.initial.factors[layer].A)
+        factors[layer] = LoraFactors(B, A)
+    head = {name: dense[name].to(t.dtype) for name, t in global_weights.dense.items()}
+    return AdapterWeights(factors, head)
+
+
+def padded_factor_mean(
+    aggregator: Aggregator,
+    global_weights: AdapterWeights,
+    layers: Mapping[str, Tensor],
+    dense: Mapping[str, Tensor],
+    revive: bool = True,
+) -> AdapterWeights:
+    """`from_noisy_mean` of the linear rules (`private_space = "factors"`): the noisy padded factors
+    as the global adapter, the tensors that do not travel (FFA-LoRA's frozen `A`) kept from
+    `global_weights`; with `revive`, the components whose `A` row is all zero restarted as after a plain
+    aggregate (`revive_components`)."""
+    flat = dict(global_weights.tensors())
+    for name, t in [*layers.items(), *dense.items()]:
+        flat[name] = t.to(flat[name].dtype)
+    result = AdapterWeights.from_tensors(flat)
+    if not revive or aggregator.initial is None:
+        return result
+    factors = {}
+    for layer, f in result.factors.items():
+        factors[layer] = LoraFactors(*revive_components(f.B, f.A, aggregator.initial.factors[layer].A))
+    return AdapterWeights(factors, result.dense)
 
 
 def revive_components(B: Tensor, A: Tensor, init_A: Tensor) -> tuple[Tensor, Tensor]:

@@ -6,13 +6,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import Tensor
 
-from hlora.aggregation.base import LayerwiseAggregator
+from hlora.aggregation.base import LayerwiseAggregator, padded_factor_mean
 from hlora.aggregation.products import factor_mean
 from hlora.aggregation.registry import register
+from hlora.weights import AdapterWeights
 
 
 @register
@@ -20,7 +21,13 @@ class FedIT(LayerwiseAggregator):
     name = "fedit"
     equal_ranks = True  # it averages factors, which only line up at one rank
     reference = True  # FedAvg at one rank, the identity on one update: the references' rule
+    private_space = "factors"  # DP noise on the zero-padded factor mean
     order = 50
 
     def combine(self, pairs: Sequence[tuple[Tensor, Tensor]], p: Sequence[float]) -> tuple[Tensor, Tensor]:
         return factor_mean(pairs, p)
+
+    def from_noisy_mean(
+        self, global_weights: AdapterWeights, layers: Mapping[str, Tensor], dense: Mapping[str, Tensor]
+    ) -> AdapterWeights:
+        return padded_factor_mean(self, global_weights, layers, dense)

@@ -8,9 +8,11 @@ sends and receives only `B` and the head: half of LoRA's traffic.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from hlora.aggregation.base import Aggregator, average_dense, client_weights
+from torch import Tensor
+
+from hlora.aggregation.base import Aggregator, average_dense, client_weights, padded_factor_mean
 from hlora.aggregation.registry import register
 from hlora.errors import AggregationError
 from hlora.protocol import ClientPlan, ClientUpdate
@@ -21,6 +23,7 @@ from hlora.weights import AdapterWeights, LoraFactors
 class FFALoRA(Aggregator):
     name = "ffa"
     order = 40
+    private_space = "factors"  # DP noise on the padded mean of B (A is shared, frozen, noise-free)
 
     def plan_for(self, global_weights: AdapterWeights, client_rank: int, synced: int = 0) -> ClientPlan:
         return ClientPlan(global_weights.truncate(client_rank), train_a=False)
@@ -40,3 +43,8 @@ class FFALoRA(Aggregator):
                 B[:, : Bk.shape[1]] += w * Bk.to(B.dtype)
             factors[layer] = LoraFactors(B, shared.A)
         return AdapterWeights(factors, average_dense(updates, p))
+
+    def from_noisy_mean(
+        self, global_weights: AdapterWeights, layers: Mapping[str, Tensor], dense: Mapping[str, Tensor]
+    ) -> AdapterWeights:
+        return padded_factor_mean(self, global_weights, layers, dense, revive=False)  # A never changes

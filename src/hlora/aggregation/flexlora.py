@@ -8,20 +8,27 @@ client's first `r_k` components (the default `plan_for`) are still the best rank
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import Tensor
 
-from hlora.aggregation.base import LayerwiseAggregator
+from hlora.aggregation.base import LayerwiseAggregator, refactor_dense_mean
 from hlora.aggregation.products import dense_product_svd
 from hlora.aggregation.registry import register
+from hlora.weights import AdapterWeights
 
 
 @register
 class FlexLoRA(LayerwiseAggregator):
     name = "flexlora"
+    private_space = "products"  # DP noise on the dense product mean, then this rule's SVD
     order = 10
     secure_refactor = "into_b"  # the two-stage sums give the same product mean's factors
 
     def combine(self, pairs: Sequence[tuple[Tensor, Tensor]], p: Sequence[float]) -> tuple[Tensor, Tensor]:
         return dense_product_svd(pairs, p, self.bank_rank)
+
+    def from_noisy_mean(
+        self, global_weights: AdapterWeights, layers: Mapping[str, Tensor], dense: Mapping[str, Tensor]
+    ) -> AdapterWeights:
+        return refactor_dense_mean(self, global_weights, layers, dense, dense_product_svd)

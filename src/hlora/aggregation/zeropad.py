@@ -7,19 +7,21 @@ component that only high-rank clients train is diluted by the others' zeros.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from hlora.aggregation.base import LayerwiseAggregator
+from hlora.aggregation.base import LayerwiseAggregator, padded_factor_mean
 from hlora.aggregation.products import normalise_weights, product_norms, zero_pad_mean
 from hlora.aggregation.registry import register
+from hlora.weights import AdapterWeights
 
 
 @register
 class ZeroPad(LayerwiseAggregator):
     name = "zeropad"
+    private_space = "factors"  # DP noise on the zero-padded factor mean
     order = 20
 
     class Options(BaseModel):
@@ -32,6 +34,15 @@ class ZeroPad(LayerwiseAggregator):
     def combine(self, pairs: Sequence[tuple[Tensor, Tensor]], p: Sequence[float]) -> tuple[Tensor, Tensor]:
         return zero_pad_mean(pairs, self.layer_weights(pairs, p), self.bank_rank)
 
+    @classmethod
+    def private_refusal(cls, options: BaseModel | None) -> str | None:
+        if getattr(options, "norm_weighting", False):
+            return (
+                "method_options.norm_weighting weighs clients by their updates' norms, and DP-FedAvg needs "
+                "weights that do not depend on client data"
+            )
+        return super().private_refusal(options)
+
     def layer_weights(self, pairs: Sequence[tuple[Tensor, Tensor]], p: Sequence[float]) -> Tensor:
         """The weights of one adapted weight's factors: `p_k`, or with `norm_weighting` the normalised
         `||B_k @ A_k||_F` (falling back to `p_k` where every update is zero, as before any training)."""
@@ -41,3 +52,8 @@ class ZeroPad(LayerwiseAggregator):
         if not norms.sum() > 0:
             return normalise_weights(p, len(p))
         return normalise_weights(norms.cpu(), len(p))
+
+    def from_noisy_mean(
+        self, global_weights: AdapterWeights, layers: Mapping[str, Tensor], dense: Mapping[str, Tensor]
+    ) -> AdapterWeights:
+        return padded_factor_mean(self, global_weights, layers, dense)

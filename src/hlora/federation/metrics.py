@@ -111,6 +111,11 @@ def round_line(row: dict[str, Any], rounds: int) -> str:
         )
     if row.get("round_failed"):
         trouble += "  round failed: global model kept"
+    privacy = row.get("privacy")
+    if privacy:  # [privacy]: the epsilon spent so far (null: no noise, unbounded)
+        eps = privacy["epsilon"]
+        spent = f"  eps {eps:.3g}" if eps is not None else "  eps inf"
+        trouble = f"{spent} (clipped {privacy['clipped']}/{privacy['aggregated']}){trouble}"
     return (
         f"round {row['round']:>3}/{rounds}  acc {acc}{f1}{tier_acc}  "
         f"loss {loss}  "
@@ -158,6 +163,10 @@ def summarise(rows: Sequence[dict[str, Any]], extra: dict[str, Any]) -> dict[str
         summary["rejected_by_reason"] = _counts(rows, "rejected")
         summary["failed_clients_by_kind"] = _counts(rows, "failed_clients")
         summary["corrupted_by_kind"] = _counts(rows, "corrupted_clients")
+    if rows[-1].get("privacy"):  # [privacy]: the (epsilon, delta) of the run's released models
+        last = rows[-1]["privacy"]
+        summary["privacy"] = {k: last[k] for k in ("epsilon", "delta", "noise_multiplier", "clip")}
+        summary["privacy"]["clipped"] = sum(r["privacy"]["clipped"] for r in rows if r.get("privacy"))
     if any("invalid_reports" in r for r in rows):  # client figures recorded as missing (federation.reports)
         reports = (names for row in rows for names in row.get("invalid_reports", {}).values())
         names = Counter(name for names in reports for name in names)

@@ -36,6 +36,7 @@ from hlora.errors import CheckpointError
 from hlora.federation.ranks import assign_ranks, resolve_bank_rank
 from hlora.federation.server import FederatedServer
 from hlora.models.lora_model import LoraModel, check_fit, load_base_model
+from hlora.privacy.mechanism import DpMechanism
 from hlora.seeding import initial_adapter_seed, rng_state, seed_everything
 
 log = logging.getLogger("hlora")
@@ -108,6 +109,8 @@ def split_clients(settings: Settings, labels: Any) -> tuple[list[np.ndarray], di
 def prepare(settings: Settings) -> PreparedRun:
     """Load and check the data, partitions and model. Raises HloraError on bad input; writes nothing."""
     check_fit(settings)  # what the model cannot serve, before anything slow
+    if settings.privacy.enabled and settings.run.mode != "federated":
+        log.warning("run.mode %r is a reference: it runs without [privacy]", settings.run.mode)
     settings = effective_settings(settings)
     t0 = time.perf_counter()
     task = get_task(settings.data.task)
@@ -140,6 +143,7 @@ def prepare(settings: Settings) -> PreparedRun:
         max_update_norm=fed.max_update_norm,
         client_sizes={cid: len(parts[cid]) for cid in client_ranks},
         update_norm_factor=fed.update_norm_factor,
+        privacy=dp_mechanism(settings),
     )
     t2 = time.perf_counter()
     train = encode(train_rows, tokenizer, settings.data.max_length)
@@ -165,6 +169,26 @@ def prepare(settings: Settings) -> PreparedRun:
         majority_baseline=float(counts.max() / counts.sum()),
         data_source=train_rows.source,
         timings={"data_s": t1 - t0, "model_s": t2 - t1, "tokenize_s": t3 - t2},
+    )
+
+
+def dp_mechanism(settings: Settings) -> DpMechanism | None:
+    """The server's DP mechanism of [privacy], or None where it is off. Under privacy the relative outlier
+    rule (`federation.update_norm_factor`) is off (`FederatedServer`): it is logged here."""
+    p = settings.privacy
+    if not p.enabled:
+        return None
+    assert p.clip is not None
+    if settings.federation.update_norm_factor != float("inf"):
+        log.info("[privacy]: federation.update_norm_factor is off (one client's update must not decide "
+                 "whether another's is included)")  # fmt: skip
+    if not p.secure_noise:
+        log.warning(
+            "[privacy]: the noise is seeded from run.seed (reproducible, for experiments only: whoever "
+            "knows the seed can subtract it); privacy.secure_noise = true draws it from the OS"
+        )
+    return DpMechanism(
+        p.clip, p.noise_multiplier, settings.federation.clients_per_round, settings.run.seed, p.secure_noise
     )
 
 

@@ -11,12 +11,14 @@
 3. check the clients' figures and build the metrics row (`federation.metrics`);
 4. commit the checkpoint (`federation.prepared.save_checkpoint`), then append the row.
 A runtime decides only how plans reach clients and what comes back (`Replies`); it never asks which
-method runs.
+method runs. Before each round it asks `loop.stop_reason(rnd)`: with a `privacy.epsilon_budget`, a
+round whose release would spend more than the budget is not played, and the run ends there (`close`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,6 +42,7 @@ from hlora.federation.prepared import PreparedRun, restore, save_checkpoint
 from hlora.federation.reports import check_reports, planned_work
 from hlora.federation.server import RoundOutcome, RoundTraffic, traffic
 from hlora.federation.validation import Rejection
+from hlora.privacy.accountant import PrivacyAccountant
 from hlora.protocol import ClientPlan, ClientUpdate, TrainResult
 from hlora.provenance import environment
 from hlora.rundir import (
@@ -125,6 +128,37 @@ class RoundLoop:
         )
         self.metrics = MetricsLog(run_dir, resume.metrics if resume is not None else ())
         self._t0 = 0.0
+        p = s.privacy
+        # Stateless: epsilon after round t is recomputed from t, so a resumed run needs nothing saved.
+        self.accountant = (
+            PrivacyAccountant(p.noise_multiplier, fed.clients_per_round, fed.num_clients,
+                              p.resolved_delta(fed.num_clients))
+            if p.enabled
+            else None
+        )  # fmt: skip
+        self.stopped: str | None = None  # why the run ended before federation.rounds (stop_reason)
+
+    def stop_reason(self, rnd: int) -> str | None:
+        """Why the run must end before round `rnd` (None: play it): with `privacy.epsilon_budget`, a
+        round whose release would take epsilon above the budget. The runtimes ask it before each round;
+        the reason goes into the summary (`stopped`)."""
+        eps = self._over_budget(rnd)
+        if eps is None:
+            return None
+        budget = self.exp.settings.privacy.epsilon_budget
+        self.stopped = (
+            f"privacy budget: round {rnd} would spend epsilon {eps:.4g} > privacy.epsilon_budget {budget:g}"
+        )
+        log.warning("stopped before round %d: %s", rnd, self.stopped)
+        return self.stopped
+
+    def _over_budget(self, rnd: int) -> float | None:
+        """The epsilon after round `rnd` where it exceeds the budget, else None."""
+        budget = self.exp.settings.privacy.epsilon_budget
+        if self.accountant is None or budget is None:
+            return None
+        eps = self.accountant.epsilon(rnd)
+        return eps if eps > budget else None
 
     def configure(self, rnd: int) -> dict[int, ClientPlan]:
         """The round's plans, by client id (`FederatedServer.configure`); the round's clock starts."""
@@ -175,7 +209,8 @@ class RoundLoop:
         `eval.every` picks (and always the last); each rank tier's where `eval.tiers` asks. A round not
         evaluated merges nothing: FLoRA's deltas wait for the next client, in the same order."""
         exp, s = self.exp, self.exp.settings
-        last = rnd == s.federation.rounds
+        # the run's last round: the configured last, or the last its privacy budget allows
+        last = rnd == s.federation.rounds or self._over_budget(rnd + 1) is not None
         if not (rnd % s.eval.every == 0 or last):
             return {}, _TierScores({}, 0.0)
         global_model = exp.server.model_plan()  # FLoRA: with the merged stacks
@@ -215,7 +250,25 @@ class RoundLoop:
         row["invalid_reports"] = {str(cid): names for cid, names in sorted(invalid.items())}
         if replies.secure is not None:
             row["secure"] = replies.secure
+        if self.accountant is not None:
+            row["privacy"] = self._privacy_fields(rnd, outcome)
         return row
+
+    def _privacy_fields(self, rnd: int, outcome: RoundOutcome) -> dict[str, Any]:
+        """The `privacy` field of the row: the (epsilon, delta) spent after `rnd` rounds (epsilon null
+        where it is unbounded: no noise), the mechanism's settings, and what it did this round."""
+        assert self.accountant is not None
+        p = self.exp.settings.privacy
+        eps = self.accountant.epsilon(rnd)
+        done = outcome.privacy or {"sigma": None, "clipped": 0, "aggregated": 0}  # a failed round
+        return {
+            "epsilon": eps if math.isfinite(eps) else None,
+            "delta": self.accountant.delta,
+            "noise_multiplier": p.noise_multiplier,
+            "clip": p.clip,
+            "secure_noise": p.secure_noise,
+            **done,
+        }
 
     def release(self) -> None:
         """Let another process play into the run directory (after `close`, or when the run stops)."""
@@ -239,6 +292,7 @@ class RoundLoop:
                 "majority_baseline": exp.majority_baseline,
                 "device": str(exp.model.device),
                 **{k: round(v, 3) for k, v in exp.timings.items()},
+                **({"stopped": self.stopped} if self.stopped else {}),
                 "environment": environment(str(exp.model.device)),
             },
         )

@@ -22,6 +22,7 @@ from hlora.aggregation.base import Aggregator, client_weights
 from hlora.aggregation.instruments import block_edges, round_instruments
 from hlora.errors import AggregationError
 from hlora.federation.validation import Rejection, lower_median, update_norm, validate_update
+from hlora.privacy.mechanism import DpMechanism
 from hlora.protocol import ClientPlan, ClientUpdate
 from hlora.seeding import sampling_seed
 from hlora.weights import AdapterWeights, tensor_bytes
@@ -64,6 +65,9 @@ class RoundOutcome:
     # for a failed round, or where the figures could not be computed. `instruments_s`: their cost.
     instruments: dict[str, Any] | None = None
     instruments_s: float = 0.0
+    # With [privacy]: what the DP mechanism did (`PrivateRound.record()`: sigma, clipped, aggregated);
+    # None without privacy or for a failed round
+    privacy: dict[str, Any] | None = None
 
 
 class FederatedServer:
@@ -78,6 +82,11 @@ class FederatedServer:
     the server's own partition: updates are weighted by those, never by the `num_samples` a client
     claims (a claim that differs is logged and recorded). None (tests and tools without a partition):
     by the claims.
+
+    With `privacy` (a `DpMechanism`, [privacy]), the accepted updates are not weighed by size at all:
+    the mechanism clips each change and averages them with fixed weights, adds noise, and the method
+    re-factors the noisy mean (`hlora.privacy.mechanism`). The relative outlier rule is then off: it
+    would let one client's update decide whether another's is included.
     """
 
     def __init__(
@@ -91,8 +100,11 @@ class FederatedServer:
         max_update_norm: float | None = None,
         client_sizes: Mapping[int, int] | None = None,
         update_norm_factor: float | None = None,
+        privacy: DpMechanism | None = None,
     ) -> None:
         aggregator.check_ranks(client_ranks)
+        if privacy is not None and aggregator.private_space is None:
+            raise ValueError(f"{aggregator.name} has no private path for the DP mechanism")
         if min_clients < 1:
             raise ValueError(f"min_clients must be >= 1, got {min_clients}")
         if client_sizes is not None:
@@ -107,6 +119,9 @@ class FederatedServer:
         self.client_sizes = dict(client_sizes) if client_sizes is not None else None
         # inf: no relative bound
         self.update_norm_factor = update_norm_factor if update_norm_factor != math.inf else None
+        self.privacy = privacy
+        if privacy is not None:
+            self.update_norm_factor = None  # data-dependent inclusion: see the class docstring
         self.aggregator = aggregator
         self.client_ranks = dict(client_ranks)
         self.clients_per_round = clients_per_round
@@ -206,10 +221,11 @@ class FederatedServer:
             self._synced[u.client_id] = self._plans[u.client_id][1]
         accepted, misreported = self._weigh(rnd, accepted)
         ids = tuple(u.client_id for u in accepted)
+        private = None
         if len(accepted) < self.min_clients:
             reason = f"{len(accepted)} valid update(s), min_clients is {self.min_clients}"
         else:
-            reason = self._fold(accepted)
+            reason, private = self._fold(rnd, accepted)
         instruments, t0 = None, time.perf_counter()
         if reason:
             log.warning("round %d failed (%s): the global model is unchanged", rnd, reason)
@@ -225,6 +241,7 @@ class FederatedServer:
             misreported=misreported,
             instruments=instruments,
             instruments_s=time.perf_counter() - t0,
+            privacy=None if reason else private,
         )
 
     def adopt(
@@ -271,12 +288,21 @@ class FederatedServer:
             return None
         return _finite_figures(figures)
 
-    def _fold(self, accepted: list[ClientUpdate]) -> str:
-        """Replace the global adapter by the method's aggregate of `accepted`; or, where the method
-        refuses them or its result is not finite, change nothing and say why."""
+    def _fold(self, rnd: int, accepted: list[ClientUpdate]) -> tuple[str, dict[str, Any] | None]:
+        """Replace the global adapter by the method's aggregate of `accepted` (with `privacy`, the DP
+        mechanism's); or, where the method refuses them or its result is not finite, change nothing and
+        say why. Also returns the mechanism's record of the round (None without privacy)."""
         kept = self.aggregator.state_dict()  # what the method gathered so far (FLoRA: its stacks)
+        private = None
         try:
-            candidate = self.aggregator.aggregate(self.global_weights, accepted)
+            if self.privacy is None:
+                candidate = self.aggregator.aggregate(self.global_weights, accepted)
+            else:
+                plans = {cid: plan for cid, (plan, _) in self._plans.items()}
+                candidate, record = self.privacy.aggregate(
+                    self.aggregator, self.global_weights, rnd, plans, accepted
+                )
+                private = record.record()
         except AggregationError as e:
             reason = str(e)
         # Validated updates can still be beyond the method: factors so large that LAPACK fails on them,
@@ -293,7 +319,7 @@ class FederatedServer:
         else:
             self.global_weights = candidate
             self.version += 1
-        return reason
+        return reason, private
 
     def _weigh(self, rnd: int, accepted: list[ClientUpdate]) -> tuple[list[ClientUpdate], dict[int, float]]:
         """The updates with `num_samples` set to the size the server knows for each client, and the

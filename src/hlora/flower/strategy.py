@@ -89,6 +89,9 @@ class HloraStrategy(Strategy):
         """One train message per planned client, to the node of its partition, holding only what its
         plan sends down. A node the SuperLink no longer lists is not sent anything."""
         rnd = server_round + self.offset
+        self._plans, self._sent = {}, {}
+        if self.loop.stopped is not None or self.loop.stop_reason(rnd) is not None:
+            return []  # the privacy budget is spent: the remaining rounds send nothing and aggregate nothing
         online = set(grid.get_node_ids())
         self._adopt(grid, online, rnd)  # before the plans: an adopted node's plan starts from scratch
         self._plans = self.loop.configure(rnd)
@@ -137,6 +140,8 @@ class HloraStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Read the replies into updates and finish the round through the shared loop."""
         rnd = server_round + self.offset
+        if self.loop.stopped is not None:  # the run ended at its privacy budget (configure_train)
+            return None, None
         client_of = {msg.metadata.message_id: cid for cid, msg in self._sent.items()}
         updates: list[ClientUpdate] = []
         results: dict[int, TrainResult] = {}

@@ -1,0 +1,68 @@
+"""The privacy a run has spent: Google's `dp_accounting` RDP accountant, for the sampling the run does.
+
+Each round `FederatedServer.sample` draws a fixed number `m = clients_per_round` of the `N = num_clients`
+clients uniformly without replacement, and the server releases the mean of the sampled clients' clipped
+changes with Gaussian noise. That is `SampledWithoutReplacementDpEvent(N, m, GaussianDpEvent(.))`, which
+`dp_accounting` only accounts under `NeighboringRelation.REPLACE_ONE` (a neighbouring federation has one
+client replaced by another; `N` is public). With `m = N` nothing is sampled: plain Gaussian composition.
+
+The noise multiplier `dp_accounting` takes is the noise's standard deviation over the L2 sensitivity of
+the released sum (its `_compute_rdp_sample_wor_gaussian` docstring). Under replace-one, a client's
+clipped change `c_k Delta_k` (norm <= C) is swapped for another's, so the sum of clipped changes moves by
+up to `2 C`; its noise has standard deviation `z C` (`z C / m` on the mean, times `m`). So the multiplier
+is `z C / (2 C) = z / 2`, not `z` (that would be the add-or-remove-one figure, half the sensitivity).
+
+Composition over the rounds played: a resumed run needs no accountant state, only the round count.
+Every round played counts, a failed one too (conservative: its failure is itself an output).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from dp_accounting import NeighboringRelation, dp_event
+from dp_accounting.rdp import RdpAccountant
+
+
+def round_event(noise_multiplier: float, clients_per_round: int, num_clients: int) -> dp_event.DpEvent:
+    """One round's release as a `dp_accounting` event: the Gaussian mechanism at multiplier
+    `noise_multiplier / 2` (replace-one sensitivity `2 C`, module docstring) on a fixed-size sample of
+    `clients_per_round` of `num_clients` drawn without replacement (no sampling where they are equal)."""
+    if not 1 <= clients_per_round <= num_clients:
+        raise ValueError(f"clients_per_round must be in 1..{num_clients}, got {clients_per_round}")
+    gaussian = dp_event.GaussianDpEvent(noise_multiplier / 2)
+    if clients_per_round == num_clients:
+        return gaussian
+    return dp_event.SampledWithoutReplacementDpEvent(num_clients, clients_per_round, gaussian)
+
+
+def epsilon(
+    rounds: int, noise_multiplier: float, clients_per_round: int, num_clients: int, delta: float
+) -> float:
+    """The epsilon of `rounds` rounds at `delta` (RDP, replace-one): 0 for no round, inf without noise."""
+    if rounds < 0:
+        raise ValueError(f"rounds must be >= 0, got {rounds}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if rounds == 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return math.inf
+    accountant = RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+    accountant.compose(round_event(noise_multiplier, clients_per_round, num_clients), rounds)
+    return float(accountant.get_epsilon(delta))
+
+
+@dataclass(frozen=True)
+class PrivacyAccountant:
+    """`epsilon` bound to one run's mechanism and sampling."""
+
+    noise_multiplier: float
+    clients_per_round: int
+    num_clients: int
+    delta: float
+
+    def epsilon(self, rounds: int) -> float:
+        """The epsilon spent after `rounds` rounds."""
+        return epsilon(rounds, self.noise_multiplier, self.clients_per_round, self.num_clients, self.delta)
