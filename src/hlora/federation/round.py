@@ -260,7 +260,8 @@ class RoundLoop:
         assert self.accountant is not None
         p = self.exp.settings.privacy
         eps = self.accountant.epsilon(rnd)
-        done = outcome.privacy or {"sigma": None, "clipped": 0, "aggregated": 0}  # a failed round
+        # a failed round released nothing
+        done = outcome.privacy or {"sigma": None, "clipped": 0, "aggregated": 0, "norm_median": None}
         return {
             "epsilon": eps if math.isfinite(eps) else None,
             "delta": self.accountant.delta,

@@ -67,7 +67,15 @@ class PrivateRound:
         return sum(c < 1 for c in self.coefficients.values())
 
     def record(self) -> dict[str, Any]:
-        return {"sigma": self.sigma, "clipped": self.clipped, "aggregated": len(self.coefficients)}
+        """The row's figures; `norm_median` (the round's median unclipped change norm, what a clip `C` is
+        chosen from) is the server's own record, not part of any release."""
+        norms = sorted(self.norms.values())
+        return {
+            "sigma": self.sigma,
+            "clipped": self.clipped,
+            "aggregated": len(self.coefficients),
+            "norm_median": float(np.median(norms)) if norms else None,
+        }
 
 
 class GaussianNoise:
