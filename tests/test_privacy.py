@@ -375,3 +375,19 @@ def test_the_flower_apps_run_the_private_run_of_the_simulation_and_stop_at_its_b
     assert [r["privacy"] for r in read_metrics(out)] == [r["privacy"] for r in read_metrics(sim)]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["stopped"].startswith("privacy budget: round 3")
+
+
+def test_the_cli_line_says_the_epsilon_spent_and_why_a_run_stopped():
+    from hlora.federation.metrics import privacy_line
+
+    assert privacy_line({"rounds": 3}) is None
+    summary = {
+        "rounds": 2,
+        "privacy": {"epsilon": 54.09, "delta": 0.0063, "noise_multiplier": 1.0, "clip": 1.0, "clipped": 7},
+    }
+    want = "(epsilon 54.09, delta 0.0063) after 2 rounds, z 1, C 1; 7 updates clipped"
+    assert privacy_line(summary) == want
+    summary["stopped"] = "the privacy budget"
+    assert privacy_line(summary).endswith("; stopped: the privacy budget")
+    summary["privacy"]["epsilon"] = None
+    assert privacy_line(summary).startswith("(epsilon unbounded (no noise), delta")

@@ -68,7 +68,7 @@ def run(
     stopped one (--resume)."""
     from hlora import simulation
     from hlora.config import load_settings
-    from hlora.federation.metrics import failures_line
+    from hlora.federation.metrics import failures_line, privacy_line
     from hlora.federation.prepared import prepare
     from hlora.rundir import create_run_dir, default_run_dir
 
@@ -95,6 +95,9 @@ def run(
     failures = failures_line(summary)
     if failures:
         typer.echo(f"faults: {failures}")
+    privacy = privacy_line(summary)
+    if privacy:
+        typer.echo(f"privacy: {privacy}")
 
 
 def _resume(run_dir: Path, overrides: list[str], quiet: bool, refused: tuple[Path | None, ...]) -> dict:

@@ -192,6 +192,20 @@ def failures_line(summary: dict[str, Any]) -> str | None:
     return "; ".join(parts) or None
 
 
+def privacy_line(summary: dict[str, Any]) -> str | None:
+    """`"(epsilon 54.09, delta 0.0063) after 30 rounds, z 1, C 1; 212 updates clipped"` (and why the run
+    stopped early, at its budget), or None for a run without [privacy]."""
+    p = summary.get("privacy")
+    if not p:
+        return None
+    eps = "unbounded (no noise)" if p["epsilon"] is None else f"{p['epsilon']:.4g}"
+    line = (
+        f"(epsilon {eps}, delta {p['delta']:.2g}) after {summary.get('rounds', '?')} rounds, "
+        f"z {p['noise_multiplier']:g}, C {p['clip']:g}; {p['clipped']} updates clipped"
+    )
+    return f"{line}; stopped: {summary['stopped']}" if summary.get("stopped") else line
+
+
 def _counts(rows: Sequence[dict[str, Any]], key: str) -> dict[str, int]:
     """`{value: how often}` over every round's `{client id: value}` field, values sorted."""
     return dict(sorted(Counter(v for row in rows for v in row.get(key, {}).values()).items()))
