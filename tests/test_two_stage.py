@@ -363,7 +363,7 @@ def test_a_secure_run_crashed_in_round_2_resumes_bit_identically(tiny_settings, 
 # --- the engine on its own -----------------------------------------------------------------------------
 
 
-def engine(min_clients=1):
+def engine(min_clients=1, stage_dropouts="renormalise"):
     from hlora.aggregation import registry
     from hlora.config import SecureSettings
 
@@ -378,7 +378,8 @@ def engine(min_clients=1):
         min_clients=min_clients,
         client_sizes=sizes,
     )
-    return server, engine_secure.SecureRound(server, SecureSettings(enabled=True)), sizes
+    settings = SecureSettings(enabled=True, stage_dropouts=stage_dropouts)
+    return server, engine_secure.SecureRound(server, settings), sizes
 
 
 def test_the_engine_adopts_the_survivors_mean_and_counts_them_as_aggregated():
@@ -396,6 +397,22 @@ def test_the_engine_adopts_the_survivors_mean_and_counts_them_as_aggregated():
     # client 1 sent its sketch and then nothing: its uplink is stage 1's alone
     assert done.traffic.uplink_bytes_by_client[1] == 8 * M * 9
     assert done.traffic.uplink_bytes_by_client[0] == 8 * (M * 9 + 9 * N + 3)
+
+
+def test_by_default_a_client_dropping_between_the_sums_fails_the_round():
+    """Its stage-1 sketch is in the first sum and not in the last: adopting the result would let the
+    server read that sketch off the difference, so the round fails and the global model stays."""
+    server, secure, _ = engine(stage_dropouts="fail")
+    before = server.global_weights.tensors()
+    plans = server.configure(1)
+    trained = clients_of([2, 4, 3], 5)
+    done = secure.play(1, plans, [0, 1, 2], exchange_over(trained, drop=lambda i, _: (1,) if i == 1 else ()))
+    assert done.outcome.failed and "client(s) [1] dropped between the secure sums" in done.outcome.reason
+    assert done.record["stage_clients"] == [[0, 1, 2], [0, 2]] and server.version == 0
+    assert all(torch.equal(before[k], v) for k, v in server.global_weights.tensors().items())
+    # without a dropout the same round goes through
+    plans = server.configure(2)
+    assert not secure.play(2, plans, [0, 1, 2], exchange_over(trained)).outcome.failed
 
 
 def test_a_round_whose_sums_cannot_be_made_fails_and_keeps_the_global_model():

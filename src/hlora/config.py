@@ -240,6 +240,10 @@ class SecureSettings(_Section):
     # The fewest clients whose contributions a secure sum needs (the summation's Shamir threshold); None:
     # the summation's default.
     threshold: int | None = Field(None, ge=1)
+    # A client in one secure sum of the round and missing from a later one: "fail" the round (the
+    # default: with q covering the rank, the difference of the two sums' means shows that client's sketch
+    # `p_k B_k A_k Omega` to the server) or "renormalise" over the later sum's clients (exact, not private).
+    stage_dropouts: Literal["fail", "renormalise"] = "fail"
 class PrivacySettings(_Section):
     """Client-level differential privacy (DP-FedAvg in product space, `hlora.privacy`; README "Privacy").
     Off unless `clip` is set; a config without `[privacy]` runs and is fingerprinted as before it existed."""

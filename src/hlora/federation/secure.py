@@ -70,7 +70,8 @@ class SecureRound:
         self, rnd: int, plans: Mapping[int, ClientPlan], trained: Sequence[int], exchange: Exchange
     ) -> SecureRoundResult:
         """The secure part of round `rnd`: `trained` are the planned clients that trained (the others
-        were lost); `exchange` delivers each stage's requests to them and returns the secure sum."""
+        were lost); `exchange` delivers each stage's requests to them and returns the secure sum. A client
+        that drops after the first sum fails the round unless `stage_dropouts` is "renormalise"."""
         server = self.server
         glob = server.global_weights
         shapes = {layer: (f.B.shape[0], f.A.shape[1]) for layer, f in glob.factors.items()}
@@ -99,12 +100,20 @@ class SecureRound:
             except (ValueError, ArithmeticError, RuntimeError) as e:  # too few survivors, a bad sum
                 reason = f"the secure sums could not be made: {e}"
         if result is not None:
-            candidate = self._adapter(result.factors, result.head, glob)
-            contributors = result.survivors
             record.update(
                 stage_clients=[list(ids) for ids in result.stage_clients],
                 tail_energy=result.tail_energy,
             )
+            left = sorted(set(result.stage_clients[0]) - set(result.survivors))
+            if left and self.settings.stage_dropouts == "fail":
+                # Their first sum without them in the last would show the server their own sketch.
+                reason = (
+                    f"client(s) {left} dropped between the secure sums: the round fails rather than let the "
+                    "difference of the sums show their contribution (secure.stage_dropouts)"
+                )
+            else:
+                candidate = self._adapter(result.factors, result.head, glob)
+                contributors = result.survivors
         outcome = server.adopt(rnd, candidate, contributors, reason)
         up = result.bytes_up if result is not None else {}
         down = result.bytes_down if result is not None else {}
