@@ -189,6 +189,17 @@ def test_a_setting_added_since_the_checkpoint_counts_only_away_from_its_default(
     assert cfg.config_differences(stored, tiny_settings) == [("train.retired", 1, None)]
 
 
+def test_a_key_added_to_an_optional_section_counts_only_away_from_its_default(tiny_settings):
+    """[secure] is recorded only when on; a secure run started before `secure.stage_dropouts` existed
+    resumes where it holds its default."""
+    secure = changed(tiny_settings, federation={"method": "hlora"}, secure={"enabled": True})
+    stored = older(secure, "secure.stage_dropouts")
+    assert "secure" in stored and "stage_dropouts" not in stored["secure"]
+    assert cfg.config_differences(stored, secure) == []
+    other = changed(secure, secure={"stage_dropouts": "renormalise"})
+    assert cfg.config_differences(stored, other) == [("secure.stage_dropouts", None, "renormalise")]
+
+
 def test_a_checkpoint_with_only_a_fingerprint_is_checked_by_it(tiny_settings):
     """Checkpoints written before they recorded their config: the same config resumes; another cannot be
     told from an older hlora's, and the error says both."""

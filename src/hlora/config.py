@@ -597,7 +597,9 @@ def config_differences(stored: Mapping[str, Any], settings: Settings) -> list[tu
     """The `section.key`s in which a checkpoint's config (`stored`, `fingerprinted()` when it was written)
     and `settings` differ, with both values (None where one has no such key), less the settings absent
     from `stored` that hold their default in `settings`: a later hlora's additions."""
-    recorded, defaults = flat_settings(stored), flat_settings(fingerprinted(Settings()))
+    # Every section's defaults, the optional ones too: a key added to [secure] since a secure run began
+    # is such an addition as much as a key added to [train].
+    recorded, defaults = flat_settings(stored), flat_settings(json.loads(json.dumps(Settings().model_dump())))
     return [
         (key, was, now)
         for key, was, now in settings_differences(stored, fingerprinted(settings))
