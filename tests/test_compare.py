@@ -20,6 +20,7 @@ import torch
 from scipy import stats
 
 from hlora import simulation
+from hlora.aggregation import registry
 from hlora.cli.main import main
 from hlora.config import load_settings, validate_settings
 from hlora.errors import ConfigError, ModelError, RunDirError
@@ -538,6 +539,29 @@ def test_report_regenerates_tables_and_charts(results_copy, no_training):
         assert code == 0, stderr
         text = (results_copy / "summary.md").read_text()
         assert ("at or below the majority class" in text) is flagged, text[:600]
+
+
+def test_the_report_shows_the_epsilon_of_private_runs_and_no_column_without(results_copy):
+    assert "epsilon" not in (results_copy / "summary.csv").read_text()
+    for seed, eps in ((0, 3.5), (1, 4.25)):  # as a [privacy] run records it in every row
+        path = results_copy / "runs" / f"zeropad-s{seed}" / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for row in rows:
+            row["privacy"] = {"epsilon": eps, "delta": 1e-3, "noise_multiplier": 1.0, "clip": 1.0}
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    report.write_report(results_copy)
+    table = read_csv(results_copy / "summary.csv")
+    assert table["zeropad"]["epsilon"] == "4.25" and table["hlora"]["epsilon"] == ""  # the largest seed's
+    lines = (results_copy / "summary.md").read_text().splitlines()
+    assert next(line for line in lines if line.startswith("| method | seeds |")).endswith("| epsilon |")
+
+
+def test_without_methods_compare_runs_those_the_config_admits(config_file):
+    admitted, refused = cmp.admitted_methods(config_file, ["privacy.clip=1.0"])
+    assert admitted == [m for m in registry.ordered() if registry.get(m).private_space is not None]
+    assert "hlora" in admitted and "zeropad" in admitted and "flora" in refused
+    assert "[privacy] with federation.method 'flora'" in refused["flora"]
+    assert cmp.admitted_methods(config_file, [])[0] == registry.ordered()
 
 
 def test_report_leaves_out_incomplete_runs_and_refuses_an_empty_folder(results_copy, tmp_path):

@@ -300,17 +300,22 @@ def compare(
 ) -> None:
     """Run every method and seed on the same partitions and rank tiers, beside the references, skipping
     complete runs and resuming stopped ones; then write summary.md, summary.csv and charts."""
-    from hlora.aggregation import registry
     from hlora.experiments import compare as cmp
     from hlora.experiments.report import write_report
 
     _setup_logging(quiet)
     out = out if out is not None else Path("results") / config.stem
     if not report_only:
+        if methods is not None:
+            chosen = cmp.parse_methods(methods)
+        else:
+            chosen, refused = cmp.admitted_methods(config, list(set_ or []))
+            for method, why in refused.items():
+                typer.echo(f"{method}: skipped, {why}")
         planned = cmp.prepare_comparison(
             config,
             list(set_ or []),
-            cmp.parse_methods(methods) if methods is not None else registry.ordered(),
+            chosen,
             cmp.parse_seeds(seeds),
             out,
             references=references,

@@ -270,6 +270,24 @@ class PlannedRun:
     state: RunState
 
 
+def admitted_methods(config: Path | None, overrides: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """The registered methods, in `registry.ordered()`, whose runs the config (with `overrides`) admits,
+    and why it refuses each other one: what `hlora compare` runs when no `--methods` are given, so that
+    a setting only some methods have (`[privacy]`, `[secure]`) compares those."""
+    from hlora.aggregation import registry
+
+    base = load_settings(config, list(overrides))
+    admitted, refused = [], {}
+    for method in registry.ordered():
+        try:
+            spec_settings(base, RunSpec(method, base.run.seed, (f"federation.method={method}",)))
+        except ConfigError as e:
+            refused[method] = str(e)
+        else:
+            admitted.append(method)
+    return admitted, refused
+
+
 def prepare_comparison(
     config: Path | None,
     overrides: Sequence[str],

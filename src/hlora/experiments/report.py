@@ -257,6 +257,8 @@ def seed_figures(run: SeedRun, target: float | None) -> dict[str, Any]:
         "downlink_mb": total("downlink_bytes") / 1e6 if run.communicates else None,
         "wall_s": sum(r["wall_s"] for r in rows),
         "aggregate_s": total("aggregate_s"),
+        # [privacy]: the epsilon the run spent (None without privacy, or without noise: unbounded)
+        "epsilon": (rows[-1].get("privacy") or {}).get("epsilon"),
         "tiers": {
             int(rank): {
                 # a run that did not score tiers, or a single-rank run: its rank holds the global model
@@ -278,7 +280,7 @@ _TIER_COLUMNS = ("final_accuracy_mean", "final_accuracy_std", "step_ms", "peak_m
 def seed_frame(runs: Sequence[SeedRun], target: float | None) -> pd.DataFrame:
     """One row per run: `group`, `seed`, `clients` and its `seed_figures` but the tiers (None as NaN)."""
     figures = [dict(group=r.group, seed=r.seed, clients=r.clients, **seed_figures(r, target)) for r in runs]
-    numbers = (*_SCALARS, "rounds_to_target", "wall_to_target_s")
+    numbers = (*_SCALARS, "rounds_to_target", "wall_to_target_s", "epsilon")
     return pd.DataFrame(figures).drop(columns="tiers").astype(dict.fromkeys(numbers, float))
 
 
@@ -310,7 +312,8 @@ def group_table(runs: Sequence[SeedRun], target: float | None) -> pd.DataFrame:
     by_group = seed_frame(runs, target).groupby("group", sort=False)
     reached = by_group["rounds_to_target"]
     table = by_group.agg(
-        seeds=("seed", "size"), clients=("clients", "first"), rounds=("rounds", "min"), **_mean_std(*_SCALARS)
+        seeds=("seed", "size"), clients=("clients", "first"), rounds=("rounds", "min"),
+        **_mean_std(*_SCALARS), epsilon=("epsilon", "max"),
     ).assign(
         target_accuracy=target,
         reached_target=reached.count().astype("Int64") if target is not None else pd.NA,
@@ -464,6 +467,8 @@ def write_csv(table: pd.DataFrame, tiers: pd.DataFrame, path: Path) -> None:
     ranks = sorted(tiers.index.unique("rank"))
     wide = tiers.unstack("rank")[[(key, r) for r in ranks for key in _TIER_COLUMNS]]
     wide.columns = [f"tier{r}_{key}" for key, r in wide.columns]
+    if table["epsilon"].isna().all():  # no [privacy] run: the columns of the reports written before it
+        table = table.drop(columns="epsilon")
     _to_csv(table.join(wide).reset_index(), path)
 
 
@@ -541,12 +546,15 @@ def markdown(
         return text if wall is None else f"{text}, {wall:.0f} s"
 
     lines += [f"Target accuracy {target_text} ({target_note}).", ""]
+    # [privacy] runs: the epsilon each spent (the largest over its seeds), a column only where one did
+    private = any(row["epsilon"] is not None for row in _records(table))
     lines += _table(
         ("method", "seeds", "final acc", "best acc", "final F1", "best F1", "rounds to target", "MB up",
-         "MB down", "wall s", "aggregation s"),
+         "MB down", "wall s", "aggregation s", *(("epsilon",) if private else ())),
         [(label(row["group"]), row["seeds"], *[_pm(row[f"{k}_mean"], row[f"{k}_std"]) for k in _SCALARS[:4]],
           to_target(row), _mb(row["uplink_mb_mean"]), _mb(row["downlink_mb_mean"]), _num(row["wall_s_mean"]),
-          _num(row["aggregate_s_mean"], 3)) for row in _records(table)],
+          _num(row["aggregate_s_mean"], 3), *((_num(row["epsilon"], 2),) if private else ()))
+         for row in _records(table)],
     )  # fmt: skip
     lines += [
         "",
