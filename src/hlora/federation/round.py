@@ -28,7 +28,7 @@ import torch
 
 from hlora.checkpoint import Checkpoint
 from hlora.client.client import merge_base
-from hlora.config import settings_to_toml
+from hlora.config import Settings, settings_to_toml
 from hlora.data.partition import format_partition_table, write_partition_csv
 from hlora.errors import ConfigError
 from hlora.evaluation import evaluate
@@ -79,6 +79,16 @@ class Replies:
     secure: dict[str, Any] | None = None
 
 
+def check_runtime(settings: Settings, carries_secure: bool) -> None:
+    """Refuse (ConfigError, one line) a run that the runtime cannot play: `[secure]` on one without the
+    secure two-stage exchange. A runtime calls it before it creates anything; `RoundLoop` again."""
+    if settings.secure.enabled and not carries_secure:
+        raise ConfigError(
+            "secure.enabled: this runtime does not carry secure aggregation yet (the Flower runtime "
+            "has no secure two-stage exchange); run it in the simulation (`hlora run`)"
+        )
+
+
 @dataclass(frozen=True)
 class _TierScores:
     scores: dict[int, dict[str, float]]  # rank -> the dev scores of the model that tier holds
@@ -100,11 +110,7 @@ class RoundLoop:
         first round, and calls `release` when the run ends or stops. A runtime that cannot play secure
         rounds (`carries_secure` false) is refused a run with `[secure]` on (ConfigError), before
         anything is written into the run directory."""
-        if exp.settings.secure.enabled and not carries_secure:
-            raise ConfigError(
-                "secure.enabled: this runtime does not carry secure aggregation yet (the Flower runtime "
-                "has no secure two-stage exchange); run it in the simulation (`hlora run`)"
-            )
+        check_runtime(exp.settings, carries_secure)
         self.exp = exp
         self.run_dir = run_dir
         self._lock = lock_run_dir(run_dir)

@@ -28,7 +28,7 @@ from hlora import checkpoint
 from hlora.config import load_settings
 from hlora.errors import HloraError
 from hlora.federation.prepared import prepare
-from hlora.federation.round import RoundLoop
+from hlora.federation.round import RoundLoop, check_runtime
 from hlora.flower.strategy import HloraStrategy, ask_partitions, claim_problem
 from hlora.flower.wire import to_record
 from hlora.rundir import create_run_dir, default_run_dir
@@ -61,6 +61,7 @@ def main(grid: Grid, context: Context) -> None:
     else:
         settings = load_settings(str(cfg.get("config", "")) or None, overrides)
     exp = prepare(settings)
+    check_runtime(exp.settings, carries_secure=False)  # before anything is written
     # The nodes before the run directory: a run that cannot start writes nothing.
     node_timeout = float(cfg.get("node-timeout", 600))
     nodes = find_nodes(grid, exp.settings.federation.num_clients, node_timeout)
