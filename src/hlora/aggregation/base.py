@@ -155,6 +155,17 @@ class LayerwiseAggregator(Aggregator):
         """The global `(B, A)` of one adapted weight from the clients' `(B_k, A_k)` and weights `p_k`.
         Raises ValueError for factors the rule cannot combine."""
 
+    def from_noisy_mean(
+        self, global_weights: AdapterWeights, layers: Mapping[str, Tensor], dense: Mapping[str, Tensor]
+    ) -> AdapterWeights:
+        """The product rules re-factor each noisy dense mean with `combine`; the linear rules take the
+        noisy padded factors (both then restart dead components, as `aggregate` does)."""
+        if self.private_space == "products":
+            return refactor_dense_mean(self, global_weights, layers, dense)
+        if self.private_space == "factors":
+            return padded_factor_mean(self, global_weights, layers, dense)
+        return super().from_noisy_mean(global_weights, layers, dense)
+
     def aggregate(self, global_weights: AdapterWeights, updates: Sequence[ClientUpdate]) -> AdapterWeights:
         p = client_weights(updates)
         factors = {}
@@ -170,25 +181,24 @@ class LayerwiseAggregator(Aggregator):
 
 
 def refactor_dense_mean(
-    aggregator: Aggregator,
+    aggregator: LayerwiseAggregator,
     global_weights: AdapterWeights,
     layers: Mapping[str, Tensor],
     dense: Mapping[str, Tensor],
-    combine: Any,
 ) -> AdapterWeights:
     """`from_noisy_mean` of the product rules (`private_space = "products"`): each noisy dense mean `dW`
     re-factored at the bank rank by the rule's own `combine` (HLoRA: `aggregate_products`, FlexLoRA:
     `dense_product_svd`), given as the one pair `(dW, I_n)` (or `(I_m, dW)`, the smaller identity) of
     weight 1. Its rank is `min(m, n)`, so both take their dense SVD path, with the rule's sign convention,
     round-off cut and split; then the components left zero are restarted (`revive_components`) as after a
-    plain aggregate. `combine(pairs, weights, rank) -> (B, A)`."""
+    plain aggregate."""
     factors = {}
     for layer, shared in global_weights.factors.items():
         dW = layers[layer]
         m, n = dW.shape
         eye = torch.eye(min(m, n), dtype=dW.dtype, device=dW.device)
         pair = (eye, dW) if m <= n else (dW, eye)
-        B, A = combine([pair], [1.0], aggregator.bank_rank)
+        B, A = aggregator.combine([pair], [1.0])
         B, A = B.to(shared.B.dtype), A.to(shared.A.dtype)
         if aggregator.initial is not None:
             B, A = revive_components(B, A, aggregator.initial.factors[layer].A)

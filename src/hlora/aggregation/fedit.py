@@ -6,14 +6,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from torch import Tensor
 
-from hlora.aggregation.base import LayerwiseAggregator, padded_factor_mean
+from hlora.aggregation.base import LayerwiseAggregator
 from hlora.aggregation.products import factor_mean
 from hlora.aggregation.registry import register
-from hlora.weights import AdapterWeights
 
 
 @register
@@ -27,7 +26,3 @@ class FedIT(LayerwiseAggregator):
     def combine(self, pairs: Sequence[tuple[Tensor, Tensor]], p: Sequence[float]) -> tuple[Tensor, Tensor]:
         return factor_mean(pairs, p)
 
-    def from_noisy_mean(
-        self, global_weights: AdapterWeights, layers: Mapping[str, Tensor], dense: Mapping[str, Tensor]
-    ) -> AdapterWeights:
-        return padded_factor_mean(self, global_weights, layers, dense)

@@ -8,14 +8,13 @@ client's first `r_k` components (the default `plan_for`) are still the best rank
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from torch import Tensor
 
-from hlora.aggregation.base import LayerwiseAggregator, refactor_dense_mean
+from hlora.aggregation.base import LayerwiseAggregator
 from hlora.aggregation.products import dense_product_svd
 from hlora.aggregation.registry import register
-from hlora.weights import AdapterWeights
 
 
 @register
@@ -28,7 +27,3 @@ class FlexLoRA(LayerwiseAggregator):
     def combine(self, pairs: Sequence[tuple[Tensor, Tensor]], p: Sequence[float]) -> tuple[Tensor, Tensor]:
         return dense_product_svd(pairs, p, self.bank_rank)
 
-    def from_noisy_mean(
-        self, global_weights: AdapterWeights, layers: Mapping[str, Tensor], dense: Mapping[str, Tensor]
-    ) -> AdapterWeights:
-        return refactor_dense_mean(self, global_weights, layers, dense, dense_product_svd)

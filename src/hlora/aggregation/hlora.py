@@ -8,14 +8,13 @@ first `r_k` components (the default `plan_for`), the best rank-`r_k` approximati
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from torch import Tensor
 
-from hlora.aggregation.base import LayerwiseAggregator, refactor_dense_mean
+from hlora.aggregation.base import LayerwiseAggregator
 from hlora.aggregation.products import aggregate_products
 from hlora.aggregation.registry import register
-from hlora.weights import AdapterWeights
 
 
 @register
@@ -29,7 +28,3 @@ class HLoRA(LayerwiseAggregator):
     def combine(self, pairs: Sequence[tuple[Tensor, Tensor]], p: Sequence[float]) -> tuple[Tensor, Tensor]:
         return aggregate_products(pairs, p, self.bank_rank)
 
-    def from_noisy_mean(
-        self, global_weights: AdapterWeights, layers: Mapping[str, Tensor], dense: Mapping[str, Tensor]
-    ) -> AdapterWeights:
-        return refactor_dense_mean(self, global_weights, layers, dense, aggregate_products)

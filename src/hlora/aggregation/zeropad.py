@@ -7,15 +7,14 @@ component that only high-rank clients train is diluted by the others' zeros.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from hlora.aggregation.base import LayerwiseAggregator, padded_factor_mean
+from hlora.aggregation.base import LayerwiseAggregator
 from hlora.aggregation.products import normalise_weights, product_norms, zero_pad_mean
 from hlora.aggregation.registry import register
-from hlora.weights import AdapterWeights
 
 
 @register
@@ -53,7 +52,3 @@ class ZeroPad(LayerwiseAggregator):
             return normalise_weights(p, len(p))
         return normalise_weights(norms.cpu(), len(p))
 
-    def from_noisy_mean(
-        self, global_weights: AdapterWeights, layers: Mapping[str, Tensor], dense: Mapping[str, Tensor]
-    ) -> AdapterWeights:
-        return padded_factor_mean(self, global_weights, layers, dense)
