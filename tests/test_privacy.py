@@ -217,17 +217,37 @@ def test_seeded_noise_repeats_and_os_noise_does_not():
 # --- the accountant ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("m", "n"), [(3, 10), (10, 10)])
-def test_the_accountant_is_dp_accountings_own_figure(m, n):
-    z, delta, rounds = 1.3, 1e-3, 7
-    acc = RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+@pytest.mark.parametrize(("m", "n", "z"), [(3, 10, 1.3), (10, 10, 1.3), (4, 10, 0.5), (20, 100, 2.0)])
+def test_the_accountant_is_dp_accountings_own_figure(m, n, z):
+    delta, rounds = 1e-3, 7
     gaussian = dp_event.GaussianDpEvent(z / 2)  # replace-one: the clipped sum moves by up to 2 C
     event = gaussian if m == n else dp_event.SampledWithoutReplacementDpEvent(n, m, gaussian)
-    acc.compose(dp_event.SelfComposedDpEvent(event, rounds))
-    assert epsilon(rounds, z, m, n, delta) == pytest.approx(acc.get_epsilon(delta), rel=1e-12)
+
+    def library(e):
+        acc = RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+        acc.compose(dp_event.SelfComposedDpEvent(e, rounds))
+        return acc.get_epsilon(delta)
+
+    # sampled: the smaller of the library's sampled bound and its unsampled Gaussian (both valid)
+    assert epsilon(rounds, z, m, n, delta) == pytest.approx(min(library(event), library(gaussian)), rel=1e-12)
+    assert epsilon(rounds, z, m, n, delta) <= library(event)
     assert round_event(z, m, n) == event
     if m == n:  # no sampling: the Gaussian mechanism composed, RDP alpha rounds / (2 (z/2)^2)
         assert epsilon(rounds, z, m, n, delta) > 0
+
+
+def test_at_small_noise_the_unsampled_bound_is_the_tighter():
+    # dp_accounting's without-replacement bound lies above the plain Gaussian's here; the accountant
+    # reports the plain one, which sampling cannot exceed
+    gaussian = dp_event.GaussianDpEvent(0.25)
+    sampled = dp_event.SampledWithoutReplacementDpEvent(10, 4, gaussian)
+    figures = []
+    for e in (sampled, gaussian):
+        acc = RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+        acc.compose(e, 20)
+        figures.append(acc.get_epsilon(1e-3))
+    assert figures[0] > figures[1]
+    assert epsilon(20, 0.5, 4, 10, 1e-3) == pytest.approx(figures[1], rel=1e-12)
 
 
 def test_epsilon_grows_with_rounds_and_falls_with_noise():

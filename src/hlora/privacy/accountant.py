@@ -12,12 +12,20 @@ clipped change `c_k Delta_k` (norm <= C) is swapped for another's, so the sum of
 up to `2 C`; its noise has standard deviation `z C` (`z C / m` on the mean, times `m`). So the multiplier
 is `z C / (2 C) = z / 2`, not `z` (that would be the add-or-remove-one figure, half the sensitivity).
 
+Where clients are sampled, the figure is the smaller of two valid bounds: the library's sampled
+bound, and the same Gaussian without sampling. Sampling cannot cost privacy (Renyi divergence is jointly
+quasi-convex, so a mixture over samples is at most as divergent as its worst sample, the unsampled
+mechanism), but `dp_accounting`'s without-replacement bound is an upper bound that, at small `z`, lies
+above the unsampled one (298 against 198 for N 10, m 4, z 0.5, 20 rounds).
+
 Composition over the rounds played: a resumed run needs no accountant state, only the round count.
-Every round played counts, a failed one too (conservative: its failure is itself an output).
+Every round played counts, a failed one too (conservative: its failure is itself an output). Figures
+are cached: a round with an epsilon budget asks for the same one up to three times.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -37,10 +45,19 @@ def round_event(noise_multiplier: float, clients_per_round: int, num_clients: in
     return dp_event.SampledWithoutReplacementDpEvent(num_clients, clients_per_round, gaussian)
 
 
+def library_epsilon(event: dp_event.DpEvent, rounds: int, delta: float) -> float:
+    """`dp_accounting`'s RDP epsilon at `delta` of `event` composed `rounds` times (replace-one)."""
+    accountant = RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+    accountant.compose(event, rounds)
+    return float(accountant.get_epsilon(delta))
+
+
+@functools.lru_cache(maxsize=1024)
 def epsilon(
     rounds: int, noise_multiplier: float, clients_per_round: int, num_clients: int, delta: float
 ) -> float:
-    """The epsilon of `rounds` rounds at `delta` (RDP, replace-one): 0 for no round, inf without noise."""
+    """The epsilon of `rounds` rounds at `delta` (RDP, replace-one): 0 for no round, inf without noise;
+    with sampling, the smaller of the sampled and the unsampled bound (module docstring)."""
     if rounds < 0:
         raise ValueError(f"rounds must be >= 0, got {rounds}")
     if not 0 < delta < 1:
@@ -49,9 +66,11 @@ def epsilon(
         return 0.0
     if noise_multiplier <= 0:
         return math.inf
-    accountant = RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
-    accountant.compose(round_event(noise_multiplier, clients_per_round, num_clients), rounds)
-    return float(accountant.get_epsilon(delta))
+    sampled = library_epsilon(round_event(noise_multiplier, clients_per_round, num_clients), rounds, delta)
+    if clients_per_round == num_clients:
+        return sampled
+    unsampled = library_epsilon(round_event(noise_multiplier, num_clients, num_clients), rounds, delta)
+    return min(sampled, unsampled)
 
 
 @dataclass(frozen=True)
