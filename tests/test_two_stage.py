@@ -322,6 +322,10 @@ def test_a_secure_run_ends_where_hlora_does_and_the_server_sees_no_update(
     for row, ref in zip(rows, plain_rows, strict=True):
         assert row["aggregated_clients"] == ref["aggregated_clients"] and not row["round_failed"]
         assert row["instruments"] is None and row["client_update_norm"] == {}
+        # the stages' time is counted apart from training, and the round's parts still add up
+        assert row["secure_s"] > 0 and "secure_s" not in ref and row["train_s"] > 0
+        parts = row["train_s"] + row["secure_s"] + row["aggregate_s"] + row["instruments_s"]
+        assert parts <= row["wall_s"] + 1e-9
         sec = row["secure"]
         assert sec["sketch_rank"] == sum(row["client_ranks"].values()) and sec["power_iterations"] == 0
         assert len(sec["stage_clients"]) == 2

@@ -105,6 +105,7 @@ def _play(
 
             done = secure.play(rnd, plans, sorted(held), exchange)
             replies.outcome, replies.sent, replies.secure = done.outcome, done.traffic, done.record
+            replies.secure_s = done.seconds
         row = loop.finish(rnd, plans, replies)
         rounds.write(round_line(row, fed.rounds))
     return loop.close()

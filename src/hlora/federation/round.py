@@ -77,6 +77,7 @@ class Replies:
     # `updates` is empty: no update reached the server), and what the round's `secure` field records.
     outcome: RoundOutcome | None = None
     secure: dict[str, Any] | None = None
+    secure_s: float = 0.0  # the secure stages' wall time, counted apart from the clients' training
 
 
 def check_runtime(settings: Settings, carries_secure: bool) -> None:
@@ -181,7 +182,8 @@ class RoundLoop:
         scores, tiers = self._evaluate(rnd)
         t3 = time.perf_counter()
         timings = {
-            "train_s": t1 - self._t0,
+            "train_s": t1 - self._t0 - replies.secure_s,
+            **({"secure_s": replies.secure_s} if replies.secure is not None else {}),
             "aggregate_s": t2 - t1 - outcome.instruments_s,
             "instruments_s": outcome.instruments_s,
             **({"eval_s": t3 - t2 - tiers.seconds} if scores else {}),

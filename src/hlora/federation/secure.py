@@ -18,6 +18,7 @@ client sent.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,7 @@ class SecureRoundResult:
     outcome: RoundOutcome
     traffic: RoundTraffic
     record: dict[str, Any]
+    seconds: float = 0.0  # wall time of the stages: the clients' sketches, the secure sums, the SVD
 
 
 class SecureRound:
@@ -81,6 +83,7 @@ class SecureRound:
         q = self.settings.sketch_rank or total_rank
         record: dict[str, Any] = {"sketch_rank": q, "power_iterations": self.settings.power_iterations}
         candidate, contributors, reason, result = None, (), "", None
+        t0 = time.perf_counter()
         if not clients:
             reason = "no client trained"
         else:
@@ -123,7 +126,7 @@ class SecureRound:
                 cid: tensor_bytes(plan.downlink().values()) + down.get(cid, 0) for cid, plan in plans.items()
             },
         )
-        return SecureRoundResult(outcome, traffic, record)
+        return SecureRoundResult(outcome, traffic, record, time.perf_counter() - t0)
 
     def _adapter(
         self, factors: Mapping[str, Any], head: Mapping[str, Any], glob: AdapterWeights
