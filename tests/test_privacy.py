@@ -295,14 +295,6 @@ def test_zeropad_norm_weighting_is_refused_under_privacy(tiny_settings):
         validate_settings(raw)
 
 
-def test_privacy_and_secure_aggregation_together_are_refused_in_one_line(tiny_settings):
-    raw = with_privacy(tiny_settings, "hlora", clip=1.0, noise_multiplier=1.0)
-    raw["secure"] = {"enabled": True}
-    with pytest.raises(ConfigError) as e:
-        validate_settings(raw)
-    assert "[privacy] with secure.enabled" in str(e.value) and "\n" not in str(e.value)
-
-
 def test_without_privacy_the_config_and_fingerprint_are_as_before(tiny_settings):
     assert "privacy" not in fingerprinted(tiny_settings)
     assert "[privacy]" not in settings_to_toml(tiny_settings)

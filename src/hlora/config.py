@@ -371,12 +371,6 @@ class Settings(_Section):
         privacy = self.privacy
         if not privacy.enabled or self.run.mode != "federated":
             return self
-        if self.secure.enabled:
-            raise ValueError(
-                "[privacy] with secure.enabled: the noise is added to the product mean the server forms from "
-                "each update, which a secure round never shows it; the two do not combine yet (README "
-                '"Secure aggregation")'
-            )
         from hlora.aggregation import registry
 
         method = registry.get(self.federation.method)

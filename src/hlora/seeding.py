@@ -16,6 +16,7 @@ starts a fresh process per message) and adding a draw somewhere cannot shift ano
 | Fed-PLoRA's modules a client trains    | `selection_seed(seed, round, client)`             |
 | the sketch `Omega` of a secure round   | `sketch_seed(seed, round)`                        |
 | a round's DP noise (`[privacy]`)       | `noise_seed(seed, round)`                         |
+| a client's share of it (with `[secure]`) | `noise_share_seed(seed, round, client, stage)`  |
 
 The stream tags are part of the results: changing one changes every run made since. The global RNGs
 (Python's, numpy's, torch's) are set from the run seed as a run is prepared (`seed_everything`) and saved
@@ -81,11 +82,20 @@ def sketch_seed(seed: int, rnd: int) -> int:
     """The seed of a secure round's random sketch `Omega` (`hlora.secure.two_stage`): the server sends
     this seed, not the matrix, and every party rebuilds the same `Omega` from it."""
     return derive_seed(seed, rnd, SKETCH)
+
+
 def noise_seed(seed: int, rnd: int) -> int:
     """The seed of a round's differential-privacy noise (`hlora.privacy.mechanism`), unless
     `privacy.secure_noise` draws it from the OS. For experiments only: whoever knows it can subtract the
     noise. A resumed round draws the same noise as the round of a run that never stopped."""
     return derive_seed(seed, rnd, NOISE)
+
+
+def noise_share_seed(seed: int, rnd: int, client_id: int, stage: int) -> int:
+    """The seed of one client's share of the DP noise in one secure sum of a round (distributed DP,
+    `hlora.federation.secure`), unless `privacy.secure_noise` has the client draw it from its OS. For
+    experiments only, as `noise_seed`."""
+    return derive_seed(seed, rnd, client_id, stage, NOISE)
 
 
 def seed_everything(seed: int) -> None:

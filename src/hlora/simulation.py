@@ -25,8 +25,8 @@ from hlora.federation.faults import ClientFailure, FaultInjector
 from hlora.federation.metrics import round_line
 from hlora.federation.prepared import PreparedRun
 from hlora.federation.round import Replies, RoundLoop
-from hlora.federation.secure import SecureRound
-from hlora.secure.two_stage import SecureSumResult, StageRequest, Summation, default_summation, respond
+from hlora.federation.secure import SecureRound, contribution
+from hlora.secure.two_stage import SecureSumResult, StageRequest, Summation, default_summation
 from hlora.seeding import client_seed, set_rng_state
 
 log = logging.getLogger("hlora")
@@ -99,8 +99,8 @@ def _play(
             held = {u.client_id: u.weights for u in replies.updates}
             replies.updates = []
 
-            def exchange(requests: Mapping[int, StageRequest], held=held) -> SecureSumResult:
-                inputs = {cid: respond(held[cid], request) for cid, request in requests.items()}
+            def exchange(requests: Mapping[int, StageRequest], held=held, plans=plans) -> SecureSumResult:
+                inputs = {cid: contribution(held[cid], plans[cid], r) for cid, r in requests.items()}
                 return summation(inputs, threshold=s.secure.threshold)
 
             done = secure.play(rnd, plans, sorted(held), exchange)

@@ -115,7 +115,8 @@ def round_line(row: dict[str, Any], rounds: int) -> str:
     if privacy:  # [privacy]: the epsilon spent so far (null: no noise, unbounded)
         eps = privacy["epsilon"]
         spent = f"  eps {eps:.3g}" if eps is not None else "  eps inf"
-        trouble = f"{spent} (clipped {privacy['clipped']}/{privacy['aggregated']}){trouble}"
+        clipped = "?" if privacy["clipped"] is None else privacy["clipped"]  # secure: the server cannot tell
+        trouble = f"{spent} (clipped {clipped}/{privacy['aggregated']}){trouble}"
     return (
         f"round {row['round']:>3}/{rounds}  acc {acc}{f1}{tier_acc}  "
         f"loss {loss}  "
@@ -166,7 +167,9 @@ def summarise(rows: Sequence[dict[str, Any]], extra: dict[str, Any]) -> dict[str
     if rows[-1].get("privacy"):  # [privacy]: the (epsilon, delta) of the run's released models
         last = rows[-1]["privacy"]
         summary["privacy"] = {k: last[k] for k in ("epsilon", "delta", "noise_multiplier", "clip")}
-        summary["privacy"]["clipped"] = sum(r["privacy"]["clipped"] for r in rows if r.get("privacy"))
+        clipped = [r["privacy"]["clipped"] for r in rows if r.get("privacy")]
+        # None: a secure run, whose server never sees a change (nor whether it was clipped)
+        summary["privacy"]["clipped"] = None if None in clipped else sum(clipped)
     if any("invalid_reports" in r for r in rows):  # client figures recorded as missing (federation.reports)
         reports = (names for row in rows for names in row.get("invalid_reports", {}).values())
         names = Counter(name for names in reports for name in names)
@@ -199,9 +202,10 @@ def privacy_line(summary: dict[str, Any]) -> str | None:
     if not p:
         return None
     eps = "unbounded (no noise)" if p["epsilon"] is None else f"{p['epsilon']:.4g}"
+    clipped = "clipped by the clients" if p["clipped"] is None else f"{p['clipped']} updates clipped"
     line = (
         f"(epsilon {eps}, delta {p['delta']:.2g}) after {summary.get('rounds', '?')} rounds, "
-        f"z {p['noise_multiplier']:g}, C {p['clip']:g}; {p['clipped']} updates clipped"
+        f"z {p['noise_multiplier']:g}, C {p['clip']:g}; {clipped}"
     )
     return f"{line}; stopped: {summary['stopped']}" if summary.get("stopped") else line
 

@@ -137,9 +137,11 @@ class RoundLoop:
         self._t0 = 0.0
         p = s.privacy
         # Stateless: epsilon after round t is recomputed from t, so a resumed run needs nothing saved.
+        # A secure round releases each of its sums noised (distributed DP, federation.secure).
+        releases = 2 + 2 * s.secure.power_iterations if s.secure.enabled else 1
         self.accountant = (
             PrivacyAccountant(p.noise_multiplier, fed.clients_per_round, fed.num_clients,
-                              p.resolved_delta(fed.num_clients))
+                              p.resolved_delta(fed.num_clients), releases)
             if p.enabled
             else None
         )  # fmt: skip

@@ -13,22 +13,44 @@ against the exact product mean are not computed (`instruments` is null), only wh
 (`secure.tail_energy`, the share of the sketched mean's energy beyond the bank rank). The protection is
 against an honest-but-curious server: it learns the sums, which is what it needs, and nothing a single
 client sent.
+
+With `[privacy]` too (distributed DP): every client clips its own change in product space (what it was
+sent subtracted, head included, `privacy.clipping`) to `C`, scales it by `1/m` and adds its share of
+Gaussian noise, `N(0, sigma^2 / t)` on every entry with `sigma = z C / m` and `t` the secure sums'
+threshold, so that the shares of any `t` survivors add up to at least `sigma`: the server, which adds
+the public mean of what it sent in the clear, sees only noised sums. Each sum is a Gaussian mechanism of
+sensitivity `2C/m` (replace-one; the sketch is orthonormal), `2 + 2 power_iterations` of them a round,
+which the accountant composes (`privacy.accountant`). What it does not cover is in the README
+("Privacy with secure aggregation").
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+
+import numpy as np
 
 from hlora.aggregation.base import revive_components
 from hlora.config import SecureSettings
 from hlora.federation.server import FederatedServer, RoundOutcome, RoundTraffic
+from hlora.privacy.clipping import change_norm, clip_coefficient
+from hlora.privacy.mechanism import DpMechanism, GaussianNoise
 from hlora.protocol import ClientPlan
-from hlora.secure.two_stage import SCALE_BITS, Exchange, secure_two_stage
-from hlora.seeding import sketch_seed
+from hlora.secure.masking import default_threshold
+from hlora.secure.two_stage import (
+    SCALE_BITS,
+    Exchange,
+    StagePrivacy,
+    StageRequest,
+    respond,
+    secure_two_stage,
+)
+from hlora.seeding import noise_share_seed, sketch_seed
 from hlora.weights import AdapterWeights, LoraFactors, tensor_bytes
 
 log = logging.getLogger("hlora.federation")
@@ -43,6 +65,20 @@ class SecureRoundResult:
     traffic: RoundTraffic
     record: dict[str, Any]
     seconds: float = 0.0  # wall time of the stages: the clients' sketches, the secure sums, the SVD
+
+
+def contribution(trained: AdapterWeights, plan: ClientPlan, request: StageRequest) -> np.ndarray:
+    """A client's answer to a stage request, on its side, from its trained adapter and the plan it was
+    sent: the plain contribution (`two_stage.respond`), or under distributed DP its change clipped to
+    `request.clip` in product space, times `request.weight`, plus its share of the noise."""
+    if request.clip is None:
+        return respond(trained, request)
+    c = clip_coefficient(change_norm(plan, trained, "products"), request.clip)
+    plain = replace(request, clip=None)
+    out = c * (respond(trained, plain) - respond(plan.adapter, plain))
+    if request.noise_std > 0:
+        out = out + request.noise_std * GaussianNoise(request.noise_seed).draw(out.shape).numpy()
+    return out
 
 
 class SecureRound:
@@ -80,10 +116,14 @@ class SecureRound:
         head = {name: tuple(t.shape) for name, t in glob.dense.items()}
         clients = sorted(cid for cid in trained if cid in plans)
         total_rank = sum(server.client_ranks[cid] for cid in clients)
-        q = self.settings.sketch_rank or total_rank
+        dp = server.privacy
+        # Under DP the sums also hold the mean of what was sent (the server's public part), of rank up to
+        # the bank rank: the default sketch covers it too, so that without noise the result is exact.
+        q = self.settings.sketch_rank or total_rank + (server.aggregator.bank_rank if dp is not None else 0)
         record: dict[str, Any] = {"sketch_rank": q, "power_iterations": self.settings.power_iterations}
         candidate, contributors, reason, result = None, (), "", None
         t0 = time.perf_counter()
+        private = self._private(rnd, dp, plans, len(clients)) if dp is not None and clients else None
         if not clients:
             reason = "no client trained"
         else:
@@ -99,6 +139,7 @@ class SecureRound:
                     power_iterations=self.settings.power_iterations,
                     split=self.split,
                     resolution=self.resolution,
+                    private=private,
                 )
             except (ValueError, ArithmeticError, RuntimeError) as e:  # too few survivors, a bad sum
                 reason = f"the secure sums could not be made: {e}"
@@ -117,7 +158,17 @@ class SecureRound:
             else:
                 candidate = self._adapter(result.factors, result.head, glob)
                 contributors = result.survivors
-        outcome = server.adopt(rnd, candidate, contributors, reason)
+        released = None
+        if private is not None:
+            # the server never sees a change, so neither its norm nor whether it was clipped
+            released = {
+                "sigma": dp.sigma,
+                "clipped": None,
+                "aggregated": len(contributors),
+                "norm_median": None,
+                "noise_shares": round(dp.sigma**2 / private.share_std**2) if private.share_std else None,
+            }
+        outcome = server.adopt(rnd, candidate, contributors, reason, released)
         up = result.bytes_up if result is not None else {}
         down = result.bytes_down if result is not None else {}
         traffic = RoundTraffic(
@@ -127,6 +178,30 @@ class SecureRound:
             },
         )
         return SecureRoundResult(outcome, traffic, record, time.perf_counter() - t0)
+
+    def _private(
+        self, rnd: int, dp: DpMechanism, plans: Mapping[int, ClientPlan], asked: int
+    ) -> StagePrivacy:
+        """Distributed DP for round `rnd`: the requests' clip, weight `1/m` and noise share (`t` shares of
+        any survivors carry `sigma`, `t` the sums' threshold for the `asked` clients), and the server's
+        public part: the mean over the whole sample `S` (`plans`) of what it sent, `1/|S|` each."""
+        t = self.settings.threshold or default_threshold(asked)
+        sample = sorted(plans)
+
+        def public(request: StageRequest) -> np.ndarray:
+            plain = replace(request, weight=1 / len(sample), clip=None, noise_std=0.0, noise_seed=None)
+            return sum(respond(plans[cid].adapter, plain) for cid in sample)
+
+        def noise_seed(cid: int, stage: int) -> int | None:
+            return None if dp.secure_noise else noise_share_seed(self.server.seed, rnd, cid, stage)
+
+        return StagePrivacy(
+            clip=dp.clip,
+            weight=1 / dp.clients_per_round,
+            share_std=dp.sigma / math.sqrt(t),
+            noise_seed=noise_seed,
+            public=public,
+        )
 
     def _adapter(
         self, factors: Mapping[str, Any], head: Mapping[str, Any], glob: AdapterWeights

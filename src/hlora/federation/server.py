@@ -245,13 +245,19 @@ class FederatedServer:
         )
 
     def adopt(
-        self, rnd: int, candidate: AdapterWeights | None, contributors: Sequence[int], reason: str = ""
+        self,
+        rnd: int,
+        candidate: AdapterWeights | None,
+        contributors: Sequence[int],
+        reason: str = "",
+        privacy: dict[str, Any] | None = None,
     ) -> RoundOutcome:
         """Take a global adapter aggregated from sums alone (a secure round, `federation.secure`): no
         update reached the server, so none is validated, weighed or measured here. `contributors` are the
         planned clients whose contributions are in `candidate`; with fewer than `min_clients` of them, a
         `reason` (the round could not be summed), or a `candidate` that is not finite, nothing changes
-        and the outcome says the round failed."""
+        and the outcome says the round failed. `privacy`: what distributed DP did (the outcome's
+        `privacy`, for a round that did not fail)."""
         if rnd != self._round:
             raise ValueError(f"adopt(round {rnd}) without configure({rnd}) before it")
         ids = tuple(sorted(contributors))
@@ -269,7 +275,7 @@ class FederatedServer:
             self.global_weights = candidate  # type: ignore[assignment]
             self.version += 1
         missing = tuple(sorted(self._plans.keys() - set(ids)))
-        return RoundOutcome(ids, {}, missing, bool(reason), reason)
+        return RoundOutcome(ids, {}, missing, bool(reason), reason, privacy=None if reason else privacy)
 
     def _instruments(self, rnd: int, accepted: list[ClientUpdate]) -> dict[str, Any] | None:
         """The round's instruments (`aggregation.instruments.round_instruments`) over the accepted updates,

@@ -29,6 +29,13 @@ The sums go through a `Summation` (`hlora.secure.masking.secure_sum`: pairwise m
 `2^-scale_bits`); `plain_sum` is a stand-in with the same result type and no masks, for the tests of the
 math. The server side here only ever receives what a summation returns. The math
 runs in float64.
+
+With distributed DP (`StagePrivacy`, `hlora.federation.secure`), every sum is a Gaussian mechanism on
+the clients' clipped changes: `Omega` is orthonormalised (so that `||D Omega||_F <= ||D||_F` for any
+change `D`: every sketch, power iteration and projection has the sensitivity of the change itself),
+each request tells the client to clip its change and add its share of the noise, the server adds its own
+public part (the mean of what it sent) to each sum in the clear, and nothing is renormalised (DP-FedAvg's
+fixed denominator).
 """
 
 from __future__ import annotations
@@ -128,6 +135,13 @@ class StageRequest:
     sketch_seed: int | None = None
     sketch_ranks: Mapping[str, int] | None = None
     head: tuple[str, ...] = ()
+    orthonormal: bool = False  # the seeded sketch orthonormalised (QR), as distributed DP needs
+    # Distributed DP (`StagePrivacy`): clip the change (what the client was sent, subtracted) to this
+    # L2 norm, scale it by `weight`, and add Gaussian noise of standard deviation `noise_std` to every
+    # entry, drawn from `noise_seed` (None: the client's own OS randomness). None: the plain contribution.
+    clip: float | None = None
+    noise_std: float = 0.0
+    noise_seed: int | None = None
 
     def operands(self, cols: Mapping[str, int]) -> dict[str, Tensor]:
         """The matrix of each adapted weight (`cols`: its `n`, for a seeded sketch)."""
@@ -135,17 +149,20 @@ class StageRequest:
             return dict(self.matrices)
         if self.kind != "sketch" or self.sketch_seed is None or self.sketch_ranks is None:
             raise ValueError("a stage request needs matrices, or a sketch seed with its ranks")
-        return sketch_matrices(
+        omega = sketch_matrices(
             self.sketch_seed, {layer: cols[layer] for layer in self.sketch_ranks}, self.sketch_ranks
         )
+        return {layer: orthonormal_basis(M) for layer, M in omega.items()} if self.orthonormal else omega
 
     def downlink_bytes(self) -> int:
-        """Bytes the request carries: `p_k`, and the matrices or the seed (8 bytes) with a rank per weight."""
+        """Bytes the request carries: `p_k`, and the matrices or the seed (8 bytes) with a rank per weight;
+        under DP, the clip, the noise's scale and its seed."""
         if self.matrices is not None:
             sent = sum(t.numel() for t in self.matrices.values()) * FLOAT_BYTES
         else:
             sent = 8 + 4 * len(self.sketch_ranks or {})
-        return FLOAT_BYTES + sent
+        private = 3 * FLOAT_BYTES if self.clip is not None else 0
+        return FLOAT_BYTES + sent + private
 
 
 def sketch_matrices(seed: int, cols: Mapping[str, int], ranks: Mapping[str, int]) -> dict[str, Tensor]:
@@ -161,6 +178,8 @@ def respond(adapter: AdapterWeights, request: StageRequest) -> np.ndarray:
     """One client's contribution to a secure sum, from its own trained adapter, as one flat float64
     vector: the weights' blocks in the order of the request's matrices (row-major), then the head's
     tensors in the order of `request.head`. Runs on the client: the adapter never leaves it."""
+    if request.clip is not None:
+        raise ValueError("a private stage request: the client clips and noises its change first")
     cols = {layer: f.A.shape[1] for layer, f in adapter.factors.items()}
     p = float(request.weight)
     parts = []
@@ -230,6 +249,24 @@ def refactor(Z: Tensor, Q: Tensor, rank: int, split: Split, floor: float = 0.0) 
 Exchange = Callable[[Mapping[int, StageRequest]], SecureSumResult]
 
 
+@dataclass(frozen=True)
+class StagePrivacy:
+    """Distributed DP on the secure sums: what every stage request carries, and the server's own part.
+
+    `clip`: `C`; `weight`: the fixed weight `1 / m` of every client's clipped change; `share_std`: the
+    standard deviation of each client's share of the noise (`sigma / sqrt(t)`, so that any `t` surviving
+    shares add up to at least `sigma`); `noise_seed(client, stage)`: the seed of that client's share in
+    that sum (None: the client draws from its OS); `public(request)`: the server's contribution in the
+    clear to the sum that `request` (weight ignored) asks for, the mean of what the round's sample was
+    sent, `sum_S (1/|S|) B0_k A0_k` through the same map."""
+
+    clip: float
+    weight: float
+    share_std: float
+    noise_seed: Callable[[int, int], int | None]
+    public: Callable[[StageRequest], np.ndarray]
+
+
 @dataclass
 class TwoStageResult:
     """A secure round's outcome on the server: the global factors (float64, at the bank rank) and head
@@ -265,6 +302,7 @@ def secure_two_stage(
     power_iterations: int = 0,
     split: Split = "balanced",
     resolution: float = 0.0,
+    private: StagePrivacy | None = None,
 ) -> TwoStageResult:
     """The server's side of a secure two-stage round (module docstring): asks the clients of `weights`
     (client id -> `p_k`, summing to 1) for their contributions through `exchange` (the runtime: it
@@ -274,11 +312,26 @@ def secure_two_stage(
     `shapes`: each adapted weight's `(m, n)`, in the global adapter's order; `head`: each dense tensor's
     shape; `sketch_rank`: `q` (clamped per weight to `min(m, n)`); `seed`: `Omega`'s (`sketch_seed`);
     `resolution`: the summation's absolute resolution per entry (`2^-scale_bits`; 0 for exact sums):
-    components below the noise it makes are zero. Raises ValueError where a sum cannot be made (too few
-    survivors) or does not fit."""
+    components below the noise it makes are zero. `private`: distributed DP (module docstring; the
+    `weights` are then ignored: every client's clipped change has the fixed weight `private.weight`).
+    Raises ValueError where a sum cannot be made (too few survivors) or does not fit."""
     ranks = sketch_ranks_for(shapes, sketch_rank)
     alive = tuple(sorted(weights))
     out = TwoStageResult({}, {}, (), [], ranks, None)
+
+    def request(cid: int, kind: StageKind, **kw: Any) -> StageRequest:
+        if private is None:
+            return StageRequest(kind, weights[cid], **kw)
+        stage = len(out.stage_clients)
+        return StageRequest(
+            kind,
+            private.weight,
+            orthonormal=True,
+            clip=private.clip,
+            noise_std=private.share_std,
+            noise_seed=private.noise_seed(cid, stage),
+            **kw,
+        )
 
     def secure_sum(
         requests: dict[int, StageRequest], layout: dict[str, tuple[int, ...]]
@@ -300,31 +353,30 @@ def secure_two_stage(
         alive = tuple(sorted(result.survivors))
         if not alive:
             raise ValueError("no client survived a secure sum")
-        return unpack(result.total, layout)
+        total = result.total
+        if private is not None:  # the server's public part, added in the clear
+            total = total + private.public(next(iter(requests.values())))
+        return unpack(total, layout)
 
     sketch_layout = {layer: (m, ranks[layer]) for layer, (m, n) in shapes.items()}
     project_layout = {layer: (ranks[layer], n) for layer, (m, n) in shapes.items()}
     Y = secure_sum(
-        {cid: StageRequest("sketch", weights[cid], sketch_seed=seed, sketch_ranks=ranks) for cid in alive},
-        sketch_layout,
+        {cid: request(cid, "sketch", sketch_seed=seed, sketch_ranks=ranks) for cid in alive}, sketch_layout
     )
     Q = {layer: orthonormal_basis(y) for layer, y in Y.items()}
     for _ in range(power_iterations):
-        Z = secure_sum(
-            {cid: StageRequest("project", weights[cid], matrices=Q) for cid in alive}, project_layout
-        )
+        Z = secure_sum({cid: request(cid, "project", matrices=Q) for cid in alive}, project_layout)
         W = {layer: orthonormal_basis(z.T) for layer, z in Z.items()}  # n x q
-        Y = secure_sum(
-            {cid: StageRequest("sketch", weights[cid], matrices=W) for cid in alive}, sketch_layout
-        )
+        Y = secure_sum({cid: request(cid, "sketch", matrices=W) for cid in alive}, sketch_layout)
         Q = {layer: orthonormal_basis(y) for layer, y in Y.items()}
     names = tuple(head)
     sums = secure_sum(
-        {cid: StageRequest("project", weights[cid], matrices=Q, head=names) for cid in alive},
+        {cid: request(cid, "project", matrices=Q, head=names) for cid in alive},
         {**project_layout, **{name: tuple(shape) for name, shape in head.items()}},
     )
-    # The survivors' weights no longer sum to 1 where a client dropped: their mean, renormalised.
-    kept = sum(weights[cid] for cid in alive)
+    # The survivors' weights no longer sum to 1 where a client dropped: their mean, renormalised (under
+    # DP the denominator is fixed: a client that dropped contributes no change).
+    kept = 1.0 if private is not None else sum(weights[cid] for cid in alive)
     if not kept > 0:
         raise ValueError(f"the surviving clients {list(alive)} have no weight")
     total2 = beyond2 = 0.0
