@@ -403,3 +403,37 @@ def test_the_cli_line_says_the_epsilon_spent_and_why_a_run_stopped():
     assert privacy_line(summary).endswith("; stopped: the privacy budget")
     summary["privacy"]["epsilon"] = None
     assert privacy_line(summary).startswith("(epsilon unbounded (no noise), delta")
+
+
+@pytest.mark.parametrize(("target", "releases"), [(8.0, 1), (3.0, 1), (20.0, 4)])
+def test_the_noise_for_a_target_epsilon_is_the_smallest_that_keeps_it(target, releases):
+    from hlora.privacy.accountant import noise_for_epsilon
+
+    z = noise_for_epsilon(target, 30, 5, 50, 1e-3, releases)
+    assert epsilon(30, z, 5, 50, 1e-3, releases) <= target
+    assert epsilon(30, z - 0.002, 5, 50, 1e-3, releases) > target  # 0.001 below would not do
+    assert z == round(z, 3)
+    with pytest.raises(ValueError, match="target epsilon must be > 0"):
+        noise_for_epsilon(0.0, 30, 5, 50, 1e-3)
+
+
+def test_hlora_privacy_shows_the_epsilon_by_round_and_the_noise_for_a_target(capsys):
+    from hlora.cli.main import main
+
+    args = ["privacy", "--set", "federation.num_clients=100", "--set", "federation.clients_per_round=20"]
+    args += ["--set", "federation.rounds=30", "--set", "privacy.clip=1.0"]
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--set", "privacy.noise_multiplier=1.0", "--epsilon", "8"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    delta = 100**-1.1
+    assert "20 of 100 clients a round (sampled without replacement)" in out
+    by_round = [f"{epsilon(r, 1.0, 20, 100, delta):.4g}" for r in (10, 30)]
+    assert f"z 1 (config): {', '.join(by_round)}" in out
+    z = float(out.split("--set privacy.noise_multiplier=")[1].split()[0])
+    assert epsilon(30, z, 20, 100, delta) <= 8 < epsilon(30, z - 0.002, 20, 100, delta)
+    assert "noise std 0.05 on the mean" in out
+    with pytest.raises(SystemExit) as info:
+        main(args)  # neither noise nor a target
+    assert info.value.code == 2
+    assert "nothing to account" in capsys.readouterr().err

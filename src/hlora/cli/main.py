@@ -130,6 +130,70 @@ def methods() -> None:
         typer.echo(name)
 
 
+@app.command()
+def privacy(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="TOML config file (defaults if omitted).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config value: section.key=value (repeatable)."),
+    ] = None,
+    epsilon: Annotated[
+        float | None,
+        typer.Option(help="Find the noise multiplier that spends this epsilon (> 0) over the whole run."),
+    ] = None,
+    rounds: Annotated[
+        str | None,
+        typer.Option(
+            help="Rounds at which to show the epsilon spent, comma-separated (default: 10, 30, 100 and "
+            "federation.rounds).",
+            callback=lambda v: _positive_ints(v) if v is not None else None,
+        ),
+    ] = None,
+) -> None:
+    """What a config's [privacy] costs in epsilon before anything runs: the epsilon spent by round, and
+    with --epsilon the noise multiplier that keeps the whole run within it (the accountant the runs use)."""
+    from hlora.config import load_settings
+    from hlora.errors import ConfigError
+    from hlora.privacy.accountant import epsilon as spent
+    from hlora.privacy.accountant import noise_for_epsilon
+
+    s = load_settings(config, list(set_ or []))
+    fed, p = s.federation, s.privacy
+    if epsilon is None and not p.noise_multiplier > 0:
+        raise ConfigError(
+            "nothing to account: set privacy.noise_multiplier (and privacy.clip) or pass --epsilon"
+        )
+    if epsilon is not None and not epsilon > 0:
+        raise ConfigError(f"--epsilon must be > 0, got {epsilon:g}")
+    releases = 2 + 2 * s.secure.power_iterations if s.secure.enabled else 1
+    delta = p.resolved_delta(fed.num_clients)
+    sampled = "every client" if fed.clients_per_round == fed.num_clients else "sampled without replacement"
+    typer.echo(
+        f"{fed.clients_per_round} of {fed.num_clients} clients a round ({sampled}), delta {delta:.3g}, "
+        f"{releases} noised release{'s' if releases > 1 else ''} a round"
+        + (" (secure sums, distributed DP)" if releases > 1 else "")
+    )
+    shown = sorted(set(rounds or [r for r in (10, 30, 100) if r < fed.rounds] + [fed.rounds]))
+    zs = []
+    if p.noise_multiplier > 0:
+        zs.append((f"z {p.noise_multiplier:g} (config)", p.noise_multiplier))
+    if epsilon is not None:
+        z = noise_for_epsilon(epsilon, fed.rounds, fed.clients_per_round, fed.num_clients, delta, releases)
+        zs.append((f"z {z:g} (for epsilon {epsilon:g})", z))
+        typer.echo(
+            f"noise multiplier {z:g} spends epsilon "
+            f"{spent(fed.rounds, z, fed.clients_per_round, fed.num_clients, delta, releases):.4g} in "
+            f"{fed.rounds} rounds (federation.rounds): --set privacy.noise_multiplier={z:g}"
+        )
+    typer.echo("epsilon after " + ", ".join(f"{r} rounds" for r in shown) + ":")
+    for label, z in zs:
+        figures = [spent(r, z, fed.clients_per_round, fed.num_clients, delta, releases) for r in shown]
+        noise = f"; noise std {z * p.clip / fed.clients_per_round:.3g} on the mean" if p.clip else ""
+        typer.echo(f"  {label}: " + ", ".join(f"{e:.4g}" for e in figures) + noise)
+
+
 def _device(name: str):
     """`auto`, or a torch device this machine has; ConfigError naming --device otherwise."""
     from hlora.federation.prepared import pick_device

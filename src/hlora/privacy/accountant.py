@@ -92,6 +92,40 @@ def epsilon(
     return min(sampled, unsampled)
 
 
+def noise_for_epsilon(
+    target: float,
+    rounds: int,
+    clients_per_round: int,
+    num_clients: int,
+    delta: float,
+    releases: int = 1,
+    decimals: int = 3,
+) -> float:
+    """The smallest noise multiplier `z`, rounded up to `decimals` places, whose `rounds` rounds spend
+    at most `target` epsilon at `delta` (bisection: epsilon falls as `z` grows). Raises ValueError for a
+    target no `z` up to 10^4 reaches."""
+    if not target > 0:
+        raise ValueError(f"the target epsilon must be > 0, got {target}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+
+    def spent(z: float) -> float:
+        return epsilon(rounds, z, clients_per_round, num_clients, delta, releases)
+
+    hi = 1.0
+    while spent(hi) > target:
+        hi *= 2
+        if hi > 1e4:
+            raise ValueError(f"no noise multiplier up to 1e4 keeps epsilon at {target:g} in {rounds} rounds")
+    lo = 0.0
+    step = 10.0**-decimals
+    while hi - lo > step / 2:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if spent(mid) <= target else (mid, hi)
+    z = math.ceil(hi / step) * step
+    return round(z, decimals) if spent(round(z, decimals)) <= target else round(z + step, decimals)
+
+
 @dataclass(frozen=True)
 class PrivacyAccountant:
     """`epsilon` bound to one run's mechanism and sampling."""
