@@ -190,3 +190,19 @@ def test_a_private_secure_round_reproduces_from_its_seed_unless_the_noise_is_the
     assert all(torch.equal(a[n], b[n]) for n in a)
     c = final("c", secure_noise=True)
     assert any(not torch.equal(a[n], c[n]) for n in a)
+
+
+def test_hlora_privacy_counts_the_secure_sums_and_the_shares(capsys):
+    from hlora.cli.main import main
+
+    args = ["privacy", "--set", "federation.num_clients=100", "--set", "federation.clients_per_round=20"]
+    args += ["--set", "privacy.clip=1.0", "--set", "privacy.noise_multiplier=1.0", "--rounds", "10"]
+    args += ["--set", "federation.method=hlora", "--set", "lora.rank_policy=tiers"]
+    args += ["--set", "lora.tiers=[2, 4]"]
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--set", "secure.enabled=true", "--set", "secure.power_iterations=1"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "4 noised releases a round (secure sums, distributed DP)" in out
+    assert f"z 1 (config): {epsilon(10, 1.0, 20, 100, 100**-1.1, 4):.4g};" in out
+    assert f"0.05 on the mean, {0.05 * math.sqrt(20 / 11):.3g} with all 20 clients' shares (t = 11)" in out

@@ -158,6 +158,7 @@ def privacy(
     from hlora.errors import ConfigError
     from hlora.privacy.accountant import epsilon as spent
     from hlora.privacy.accountant import noise_for_epsilon
+    from hlora.secure.masking import default_threshold
 
     s = load_settings(config, list(set_ or []))
     fed, p = s.federation, s.privacy
@@ -190,7 +191,12 @@ def privacy(
     typer.echo("epsilon after " + ", ".join(f"{r} rounds" for r in shown) + ":")
     for label, z in zs:
         figures = [spent(r, z, fed.clients_per_round, fed.num_clients, delta, releases) for r in shown]
-        noise = f"; noise std {z * p.clip / fed.clients_per_round:.3g} on the mean" if p.clip else ""
+        sigma = z * p.clip / fed.clients_per_round if p.clip else None
+        noise = f"; noise std {sigma:.3g} on the mean" if sigma is not None else ""
+        if sigma is not None and releases > 1:  # every client's share present: sqrt(m / t) times sigma
+            t = s.secure.threshold or default_threshold(fed.clients_per_round)
+            full = sigma * (fed.clients_per_round / t) ** 0.5
+            noise += f", {full:.3g} with all {fed.clients_per_round} clients' shares (t = {t})"
         typer.echo(f"  {label}: " + ", ".join(f"{e:.4g}" for e in figures) + noise)
 
 
