@@ -206,3 +206,28 @@ def test_hlora_privacy_counts_the_secure_sums_and_the_shares(capsys):
     assert "4 noised releases a round (secure sums, distributed DP)" in out
     assert f"z 1 (config): {epsilon(10, 1.0, 20, 100, 100**-1.1, 4):.4g};" in out
     assert f"0.05 on the mean, {0.05 * math.sqrt(20 / 11):.3g} with all 20 clients' shares (t = 11)" in out
+
+
+def test_a_later_sum_with_fewer_noise_shares_than_t_does_not_open(tiny_settings, tmp_path, caplog):
+    """t = 3 of 5 shares carry sigma. Two clients drop out of the first sum (3 left, enough); one more
+    out of the second: its 2 survivors are a majority of the 3 it asked, but 2 shares carry less noise
+    than sigma, so the round's one threshold keeps the sum shut and the round fails."""
+    raw = with_privacy(tiny_settings, clip=0.05, noise_multiplier=1.0)
+    raw["federation"].update(num_clients=5, clients_per_round=5, rounds=1)
+    raw["secure"] = {"enabled": True, "stage_dropouts": "renormalise"}
+    exp = prepare(validate_settings(raw))
+    calls = []
+
+    def dropping_sum(inputs, *, threshold=None, **kw):
+        calls.append((sorted(inputs), threshold))
+        ids = sorted(inputs)
+        dropouts = ids[:2] if len(calls) == 1 else ids[:1]
+        return secure_sum(inputs, dropouts=dropouts, threshold=threshold, **kw)
+
+    run_dir = create_run_dir(tmp_path / "run")
+    simulation.run(exp, run_dir, progress=False, summation=dropping_sum)
+    (row,) = read_metrics(run_dir)
+    assert [t for _, t in calls] == [3, 3] and len(calls[1][0]) == 3
+    assert row["round_failed"]
+    assert "2 of 3 clients survive, fewer than the threshold t = 3" in caplog.text
+    assert row["privacy"]["sigma"] is None  # nothing was released as a model

@@ -98,10 +98,13 @@ def _play(
             # The trained adapters stay on the clients' side: the server gets only the secure sums.
             held = {u.client_id: u.weights for u in replies.updates}
             replies.updates = []
+            threshold = secure.threshold(len(held))  # one for every sum of the round
 
-            def exchange(requests: Mapping[int, StageRequest], held=held, plans=plans) -> SecureSumResult:
+            def exchange(
+                requests: Mapping[int, StageRequest], held=held, plans=plans, threshold=threshold
+            ) -> SecureSumResult:
                 inputs = {cid: contribution(held[cid], plans[cid], r) for cid, r in requests.items()}
-                return summation(inputs, threshold=s.secure.threshold)
+                return summation(inputs, threshold=threshold)
 
             done = secure.play(rnd, plans, sorted(held), exchange)
             replies.outcome, replies.sent, replies.secure = done.outcome, done.traffic, done.record

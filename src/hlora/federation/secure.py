@@ -96,6 +96,13 @@ class SecureRound:
         self.split = split
         self.resolution = 2.0**-resolution_bits
 
+    def threshold(self, asked: int) -> int:
+        """The fewest clients every secure sum of a round needs, `asked` clients in its first sum:
+        `secure.threshold`, else a strict majority of them. The runtime passes the same one to each of
+        the round's sums (under DP it is also the number of noise shares that carry sigma, so a later sum
+        with fewer survivors must not open)."""
+        return self.settings.threshold or default_threshold(asked)
+
     def weights(self, clients: Sequence[int]) -> dict[int, float]:
         """`p_k` of the clients that trained, from the server's own partition sizes (1 each without
         one): the server sends each client its weight, so no client chooses it."""
@@ -185,7 +192,7 @@ class SecureRound:
         """Distributed DP for round `rnd`: the requests' clip, weight `1/m` and noise share (`t` shares of
         any survivors carry `sigma`, `t` the sums' threshold for the `asked` clients), and the server's
         public part: the mean over the whole sample `S` (`plans`) of what it sent, `1/|S|` each."""
-        t = self.settings.threshold or default_threshold(asked)
+        t = self.threshold(asked)
         sample = sorted(plans)
 
         def public(request: StageRequest) -> np.ndarray:
