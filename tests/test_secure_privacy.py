@@ -231,3 +231,4 @@ def test_a_later_sum_with_fewer_noise_shares_than_t_does_not_open(tiny_settings,
     assert row["round_failed"]
     assert "2 of 3 clients survive, fewer than the threshold t = 3" in caplog.text
     assert row["privacy"]["sigma"] is None  # nothing was released as a model
+    assert row["privacy"]["clipped"] is None and row["privacy"]["aggregated"] == 0

@@ -270,8 +270,9 @@ class RoundLoop:
         assert self.accountant is not None
         p = self.exp.settings.privacy
         eps = self.accountant.epsilon(rnd)
-        # a failed round released nothing
-        done = outcome.privacy or {"sigma": None, "clipped": 0, "aggregated": 0, "norm_median": None}
+        # a failed round released nothing (a secure one's server never knows what was clipped)
+        clipped = None if self.exp.settings.secure.enabled else 0
+        done = outcome.privacy or {"sigma": None, "clipped": clipped, "aggregated": 0, "norm_median": None}
         return {
             "epsilon": eps if math.isfinite(eps) else None,
             "delta": self.accountant.delta,
