@@ -429,6 +429,42 @@ def test_paired_table_is_hlora_minus_each_other_run_of_the_same_seed(compared):
     assert f"| zeropad | 2 | {statistics.mean(diffs):+.4f} ± {statistics.stdev(diffs):.4f} |" in text
 
 
+def test_paired_tier_table_is_hlora_minus_the_others_adapter_of_each_rank(compared):
+    out, _ = compared
+    with (out / report.PAIRED_TIERS_CSV).open(encoding="utf-8") as f:
+        paired = {(row["group"], int(row["rank"])): row for row in csv.DictReader(f)}
+
+    def scored(name: str, seed: int) -> list[dict]:
+        return [r for r in read_metrics(out / "runs" / f"{name}-s{seed}") if "accuracy" in r]
+
+    def tier(name: str, seed: int, rank: int) -> list[float]:
+        """The tier's scores by round; a run of one rank: its global adapter's."""
+        return [r["tier_accuracy"][str(rank)] if "tier_accuracy" in r else r["accuracy"]
+                for r in scored(name, seed)]
+
+    assert all("tier_accuracy" in r for r in scored("hlora", 0))  # the tiers are scored: a real test
+    for rank in (2, 4):
+        row = paired[("zeropad", rank)]
+        finals = [tier("hlora", s, rank)[-1] - tier("zeropad", s, rank)[-1] for s in (0, 1)]
+        means = [statistics.mean(tier("hlora", s, rank)) - statistics.mean(tier("zeropad", s, rank))
+                 for s in (0, 1)]
+        assert row["seeds"] == "2" and int(row["rounds"]) == len(tier("hlora", 0, rank))
+        assert float(row["final_diff_mean"]) == pytest.approx(statistics.mean(finals))
+        assert float(row["final_diff_std"]) == pytest.approx(statistics.stdev(finals))
+        assert float(row["mean_diff_mean"]) == pytest.approx(statistics.mean(means))
+        assert int(row["ahead"]) == sum(d > 0 for d in finals)
+        assert int(row["behind"]) == sum(d < 0 for d in finals)
+    # a fixed-rank reference pairs at its own rank alone, with its global adapter
+    assert ("fedit-r2", 2) in paired and ("fedit-r2", 4) not in paired and ("fedit-r4", 2) not in paired
+    finals = [tier("hlora", s, 2)[-1] - scored("fedit-r2", s)[-1]["accuracy"] for s in (0, 1)]
+    assert float(paired[("fedit-r2", 2)]["final_diff_mean"]) == pytest.approx(statistics.mean(finals))
+    assert ("hlora", 2) not in paired  # the subject is not paired with itself
+    text = (out / "summary.md").read_text(encoding="utf-8")
+    assert "## hlora's rank tiers against each method's, seed by seed" in text
+    mean, std = statistics.mean(finals), statistics.stdev(finals)
+    assert f"| FedIT r=2 (ref.) | 2 | 2 | {mean:+.4f} ± {std:.4f}" in text
+
+
 CHARTS = (report.PLOT_ROUNDS, report.PLOT_TRAFFIC, report.PLOT_TIERS, report.PLOT_BIAS, report.PLOT_BLOCKS)
 
 

@@ -8,7 +8,7 @@ sample standard deviation (none with one seed).
 
 The figures of one run are plain sums and maxima over its rounds (`seed_figures`); everything over seeds
 is pandas: one frame row per run (`seed_frame`) or per run and rank tier, grouped for the tables
-(`group_table`, `tier_table`, `paired_table`), unstacked for the per-tier CSV columns, written with
+(`group_table`, `tier_table`, `paired_table`, `paired_tier_table`), unstacked for the per-tier CSV columns, written with
 `to_csv`. Groups are ordered by `registry.ordered()` (`group_order`); the paired table's subject is the
 first method of that order that has runs here (HLoRA in a full comparison).
 """
@@ -34,6 +34,7 @@ from hlora.rundir import CONFIG_FILE, SUMMARY_FILE, read_metrics, write_text_ato
 SUMMARY_MD = "summary.md"
 SUMMARY_CSV = "summary.csv"
 PAIRED_CSV = "paired.csv"
+PAIRED_TIERS_CSV = "paired_tiers.csv"
 PLOT_ROUNDS = "accuracy_by_round.png"
 PLOT_TRAFFIC = "accuracy_by_traffic.png"
 PLOT_TIERS = "tier_accuracy.png"
@@ -403,6 +404,52 @@ def paired_table(
     return _records(_in_group_order(table))
 
 
+def tier_scores(run: SeedRun) -> dict[int, dict[int, float]]:
+    """Rank -> {round: the dev accuracy of that tier's adapter} over the evaluated rounds that scored
+    the tiers (`eval.tiers`); a run of one rank (a fixed-rank reference) holds its global score there."""
+    ranks = list(seed_figures(run, None)["tiers"])
+    scores: dict[int, dict[int, float]] = {}
+    for row in evaluated_rows(run.rows):
+        tiers = row.get("tier_accuracy") or ({str(ranks[0]): row["accuracy"]} if len(ranks) == 1 else {})
+        for rank, accuracy in tiers.items():
+            scores.setdefault(int(rank), {})[row["round"]] = accuracy
+    return scores
+
+
+def paired_tier_table(runs: Sequence[SeedRun], subject: str | None = None) -> list[dict[str, Any]]:
+    """Rank tier by rank tier, `subject`'s adapter of that rank against the other group's, seed by seed
+    (the same partition, tiers and sampled clients): the difference of their final scores (mean, std, p
+    of the paired t-test, in how many seeds `subject` ends ahead and behind) and of their mean scores
+    over the rounds both scored that tier (`rounds`: how many, the fewest over the seeds; 1 where the
+    tiers are scored in the last round only). A fixed-rank reference pairs at its own rank with its global
+    adapter: FedIT r=2 against `subject`'s rank-2 clients. Empty without `subject` runs."""
+    subject = subject or subject_of(r.group for r in runs)
+    mine = {r.seed: tier_scores(r) for r in runs if r.group == subject}
+    records = []
+    for run in runs:
+        if run.group == subject or run.seed not in mine:
+            continue
+        for rank, theirs in tier_scores(run).items():
+            own = mine[run.seed].get(rank)
+            if not own:
+                continue
+            both = sorted(own.keys() & theirs.keys())
+            final = own[max(own)] - theirs[max(theirs)]
+            mean = np.mean([own[r] for r in both]) - np.mean([theirs[r] for r in both]) if both else None
+            records.append({"group": run.group, "rank": rank, "final_diff": final, "ahead": final > 0,
+                            "behind": final < 0, "mean_diff": mean, "rounds": len(both)})  # fmt: skip
+    if not records:
+        return []
+    frame = pd.DataFrame.from_records(records).astype({"final_diff": float, "mean_diff": float})
+    table = frame.groupby(["group", "rank"], sort=False).agg(
+        seeds=("group", "size"), **_mean_std("final_diff"), final_diff_p=("final_diff", paired_p),
+        ahead=("ahead", "sum"), behind=("behind", "sum"), rounds=("rounds", "min"),
+        **_mean_std("mean_diff"), mean_diff_p=("mean_diff", paired_p),
+    )  # fmt: skip
+    table = table.loc[sorted(table.index, key=lambda key: (group_order(key[0]), key[1]))]
+    return _records(table)
+
+
 def paired_p(diffs: Sequence[float]) -> float | None:
     """The two-sided p-value of the paired t-test on per-seed differences (is their mean zero?); None
     with fewer than two seeds or differences that do not vary (no test to make)."""
@@ -433,7 +480,7 @@ def _common_rounds(runs: Sequence[Sequence[dict[str, Any]]]) -> set[int]:
 
 def write_report(results_dir: Path, target: float | None = None) -> list[Path]:
     """Read every complete run of `results_dir` and write `summary.md`, `summary.csv` and three charts
-    beside them (and `paired.csv` when the subject has runs); `target` (default: `TARGET_SHARE` of the
+    beside them (and `paired.csv`, `paired_tiers.csv` when the subject has runs); `target` (default: `TARGET_SHARE` of the
     centralised final accuracy). Returns the paths written. RunDirError when there is no complete run."""
     from hlora.errors import RunDirError
 
@@ -449,13 +496,17 @@ def write_report(results_dir: Path, target: float | None = None) -> list[Path]:
     table, tiers = group_table(loaded.runs, target), tier_table(loaded.runs)
     subject = subject_of(r.group for r in loaded.runs)
     paired = paired_table(loaded.runs, target, subject)
+    paired_tiers = paired_tier_table(loaded.runs, subject)
     results_dir = Path(results_dir)
     paths = [results_dir / SUMMARY_MD, results_dir / SUMMARY_CSV]
-    write_text_atomic(paths[0], markdown(table, tiers, loaded, target, target_note, paired, subject))
+    write_text_atomic(
+        paths[0], markdown(table, tiers, loaded, target, target_note, paired, subject, paired_tiers)
+    )
     write_csv(table, tiers, paths[1])
-    if paired:
-        paths.append(results_dir / PAIRED_CSV)
-        _to_csv(pd.DataFrame(paired), paths[-1])
+    for rows, name in ((paired, PAIRED_CSV), (paired_tiers, PAIRED_TIERS_CSV)):
+        if rows:
+            paths.append(results_dir / name)
+            _to_csv(pd.DataFrame(rows), paths[-1])
     paths += plot_all(loaded.runs, results_dir, loaded.settings)
     paths += plot_mechanism(loaded.runs, results_dir, loaded.settings)
     return paths
@@ -514,9 +565,10 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
 def markdown(
     table: pd.DataFrame, tiers: pd.DataFrame, loaded: Loaded, target: float | None, target_note: str,
     paired: Sequence[dict[str, Any]] = (), subject: str | None = None,
+    paired_tiers: Sequence[dict[str, Any]] = (),
 ) -> str:  # fmt: skip
-    """summary.md: the settings, the group table, the tier table, what they mean, the paired table of
-    `subject` and how the runs were made."""
+    """summary.md: the settings, the group table, the tier table, what they mean, the paired tables of
+    `subject` (whole model, then tier by tier) and how the runs were made."""
     s = loaded.settings
     lines = ["# Comparison", ""]
     if s:
@@ -591,6 +643,8 @@ def markdown(
         lines[-1] += f" The centralised reference has settings of its own: {own}."
     if paired:
         lines += paired_lines(paired, target, subject, evaluated=bool(cadence))
+    if paired_tiers:
+        lines += paired_tier_lines(paired_tiers, subject)
     if loaded.incomplete:
         lines += ["", f"Not complete, left out: {', '.join(loaded.incomplete)}."]
     lines += provenance_lines(loaded.environments)
@@ -633,6 +687,32 @@ def paired_lines(
           f"{row['ahead']} / {row['behind']}", diff(row, "best_accuracy"),
           diff(row, "mean_accuracy") + _p(row["mean_accuracy_p"]), to_target(row),
           _num(row["traffic_ratio"], 2), _num(row["aggregate_ratio"], 1)) for row in paired],
+    )  # fmt: skip
+
+
+def paired_tier_lines(paired_tiers: Sequence[dict[str, Any]], subject: str) -> list[str]:
+    """The per-tier paired table of `subject` (`paired_tier_table`)."""
+    lines = [
+        "",
+        f"## {subject}'s rank tiers against each method's, seed by seed",
+        "",
+        f"The adapter a client of each rank holds ({subject}'s global adapter cut to that rank) against "
+        "the other's of the same rank, on the same seeds: final dev accuracy difference (mean ± sample "
+        f"standard deviation, p of the paired t-test), in how many seeds {subject} ends ahead and behind, "
+        "and the difference of the mean over the rounds both scored the tiers (how many: `rounds`; 1 "
+        "where tiers are scored in the last round only). A reference of one rank pairs at that rank "
+        "with its global adapter.",
+        "",
+    ]
+
+    def diff(row: dict[str, Any], key: str) -> str:
+        return _pm(row[f"{key}_diff_mean"], row[f"{key}_diff_std"], signed=True) + _p(row[f"{key}_diff_p"])
+
+    return lines + _table(
+        ("against", "rank", "seeds", "final acc diff", f"{subject} ahead / behind", "rounds",
+         "mean acc diff"),
+        [(label(row["group"]), row["rank"], row["seeds"], diff(row, "final"),
+          f"{row['ahead']} / {row['behind']}", row["rounds"], diff(row, "mean")) for row in paired_tiers],
     )  # fmt: skip
 
 
