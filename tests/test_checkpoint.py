@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save
 
 import hlora
 from hlora import checkpoint, simulation
@@ -103,19 +103,92 @@ def test_server_state_round_trips_through_the_checkpoint_files(method, tmp_path)
     assert_same_state(fresh.state_dict(), server.state_dict())
 
 
-def test_flora_keeps_every_stack_in_the_aggregator_file(tmp_path):
+def test_flora_writes_each_stack_once_as_a_block(tmp_path, monkeypatch):
     server = toy_server("flora", {0: 2, 1: 4, 2: 3})
+    written = []
+    write_temp = checkpoint.write_temp
+    monkeypatch.setattr(
+        checkpoint, "write_temp", lambda path, *a, **k: written.append(path.name) or write_temp(path, *a, **k)
+    )
     for rnd in (1, 2, 3):
         toy_round(server, rnd)
-    Checkpoint(3, server.state_dict(), {"metrics": []}).write(tmp_path)
-    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
-    assert state["server"]["aggregator"] == {"deltas": 3}
-    stacks = load_file(tmp_path / "checkpoint" / "aggregator.safetensors")
-    assert {name.split(".")[1] for name in stacks} == {"1", "2", "3"}
+        Checkpoint(rnd, server.state_dict(), {"metrics": []}).write(tmp_path)
+    # each commit wrote the three files and the one stack its round added, never an earlier one again
+    main_files = ["adapter.safetensors", "aggregator.safetensors", "state.json"]
+    assert written == [n for v in (1, 2, 3) for n in (f"delta.{v}.safetensors", *main_files)]
+    folder = tmp_path / "checkpoint"
+    state = json.loads((folder / "state.json").read_text())
+    assert state["format"] == 2 and state["server"]["aggregator"] == {"deltas": 3}
+    assert state["server"]["blocks"] == ["delta.1", "delta.2", "delta.3"]
+    assert load_file(folder / "aggregator.safetensors") == {}
     # a stack's rank is the round's total client rank (two clients a round)
     for version, delta in enumerate(server.aggregator.deltas, start=1):
-        saved = stacks[f"deltas.{version}.layer0.lora_A"]
-        assert torch.equal(saved, delta.weights.factors["layer0"].A)
+        saved = load_file(folder / "blocks" / f"delta.{version}.safetensors")
+        assert torch.equal(saved["layer0.lora_A"], delta.weights.factors["layer0"].A)
+        assert saved["layer0.lora_A"].shape[0] == sum(
+            server.client_ranks[c] for c in delta_clients(server, version)
+        )
+    fresh = toy_server("flora", {0: 2, 1: 4, 2: 3})
+    fresh.load_state_dict(Checkpoint.read(tmp_path).server)
+    assert_same_state(fresh.state_dict(), server.state_dict())
+
+
+def delta_clients(server: FederatedServer, version: int) -> list[int]:
+    """The clients whose adapters made stack `version` (toy_round: the round's sampled clients)."""
+    return sorted(server.sample(version))
+
+
+def test_a_checkpoint_of_format_1_still_resumes(tmp_path):
+    """Before blocks, FLoRA's stacks were flat `deltas.<version>.<name>` tensors of the aggregator file."""
+    server = toy_server("flora", {0: 2, 1: 4, 2: 3})
+    for rnd in (1, 2):
+        toy_round(server, rnd)
+    Checkpoint(2, server.state_dict(), {"metrics": []}).write(tmp_path)
+    folder = tmp_path / "checkpoint"
+    state = json.loads((folder / "state.json").read_text())
+    flat = {
+        f"deltas.{v}.{k}": t
+        for v in (1, 2)
+        for k, t in load_file(folder / "blocks" / f"delta.{v}.safetensors").items()
+    }
+    shutil.rmtree(folder / "blocks")
+    (folder / "aggregator.safetensors").write_bytes(save(flat, metadata={"hlora_round": "2"}))
+    del state["server"]["blocks"]
+    state["format"] = 1
+    (folder / "state.json").write_text(json.dumps(state))
+    fresh = toy_server("flora", {0: 2, 1: 4, 2: 3})
+    fresh.load_state_dict(Checkpoint.read(tmp_path).server)
+    assert_same_state(fresh.state_dict(), server.state_dict())
+    # the next commit writes the new format, every stack as a block
+    toy_round(fresh, 3)
+    Checkpoint(3, fresh.state_dict(), {"metrics": []}).write(tmp_path)
+    assert sorted(p.name for p in (folder / "blocks").iterdir()) == [
+        f"delta.{v}.safetensors" for v in (1, 2, 3)
+    ]
+
+
+def test_a_missing_or_swapped_block_is_a_damaged_checkpoint_and_a_stray_one_is_removed(tmp_path):
+    server = toy_server("flora", {0: 2, 1: 4, 2: 3})
+    for rnd in (1, 2):
+        toy_round(server, rnd)
+        Checkpoint(rnd, server.state_dict(), {"metrics": []}).write(tmp_path)
+    blocks = tmp_path / "checkpoint" / "blocks"
+    # a killed round's stack, never committed: the next commit removes it
+    (blocks / "delta.3.safetensors").write_bytes((blocks / "delta.2.safetensors").read_bytes())
+    (blocks / ".delta.4.safetensors.tmp").write_bytes(b"half")
+    Checkpoint(2, server.state_dict(), {"metrics": []}).write(tmp_path)
+    assert sorted(p.name for p in blocks.iterdir()) == ["delta.1.safetensors", "delta.2.safetensors"]
+    shutil.copy(blocks / "delta.2.safetensors", blocks / "delta.1.safetensors")
+    with pytest.raises(CheckpointError, match=r"delta.1.safetensors holds block 'delta.2', not 'delta.1'"):
+        Checkpoint.read(tmp_path)
+    (blocks / "delta.1.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"delta.1.safetensors is missing, but state.json names it"):
+        Checkpoint.read(tmp_path)
+    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    state["server"]["blocks"] = ["../../adapter"]
+    (tmp_path / "checkpoint" / "state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="block name '../../adapter' is not a plain file name"):
+        Checkpoint.read(tmp_path)
 
 
 def test_a_state_that_does_not_fit_is_refused():
@@ -222,7 +295,9 @@ def test_a_commit_stopped_between_its_renames_is_read_whole(tmp_path):
     toy_round(server, 2)
     Checkpoint(2, server.state_dict(), {"metrics": [{"round": 1}, {"round": 2}]}).write(tmp_path / "next")
     run, nxt = tmp_path / "run" / "checkpoint", tmp_path / "next" / "checkpoint"
-    # killed after the first rename of round 2's commit: the adapter is in place, the rest still .tmp
+    # killed after the first rename of round 2's commit: its blocks and the adapter are in place, the rest
+    # still .tmp
+    shutil.copytree(nxt / "blocks", run / "blocks", dirs_exist_ok=True)
     shutil.copy(nxt / "adapter.safetensors", run / "adapter.safetensors")
     shutil.copy(nxt / "aggregator.safetensors", run / ".aggregator.safetensors.tmp")
     shutil.copy(nxt / "state.json", run / ".state.json.tmp")
@@ -240,21 +315,23 @@ def test_the_next_save_finishes_a_stopped_commit_before_it_writes(tmp_path, monk
     toy_round(server, 2)
     Checkpoint(2, server.state_dict(), {"metrics": []}).write(tmp_path / "next")
     run, nxt = tmp_path / "run" / "checkpoint", tmp_path / "next" / "checkpoint"
-    shutil.copy(nxt / "adapter.safetensors", run / "adapter.safetensors")  # stopped as above
+    shutil.copytree(nxt / "blocks", run / "blocks", dirs_exist_ok=True)  # stopped as above
+    shutil.copy(nxt / "adapter.safetensors", run / "adapter.safetensors")
     shutil.copy(nxt / "aggregator.safetensors", run / ".aggregator.safetensors.tmp")
     shutil.copy(nxt / "state.json", run / ".state.json.tmp")
-    # Round 3's commit is killed once its aggregator file is written (the second fsync): the round-2
-    # .state.json.tmp must not pair with it, so the save had finished round 2's renames first.
+    # Round 3's commit is killed once its aggregator file is written (the third fsync, after its new
+    # stack's and the adapter's): the round-2 .state.json.tmp must not pair with it, so the save had
+    # finished round 2's renames first.
     fsyncs = []
 
-    def killed_at_the_second(fd, fsync=os.fsync):
+    def killed_at_the_third(fd, fsync=os.fsync):
         fsyncs.append(fd)
-        if len(fsyncs) == 2:
+        if len(fsyncs) == 3:
             raise Crash
         fsync(fd)
 
     toy_round(server, 3)
-    monkeypatch.setattr(os, "fsync", killed_at_the_second)
+    monkeypatch.setattr(os, "fsync", killed_at_the_third)
     with pytest.raises(Crash):
         Checkpoint(3, server.state_dict(), {"metrics": []}).write(tmp_path / "run")
     monkeypatch.undo()
@@ -262,8 +339,9 @@ def test_the_next_save_finishes_a_stopped_commit_before_it_writes(tmp_path, monk
     assert json.loads((run / "state.json").read_text())["round"] == 2
     Checkpoint(3, server.state_dict(), {"metrics": []}).write(tmp_path / "run")
     assert Checkpoint.read(tmp_path / "run").round == 3
-    names = ["adapter.safetensors", "aggregator.safetensors", "state.json"]
+    names = ["adapter.safetensors", "aggregator.safetensors", "blocks", "state.json"]
     assert sorted(p.name for p in run.iterdir()) == names  # no temporary file left
+    assert sorted(p.name for p in (run / "blocks").iterdir()) == [f"delta.{v}.safetensors" for v in (1, 2, 3)]
 
 
 def test_a_commit_killed_while_writing_leaves_the_last_one(tmp_path):
@@ -320,7 +398,9 @@ def without_timings(rows):
 def assert_same_run(a: Path, b: Path) -> None:
     """The same metrics (timings aside), the bit-identical checkpoint, summary and plot."""
     assert without_timings(read_metrics(b)) == without_timings(read_metrics(a))
-    for name in ("adapter.safetensors", "aggregator.safetensors"):
+    blocks = sorted(p.name for p in (a / "checkpoint").glob("blocks/*"))
+    assert blocks == sorted(p.name for p in (b / "checkpoint").glob("blocks/*"))
+    for name in ("adapter.safetensors", "aggregator.safetensors", *(f"blocks/{n}" for n in blocks)):
         assert_same_state(load_file(a / "checkpoint" / name), load_file(b / "checkpoint" / name))
     state_a, state_b = (json.loads((d / "checkpoint" / "state.json").read_text()) for d in (a, b))
     assert state_b["rng"] == state_a["rng"] and state_b["server"] == state_a["server"]

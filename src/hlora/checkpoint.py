@@ -7,17 +7,24 @@ prepared run's state here and restores one from it), so it imports nothing above
 
 - `adapter.safetensors`: the global adapter, `FederatedServer.global_weights.tensors()` (LoRA factors
   and head);
-- `aggregator.safetensors`: the aggregation method's tensors (FLoRA's base deltas; empty for most);
-- `state.json`: the round, the server's `version` and `synced`, the method's other state, the client
-  ranks, the bank rank, the partition's sizes and hash, the config (`settings`, as the fingerprint
-  covers it) and its fingerprint, every global RNG state, and the metrics rows so far.
+- `aggregator.safetensors`: the aggregation method's tensors (empty for most);
+- `blocks/<name>.safetensors`: the method's blocks, groups of tensors that never change once the method
+  has made them (FLoRA's stack of each round): each is written once, by the first commit that holds it,
+  so a commit costs what its round added, not everything the run has gathered;
+- `state.json`: the round, the server's `version` and `synced`, the method's other state and the names
+  of its blocks, the client ranks, the bank rank, the partition's sizes and hash, the config
+  (`settings`, as the fingerprint covers it) and its fingerprint, every global RNG state, and the
+  metrics rows so far.
 
-Each safetensors file names its round in its metadata (`hlora_round`). A save writes all three files
-beside their final names (`.NAME.tmp`), then renames them into place, `state.json` last: `state.json`
-is the commit point, and a load takes only tensors that carry the round it names. A kill between the
-renames leaves a complete `.state.json.tmp` whose tensor files all exist, renamed or not: a load reads
-that newer checkpoint, and the next save first finishes its renames (so that no complete
-`.state.json.tmp` is left to pair with the new commit's half-written files).
+Each safetensors file names its round in its metadata (`hlora_round`; a block file, its name). A save
+first puts the blocks the committed checkpoint lacks in place (each written beside its name, then
+renamed), then writes the three files beside their final names (`.NAME.tmp`) and renames them into
+place, `state.json` last: `state.json` is the commit point, and a load takes only tensors that carry the
+round it names, and the blocks it names. A kill between the renames leaves a complete `.state.json.tmp`
+whose tensor files and blocks all exist, renamed or not: a load reads that newer checkpoint, and the next
+save first finishes its renames (so that no complete `.state.json.tmp` is left to pair with the new
+commit's half-written files). After a commit, block files it does not name (a killed or failed round's)
+are removed. A block is rewritten only when the committed checkpoint does not name it.
 
 Resume is exact on the CPU: each client's batches and dropout are seeded per (seed, round, client)
 (`hlora.seeding`), the round's clients are a seeded draw, the restored global adapter is bit for bit the
@@ -31,7 +38,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,8 +68,12 @@ CHECKPOINT_DIR = "checkpoint"
 ADAPTER_FILE = "adapter.safetensors"
 AGGREGATOR_FILE = "aggregator.safetensors"
 STATE_FILE = "state.json"
-FORMAT = 1  # of state.json; a checkpoint of another format is refused, not guessed at
+BLOCKS_DIR = "blocks"
+FORMAT = 2  # of state.json (2: blocks); 1 is read too, another format is refused, not guessed at
+_READS = (1, 2)
 _ROUND_KEY = "hlora_round"  # safetensors metadata: the round a tensor file belongs to
+_BLOCK_KEY = "hlora_block"  # safetensors metadata of a block file: its name
+_BLOCK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")  # a file name inside blocks/, no path
 _TENSOR_FILES = (ADAPTER_FILE, AGGREGATOR_FILE)
 # What a resume may change in the run's config: the number of rounds, to extend a run.
 RESUME_OVERRIDES = ("federation.rounds",)
@@ -91,10 +103,15 @@ class Checkpoint:
         folder.mkdir(exist_ok=True)
         _finish_interrupted_commit(folder)
         method_state = self.server["aggregator"]
-        server_json = {k: v for k, v in self.server.items() if k not in ("global_weights", "aggregator")}
-        server_json["aggregator"] = {k: v for k, v in method_state.items() if not isinstance(v, Tensor)}
-        state = {"format": FORMAT, "round": self.round, "server": server_json, **self.run}
+        blocks = {k: v for k, v in method_state.items() if is_block(v)}
         method_tensors = {k: v for k, v in method_state.items() if isinstance(v, Tensor)}
+        server_json = {k: v for k, v in self.server.items() if k not in ("global_weights", "aggregator")}
+        server_json["aggregator"] = {
+            k: v for k, v in method_state.items() if k not in blocks and k not in method_tensors
+        }
+        server_json["blocks"] = sorted(blocks)
+        state = {"format": FORMAT, "round": self.round, "server": server_json, **self.run}
+        _write_blocks(folder, blocks)
         _commit(
             folder,
             {
@@ -103,6 +120,7 @@ class Checkpoint:
                 STATE_FILE: (json.dumps(state, indent=1) + "\n").encode("utf-8"),
             },
         )
+        _drop_blocks_but(folder, blocks.keys())
 
     @classmethod
     def read(cls, run_dir: Path) -> Checkpoint | None:
@@ -113,19 +131,21 @@ class Checkpoint:
         if found is None:
             return None
         state, paths = found
-        if state.get("format") != FORMAT:
+        if state.get("format") not in _READS:
             raise CheckpointError(
-                f"{folder / STATE_FILE} is of format {state.get('format')!r}; this hlora reads {FORMAT}"
+                f"{folder / STATE_FILE} is of format {state.get('format')!r}; this hlora reads "
+                f"{' and '.join(map(str, _READS))}"
             )
         common = {k: state[k] for k in ("format", "round", "server") if k in state}
         _validate(_State, common, folder / STATE_FILE)
         try:
             adapter = load_file(paths[ADAPTER_FILE])
             method_tensors = load_file(paths[AGGREGATOR_FILE])
+            blocks = {name: _read_block(folder, name) for name in state["server"].get("blocks", [])}
         except (OSError, SafetensorError) as e:
             raise CheckpointError(f"cannot read the checkpoint in {folder}: {e}") from None
-        server = dict(state["server"])
-        server["aggregator"] = {**server["aggregator"], **method_tensors}
+        server = {k: v for k, v in state["server"].items() if k != "blocks"}
+        server["aggregator"] = {**server["aggregator"], **method_tensors, **blocks}
         server["global_weights"] = adapter
         run = {k: v for k, v in state.items() if k not in ("format", "round", "server")}
         return cls(int(state["round"]), server, run)
@@ -139,6 +159,7 @@ class _Server(_Record):
     version: int = Field(ge=0)
     synced: dict[str, int]
     aggregator: dict[str, Any]
+    blocks: list[str] = []  # absent in format 1; each a plain file name (`_block_path` checks)
 
 
 class _Rng(BaseModel):
@@ -298,6 +319,63 @@ def _tensor_file(tensors: Mapping[str, Tensor], rnd: int) -> bytes:
     return safetensors_bytes(own, metadata={_ROUND_KEY: str(rnd)})
 
 
+def is_block(value: Any) -> bool:
+    """Whether a method's state value is a block: a non-empty mapping of names to tensors, which the
+    method never changes once it has returned it (`Aggregator.state_dict`)."""
+    return isinstance(value, Mapping) and bool(value) and all(isinstance(t, Tensor) for t in value.values())
+
+
+def _block_path(folder: Path, name: str) -> Path:
+    if not _BLOCK_NAME.fullmatch(name):
+        raise ValueError(f"block name {name!r} is not a plain file name")
+    return folder / BLOCKS_DIR / f"{name}.safetensors"
+
+
+def _committed_blocks(folder: Path) -> set[str]:
+    """The blocks the committed `state.json` names (none where it is missing or unreadable)."""
+    try:
+        state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+        return set(state["server"].get("blocks", []))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+
+
+def _write_blocks(folder: Path, blocks: Mapping[str, Mapping[str, Tensor]]) -> None:
+    """Put in place, durably, each of `blocks` that the committed checkpoint does not name (a kill or a
+    failed round may have left another version of it: it is replaced)."""
+    committed = _committed_blocks(folder)
+    for name, tensors in blocks.items():
+        path = _block_path(folder, name)
+        if name in committed and path.is_file():
+            continue
+        path.parent.mkdir(exist_ok=True)
+        own = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}
+        os.replace(write_temp(path, safetensors_bytes(own, metadata={_BLOCK_KEY: name}), durable=True), path)
+
+
+def _drop_blocks_but(folder: Path, keep: Iterable[str]) -> None:
+    """Remove the block files (and temporary files) in `folder/blocks/` that are not `keep`."""
+    wanted = {f"{name}.safetensors" for name in keep}
+    for path in (folder / BLOCKS_DIR).glob("*") if (folder / BLOCKS_DIR).is_dir() else ():
+        if path.name not in wanted:
+            path.unlink(missing_ok=True)
+
+
+def _read_block(folder: Path, name: str) -> dict[str, Tensor]:
+    """The tensors of block `name`; CheckpointError where its file is missing or holds another block."""
+    try:
+        path = _block_path(folder, name)
+    except ValueError as e:
+        raise CheckpointError(f"{folder / STATE_FILE} is damaged: {e}") from None
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing, but {STATE_FILE} names it: the checkpoint is damaged")
+    with safe_open(str(path), "pt") as f:
+        held = (f.metadata() or {}).get(_BLOCK_KEY)
+        if held != name:
+            raise CheckpointError(f"{path} holds block {held!r}, not {name!r}: the checkpoint is damaged")
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has keys(), no iteration)
+
+
 def _commit(folder: Path, files: Mapping[str, bytes]) -> None:
     """Write every file beside its final name, then rename them in order (the last is the commit)."""
     for name, data in files.items():
@@ -368,4 +446,10 @@ def _interrupted_commit(folder: Path) -> tuple[dict[str, Any], dict[str, Path]] 
                 break
         else:
             return None
+    try:
+        blocks = [_block_path(folder, name) for name in state["server"].get("blocks", [])]
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return None
+    if not all(path.is_file() for path in blocks):
+        return None
     return state, paths

@@ -134,7 +134,9 @@ class Aggregator(ABC):
 
     def state_dict(self) -> dict[str, Any]:
         """What this method has gathered over the rounds beyond the global adapter, for a checkpoint:
-        name -> a tensor or a JSON value. By default nothing: a method's settings come from the config,
+        name -> a tensor, a JSON value, or a block: a mapping of names to tensors that the method never
+        changes once it has returned it under that name (FLoRA's stack of a round), which a checkpoint
+        writes once instead of every round. By default nothing: a method's settings come from the config,
         and `initial` is rebuilt from the seed."""
         return {}
 

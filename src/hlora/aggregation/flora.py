@@ -51,17 +51,18 @@ class FLoRA(Aggregator):
         return self.deltas[-1].weights.factors
 
     def state_dict(self) -> dict[str, Any]:
-        """Every round's stack: their number (`deltas`) and each tensor as `deltas.<version>.<name>`."""
-        state: dict[str, Any] = {"deltas": len(self.deltas)}
-        for delta in self.deltas:
-            state.update({f"deltas.{delta.version}.{k}": t for k, t in delta.weights.tensors().items()})
-        return state
+        """Every round's stack, as a block (`delta.<version>`: name -> tensor; it never changes once made,
+        so a checkpoint writes each once), and their number (`deltas`)."""
+        blocks = {f"delta.{d.version}": d.weights.tensors() for d in self.deltas}
+        return {"deltas": len(self.deltas), **blocks}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         deltas = []
         for version in range(1, int(state.get("deltas", 0)) + 1):
-            prefix = f"deltas.{version}."
-            tensors = {k.removeprefix(prefix): t for k, t in state.items() if k.startswith(prefix)}
+            tensors = state.get(f"delta.{version}")
+            if tensors is None:  # a checkpoint of format 1: each stack's tensors as `deltas.<version>.<name>`
+                prefix = f"deltas.{version}."
+                tensors = {k.removeprefix(prefix): t for k, t in state.items() if k.startswith(prefix)}
             if not tensors:
                 raise ValueError(f"{self.name} state lacks base delta {version}")
             deltas.append(BaseDelta(version, AdapterWeights.from_tensors(tensors)))

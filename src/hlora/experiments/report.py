@@ -8,9 +8,9 @@ sample standard deviation (none with one seed).
 
 The figures of one run are plain sums and maxima over its rounds (`seed_figures`); everything over seeds
 is pandas: one frame row per run (`seed_frame`) or per run and rank tier, grouped for the tables
-(`group_table`, `tier_table`, `paired_table`, `paired_tier_table`), unstacked for the per-tier CSV columns, written with
-`to_csv`. Groups are ordered by `registry.ordered()` (`group_order`); the paired table's subject is the
-first method of that order that has runs here (HLoRA in a full comparison).
+(`group_table`, `tier_table`, `paired_table`, `paired_tier_table`), unstacked for the per-tier CSV
+columns, written with `to_csv`. Groups are ordered by `registry.ordered()` (`group_order`); the paired
+tables' subject is the first method of that order that has runs here (HLoRA in a full comparison).
 """
 
 from __future__ import annotations
@@ -480,8 +480,9 @@ def _common_rounds(runs: Sequence[Sequence[dict[str, Any]]]) -> set[int]:
 
 def write_report(results_dir: Path, target: float | None = None) -> list[Path]:
     """Read every complete run of `results_dir` and write `summary.md`, `summary.csv` and three charts
-    beside them (and `paired.csv`, `paired_tiers.csv` when the subject has runs); `target` (default: `TARGET_SHARE` of the
-    centralised final accuracy). Returns the paths written. RunDirError when there is no complete run."""
+    beside them (and `paired.csv` and `paired_tiers.csv` when the subject has runs); `target` (default:
+    `TARGET_SHARE` of the centralised final accuracy). Returns the paths written. RunDirError when there
+    is no complete run."""
     from hlora.errors import RunDirError
 
     loaded = load_results(results_dir)
