@@ -465,6 +465,33 @@ def test_paired_tier_table_is_hlora_minus_the_others_adapter_of_each_rank(compar
     assert f"| FedIT r=2 (ref.) | 2 | 2 | {mean:+.4f} ± {std:.4f}" in text
 
 
+def test_the_time_table_splits_each_methods_rounds_into_their_parts(compared):
+    out, _ = compared
+    times = report.time_table(report.load_results(out).runs)
+    # the runs that federate, not the centralised and local references
+    assert list(times.index) == ["hlora", "zeropad", "fedit-r2", "fedit-r4"]
+    assert "secure stages" not in times.columns  # no run had any: no column
+
+    def shares(seed: int) -> dict[str, float]:
+        rows = read_metrics(out / "runs" / f"hlora-s{seed}")
+        total = sum(r["wall_s"] + r["checkpoint_s"] for r in rows)
+        return {
+            "training": sum(r["train_s"] for r in rows) / total,
+            "evaluation": sum(r.get("eval_s", 0) + r.get("tier_eval_s", 0) for r in rows) / total,
+            "checkpoint": sum(r["checkpoint_s"] for r in rows) / total,
+            "round_s": total / len(rows),
+        }
+
+    for key in ("training", "evaluation", "checkpoint", "round_s"):
+        assert times.at["hlora", key] == pytest.approx(statistics.mean(shares(s)[key] for s in (0, 1)))
+    # a round's wall time is its parts: with the checkpoint they make the whole round
+    assert times.drop(columns="round_s").sum(axis=1).to_numpy() == pytest.approx(1.0, abs=1e-3)
+    text = (out / "summary.md").read_text(encoding="utf-8")
+    assert "## Where a round's time goes" in text
+    hlora = times.loc["hlora"]
+    assert f"| hlora | {hlora['round_s']:.1f} | {100 * hlora['training']:.1f}% |" in text
+
+
 CHARTS = (report.PLOT_ROUNDS, report.PLOT_TRAFFIC, report.PLOT_TIERS, report.PLOT_BIAS, report.PLOT_BLOCKS)
 
 

@@ -343,6 +343,40 @@ def tier_table(runs: Sequence[SeedRun]) -> pd.DataFrame:
     return table.loc[sorted(table.index, key=lambda key: (group_order(key[0]), key[1]))]
 
 
+# Where a round's time goes: each part's metrics key(s), in the order the round spends them. A round's
+# `wall_s` is the sum of the parts before the checkpoint by construction (training is timed as what the
+# round spent before aggregating, plans included); the checkpoint is written after `wall_s` closes.
+TIME_PARTS = {
+    "training": ("train_s",),
+    "secure stages": ("secure_s",),
+    "aggregation": ("aggregate_s",),
+    "instruments": ("instruments_s",),
+    "evaluation": ("eval_s", "tier_eval_s"),
+    "checkpoint": ("checkpoint_s",),
+}
+
+
+def time_table(runs: Sequence[SeedRun]) -> pd.DataFrame:
+    """Per group of the runs that federate (the index, in `group_order`): the mean over its seeds of the
+    seconds per round (`round_s`: the round's wall time plus its checkpoint) and of each part's share of
+    it (`TIME_PARTS`), summed over the rounds. Parts a group never spent are left out."""
+    records = []
+    for run in runs:
+        if not run.communicates:
+            continue
+        parts = {part: sum(r.get(k, 0.0) for r in run.rows for k in ks) for part, ks in TIME_PARTS.items()}
+        total = sum(r["wall_s"] for r in run.rows) + parts["checkpoint"]
+        # NaN for a part no row times (a run made before `checkpoint_s`), zero for one it did not spend
+        timed = {part: any(k in r for r in run.rows for k in ks) for part, ks in TIME_PARTS.items()}
+        shares = {part: seconds / total if timed[part] else np.nan for part, seconds in parts.items()}
+        records.append({"group": run.group, "round_s": total / len(run.rows), **shares})
+    if not records:
+        return pd.DataFrame()
+    table = pd.DataFrame.from_records(records).groupby("group", sort=False).mean()
+    table = table.loc[:, table.notna().any() & (table.fillna(0) != 0).any()]  # e.g. no secure stages
+    return table.loc[sorted(table.index, key=group_order)]
+
+
 def default_target(table: pd.DataFrame) -> float | None:
     """`TARGET_SHARE` of the centralised reference's mean final accuracy; None without that reference."""
     return TARGET_SHARE * table.at[CENTRAL, "final_accuracy_mean"] if CENTRAL in table.index else None
@@ -646,6 +680,9 @@ def markdown(
         lines += paired_lines(paired, target, subject, evaluated=bool(cadence))
     if paired_tiers:
         lines += paired_tier_lines(paired_tiers, subject)
+    times = time_table(loaded.runs)
+    if not times.empty:
+        lines += time_lines(times)
     if loaded.incomplete:
         lines += ["", f"Not complete, left out: {', '.join(loaded.incomplete)}."]
     lines += provenance_lines(loaded.environments)
@@ -715,6 +752,35 @@ def paired_tier_lines(paired_tiers: Sequence[dict[str, Any]], subject: str) -> l
         [(label(row["group"]), row["rank"], row["seeds"], diff(row, "final"),
           f"{row['ahead']} / {row['behind']}", row["rounds"], diff(row, "mean")) for row in paired_tiers],
     )  # fmt: skip
+
+
+def time_lines(times: pd.DataFrame) -> list[str]:
+    """The `time_table`: seconds a round, each part's share of them."""
+    parts = [c for c in times.columns if c != "round_s"]
+    return [
+        "",
+        "## Where a round's time goes",
+        "",
+        "Seconds a round (its wall time and its checkpoint, mean over the rounds and the seeds) and each "
+        "part's share of them, summed over the run: the clients' training (everything the round spent "
+        "before aggregating: in the simulation the clients train one after another), the server's "
+        "aggregation, its instruments, the evaluation of the global adapter and the tiers (on the rounds "
+        "`eval.every` picks), the checkpoint. A round's wall time is the sum of the parts before the "
+        "checkpoint.",
+        "",
+        *_table(
+            ("method", "s a round", *parts),
+            [(label(group), _num(row["round_s"]), *(_share(row[p]) for p in parts))
+             for group, row in times.iterrows()],
+        ),
+    ]  # fmt: skip
+
+
+def _share(value: float) -> str:
+    """A share as a percentage: `-` where it was not timed, `<0.1%` where it rounds to nothing."""
+    if pd.isna(value):
+        return "-"
+    return "<0.1%" if 0 < value < 0.0005 else f"{100 * value:.1f}%"
 
 
 def _p(value: float | None) -> str:
