@@ -737,9 +737,9 @@ def paired_tier_lines(paired_tiers: Sequence[dict[str, Any]], subject: str) -> l
         f"The adapter a client of each rank holds ({subject}'s global adapter cut to that rank) against "
         "the other's of the same rank, on the same seeds: final dev accuracy difference (mean ± sample "
         f"standard deviation, p of the paired t-test), in how many seeds {subject} ends ahead and behind, "
-        "and the difference of the mean over the rounds both scored the tiers (how many: `rounds`; 1 "
-        "where tiers are scored in the last round only). A reference of one rank pairs at that rank "
-        "with its global adapter.",
+        "and the difference of the mean over the rounds both scored the tiers (how many: `rounds`; where "
+        "the tiers are scored in the last round only, the final difference says it all). A reference of "
+        "one rank pairs at that rank with its global adapter.",
         "",
     ]
 
@@ -750,7 +750,8 @@ def paired_tier_lines(paired_tiers: Sequence[dict[str, Any]], subject: str) -> l
         ("against", "rank", "seeds", "final acc diff", f"{subject} ahead / behind", "rounds",
          "mean acc diff"),
         [(label(row["group"]), row["rank"], row["seeds"], diff(row, "final"),
-          f"{row['ahead']} / {row['behind']}", row["rounds"], diff(row, "mean")) for row in paired_tiers],
+          f"{row['ahead']} / {row['behind']}", row["rounds"], diff(row, "mean") if row["rounds"] > 1 else "-")
+         for row in paired_tiers],
     )  # fmt: skip
 
 
