@@ -115,8 +115,8 @@ class Checkpoint:
         _commit(
             folder,
             {
-                ADAPTER_FILE: _tensor_file(self.server["global_weights"], self.round),
-                AGGREGATOR_FILE: _tensor_file(method_tensors, self.round),
+                ADAPTER_FILE: _tensor_file(self.server["global_weights"], {_ROUND_KEY: str(self.round)}),
+                AGGREGATOR_FILE: _tensor_file(method_tensors, {_ROUND_KEY: str(self.round)}),
                 STATE_FILE: (json.dumps(state, indent=1) + "\n").encode("utf-8"),
             },
         )
@@ -313,10 +313,10 @@ def read_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Settings:
     return load_settings(run_dir / CONFIG_FILE, list(overrides))
 
 
-def _tensor_file(tensors: Mapping[str, Tensor], rnd: int) -> bytes:
+def _tensor_file(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> bytes:
     # Own contiguous CPU copies: safetensors refuses views (a truncated B) and tensors sharing memory.
     own = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}
-    return safetensors_bytes(own, metadata={_ROUND_KEY: str(rnd)})
+    return safetensors_bytes(own, metadata=dict(metadata))
 
 
 def is_block(value: Any) -> bool:
@@ -349,8 +349,7 @@ def _write_blocks(folder: Path, blocks: Mapping[str, Mapping[str, Tensor]]) -> N
         if name in committed and path.is_file():
             continue
         path.parent.mkdir(exist_ok=True)
-        own = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}
-        os.replace(write_temp(path, safetensors_bytes(own, metadata={_BLOCK_KEY: name}), durable=True), path)
+        os.replace(write_temp(path, _tensor_file(tensors, {_BLOCK_KEY: name}), durable=True), path)
 
 
 def _drop_blocks_but(folder: Path, keep: Iterable[str]) -> None:
