@@ -429,6 +429,27 @@ def test_paired_table_is_hlora_minus_each_other_run_of_the_same_seed(compared):
     assert f"| zeropad | 2 | {statistics.mean(diffs):+.4f} ± {statistics.stdev(diffs):.4f} |" in text
 
 
+def test_the_verdicts_are_read_off_the_paired_tables_for_the_methods_alone(compared):
+    out, _ = compared
+    paired = read_csv(out / report.PAIRED_CSV)
+    with (out / report.VERDICTS_CSV).open(encoding="utf-8") as f:
+        found = {(row["group"], row["claim"]): row for row in csv.DictReader(f)}
+    assert {group for group, _ in found} == {"zeropad"}  # the references are no rivals
+    final = found[("zeropad", "ends more accurate")]
+    diff = float(paired["zeropad"]["final_accuracy_diff_mean"])
+    assert final["seeds"] == "2" and float(final["effect"]) == pytest.approx(100 * diff)
+    assert final["favours"] == ("hlora" if diff > 0 else "zeropad" if diff < 0 else "")
+    p = paired["zeropad"]["final_accuracy_p"]
+    assert final["p"] == p and final["separated"] == str(diff != 0 and (p == "" or float(p) < 0.05))
+    assert float(found[("zeropad", "sends less")]["effect"]) == pytest.approx(
+        float(paired["zeropad"]["traffic_ratio"])
+    )
+    assert found[("zeropad", "lowest tier ends more accurate")]["rank"] == "2"
+    text = (out / "summary.md").read_text(encoding="utf-8")
+    assert "## Verdicts: hlora against each method" in text
+    assert f"| zeropad | 2 | {final['text']} |" in text
+
+
 def test_paired_tier_table_is_hlora_minus_the_others_adapter_of_each_rank(compared):
     out, _ = compared
     with (out / report.PAIRED_TIERS_CSV).open(encoding="utf-8") as f:

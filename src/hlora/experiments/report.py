@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from hlora.aggregation import registry
+from hlora.experiments import verdicts
 from hlora.experiments.compare import CENTRAL, LOCAL, RUNS_DIR
 from hlora.federation.metrics import evaluated_rows
 from hlora.rundir import CONFIG_FILE, SUMMARY_FILE, read_metrics, write_text_atomic
@@ -35,6 +36,7 @@ SUMMARY_MD = "summary.md"
 SUMMARY_CSV = "summary.csv"
 PAIRED_CSV = "paired.csv"
 PAIRED_TIERS_CSV = "paired_tiers.csv"
+VERDICTS_CSV = "verdicts.csv"
 PLOT_ROUNDS = "accuracy_by_round.png"
 PLOT_TRAFFIC = "accuracy_by_traffic.png"
 PLOT_TIERS = "tier_accuracy.png"
@@ -393,8 +395,8 @@ def paired_table(
     seeds) and in how many seeds `subject` ends ahead; the difference of the mean dev accuracy over the
     rounds both ran (the area under the accuracy curve per round: a convergence figure that needs no
     target); rounds to the target of each (mean over the seeds where both reach it); and the other's
-    total traffic and aggregation time as multiples of `subject`'s. Empty without `subject` runs; None
-    for a figure with nothing to show."""
+    total traffic and aggregation time as multiples of `subject`'s, with the p of the paired t-test on
+    their logs. Empty without `subject` runs; None for a figure with nothing to show."""
     subject = subject or subject_of(r.group for r in runs)
     seeds = seed_frame(runs, target)
     mine = seeds[seeds["group"] == subject].set_index("seed")
@@ -431,7 +433,9 @@ def paired_table(
         rounds_to_target_subject=("subject_to_target", _mean),
         rounds_to_target_other=("other_to_target", _mean),
         traffic_ratio=("traffic_ratio", _mean),
+        traffic_ratio_p=("traffic_ratio", _log_p),
         aggregate_ratio=("aggregate_ratio", _mean),
+        aggregate_ratio_p=("aggregate_ratio", _log_p),
     )
     if target is None:
         table["both_reached_target"] = None
@@ -494,6 +498,12 @@ def paired_p(diffs: Sequence[float]) -> float | None:
     return float(ttest_1samp(diffs, 0.0).pvalue)
 
 
+def _log_p(ratios: pd.Series) -> float | None:
+    """`paired_p` of the logs of per-seed cost ratios (is the rival's cost the subject's on average?);
+    None where a ratio is missing (a side that spent nothing)."""
+    return None if ratios.isna().any() else paired_p(np.log(ratios.to_numpy()))
+
+
 def _mean_accuracy_diff(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]]) -> float:
     """The mean dev accuracy over the rounds both ran and both evaluated, of `a` minus that of `b`."""
     n = min(len(a), len(b))
@@ -532,16 +542,20 @@ def write_report(results_dir: Path, target: float | None = None) -> list[Path]:
     subject = subject_of(r.group for r in loaded.runs)
     paired = paired_table(loaded.runs, target, subject)
     paired_tiers = paired_tier_table(loaded.runs, subject)
+    rivals = [group for group in dict.fromkeys(r.group for r in loaded.runs) if group != subject]
+    found = verdicts.verdicts(paired, paired_tiers, subject, [g for g in rivals if not is_reference(g)])
     results_dir = Path(results_dir)
     paths = [results_dir / SUMMARY_MD, results_dir / SUMMARY_CSV]
     write_text_atomic(
-        paths[0], markdown(table, tiers, loaded, target, target_note, paired, subject, paired_tiers)
+        paths[0], markdown(table, tiers, loaded, target, target_note, paired, subject, paired_tiers, found)
     )
     write_csv(table, tiers, paths[1])
-    for rows, name in ((paired, PAIRED_CSV), (paired_tiers, PAIRED_TIERS_CSV)):
+    for rows, name in (
+        (paired, PAIRED_CSV), (paired_tiers, PAIRED_TIERS_CSV), (verdicts.records(found), VERDICTS_CSV)
+    ):
         if rows:
             paths.append(results_dir / name)
-            _to_csv(pd.DataFrame(rows), paths[-1])
+            _to_csv(pd.DataFrame(rows).convert_dtypes(convert_floating=False), paths[-1])  # ranks as ints
     paths += plot_all(loaded.runs, results_dir, loaded.settings)
     paths += plot_mechanism(loaded.runs, results_dir, loaded.settings)
     return paths
@@ -600,10 +614,10 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
 def markdown(
     table: pd.DataFrame, tiers: pd.DataFrame, loaded: Loaded, target: float | None, target_note: str,
     paired: Sequence[dict[str, Any]] = (), subject: str | None = None,
-    paired_tiers: Sequence[dict[str, Any]] = (),
+    paired_tiers: Sequence[dict[str, Any]] = (), found: Sequence[verdicts.Verdict] = (),
 ) -> str:  # fmt: skip
     """summary.md: the settings, the group table, the tier table, what they mean, the paired tables of
-    `subject` (whole model, then tier by tier) and how the runs were made."""
+    `subject` (whole model, then tier by tier), the verdicts `found` and how the runs were made."""
     s = loaded.settings
     lines = ["# Comparison", ""]
     if s:
@@ -680,6 +694,8 @@ def markdown(
         lines += paired_lines(paired, target, subject, evaluated=bool(cadence))
     if paired_tiers:
         lines += paired_tier_lines(paired_tiers, subject)
+    if found:
+        lines += verdict_lines(found, subject)
     times = time_table(loaded.runs)
     if not times.empty:
         lines += time_lines(times)
@@ -753,6 +769,44 @@ def paired_tier_lines(paired_tiers: Sequence[dict[str, Any]], subject: str) -> l
           f"{row['ahead']} / {row['behind']}", row["rounds"], diff(row, "mean") if row["rounds"] > 1 else "-")
          for row in paired_tiers],
     )  # fmt: skip
+
+
+def verdict_lines(found: Sequence[verdicts.Verdict], subject: str) -> list[str]:
+    """The verdicts, one row per rival and one column per claim (`verdicts.CLAIMS`)."""
+    claims = [c.name for c in verdicts.CLAIMS if any(v.claim == c.name for v in found)]
+    cells = {(v.group, v.claim): v for v in found}
+    rivals = list(dict.fromkeys(v.group for v in found))
+    tier = {v.group: v.rank for v in found if v.rank is not None}
+
+    def cell(group: str, claim: str) -> str:
+        verdict = cells.get((group, claim))
+        if verdict is None:
+            return "-"
+        rank = f" (r={verdict.rank})" if verdict.rank is not None and len(set(tier.values())) > 1 else ""
+        return verdict.text + rank
+
+    ranks = sorted(set(tier.values()))
+    lowest = f" (r={ranks[0]})" if len(ranks) == 1 else ""
+    header = [c.replace("lowest tier", f"lowest tier{lowest}") for c in claims]
+    return [
+        "",
+        f"## Verdicts: {subject} against each method",
+        "",
+        f"Which side each claim favours, by one rule (`hlora.experiments.verdicts`): over the seeds both "
+        f"ran, a paired t-test's two-sided p below {verdicts.ALPHA:g} names the side the mean favours; "
+        "above it the claim is not separated (the mean's side shown as a leaning); effects that do not "
+        "vary over two or more seeds name the side every seed favours; one seed gives a leaning and no "
+        f"test. Accuracy effects are points of dev accuracy ({subject} minus the other or the other "
+        "minus it, whichever leads): the final one, the mean over the rounds both evaluated (converges "
+        "faster) and the final one of the smallest rank tier both have. Cost effects are the larger "
+        f"side's total as a multiple of the smaller's: the bytes sent both ways and the server's "
+        "aggregation time (times of runs that shared the cores: a large multiple only). With 3 seeds "
+        "only a large, steady effect is separated.",
+        "",
+        *_table(("against", "seeds", *header),
+                [(label(g), max(v.seeds for v in found if v.group == g), *(cell(g, c) for c in claims))
+                 for g in rivals]),
+    ]  # fmt: skip
 
 
 def time_lines(times: pd.DataFrame) -> list[str]:
