@@ -1,0 +1,123 @@
+"""The paper regime's runs (BENCHMARKS.md, "the paper regime"), queued and kept going, and their records
+collected into a checkout.
+
+Every entry is one `hlora compare` of one method (or the references) and one seed, so it resumes from
+its checkpoint when started again and skips what is complete: run this again after an interruption (a
+session's end) and it goes on where it stopped. `--workers` processes of one torch thread each take the
+entries in order, each taking the next as it finishes (on 2 cores: 2 workers, ~100 min a run).
+
+    # in a worktree of the commit the runs are to record, beside ../shared:
+    .venv/bin/python scripts/paper_regime.py run --logs ../runs-logs &     # or --dry-run: the queue
+    # later, from the checkout that commits them (copies each finished run's record, then hlora report):
+    .venv/bin/python scripts/paper_regime.py collect ../runs
+
+The order puts first what the verdicts need most: seed 0 of every rule, seeds 1 and 2 of HLoRA and the
+four rules it is compared with, then of the rules published since, then the references (seed 0), the IID
+control and the data-size variant (HLoRA and zero-padding, seed 0) and QQP (HLoRA and zero-padding; the
+best new rule joins when the MRPC seeds have chosen it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+A5 = "configs/experiments/mrpc-paper-a5.toml"
+RIVALS = ("hlora", "zeropad", "flexlora", "ffa", "flora")
+NEW_RULES = ("hlora_ef", "rablock", "fedplora")
+# the references' settings of BENCHMARKS.md: 5 local clients, the centralised one at its own lr and epochs
+REFERENCES = ("--local-clients", "5", "--central-set", "train.lr=3e-4",
+              "--central-set", "train.local_epochs=0.2")  # fmt: skip
+RECORD = ("config.toml", "metrics.jsonl", "partition.csv", "summary.json")  # what a run commits
+
+
+def queue() -> list[tuple[str, ...]]:
+    """Each entry: the arguments of one `hlora compare`."""
+    one = [(A5, "--methods", m, "--seeds", "0", "--no-references") for m in RIVALS + NEW_RULES]
+    for seed in ("1", "2"):
+        one += [(A5, "--methods", m, "--seeds", seed, "--no-references") for m in RIVALS + NEW_RULES]
+    one.append((A5, "--methods", "fedit", "--seeds", "0", *REFERENCES))
+    for config, methods in (
+        ("configs/experiments/mrpc-paper-iid.toml", ("hlora", "zeropad")),
+        ("configs/experiments/mrpc-paper-datasize.toml", ("hlora", "zeropad")),
+        ("configs/experiments/qqp-paper.toml", ("hlora", "zeropad")),
+    ):
+        one += [(config, "--methods", m, "--seeds", "0", "--no-references") for m in methods]
+    return one
+
+
+def run(args: argparse.Namespace) -> None:
+    entries = queue()
+    if args.dry_run:
+        for entry in entries:
+            print("hlora compare", " ".join(entry), "-q")
+        return
+    args.logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT / "src")}  # fmt: skip
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not entries:
+                    return
+                entry = entries.pop(0)
+            name = f"{Path(entry[0]).stem}_{entry[2]}_s{entry[4]}"  # mrpc-paper-a5_hlora_s1
+            with (args.logs / f"{name}.log").open("a", encoding="utf-8") as log:
+                code = subprocess.call([sys.executable, "-m", "hlora", "compare", *entry, "-q"],
+                                       cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+            print(f"{name}: exit {code}", flush=True)
+
+    threads = [threading.Thread(target=worker) for _ in range(args.workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def collect(source: Path, into: Path = ROOT) -> list[Path]:
+    """Copy each complete run's record under `source`/results into `into`/results (this checkout's),
+    where it is missing, and rebuild the reports of the comparisons that gained runs; returns the run
+    directories collected."""
+    gained: set[Path] = set()
+    collected = []
+    for summary in sorted((source / "results").glob("*/runs/*/summary.json")):
+        run_dir = summary.parent
+        target = into / "results" / run_dir.relative_to(source / "results")
+        if (target / "summary.json").is_file():
+            continue
+        target.mkdir(parents=True, exist_ok=True)
+        for name in RECORD:
+            if (run_dir / name).is_file():
+                shutil.copy2(run_dir / name, target / name)
+        gained.add(target.parents[1])
+        collected.append(target)
+        print(f"collected {target}")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    for folder in sorted(gained):
+        subprocess.check_call([sys.executable, "-m", "hlora", "report", str(folder)], cwd=ROOT, env=env)
+    return collected
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    go = sub.add_parser("run", help="train the queue, resuming")
+    go.add_argument("--workers", type=int, default=2, help="runs at once, one torch thread each")
+    go.add_argument("--logs", type=Path, default=ROOT / "runs-logs", help="one log per entry")
+    go.add_argument("--dry-run", action="store_true", help="print the queue and stop")
+    take = sub.add_parser("collect", help="copy finished run records from a worktree and rebuild reports")
+    take.add_argument("source", type=Path, help="the worktree (or checkout) whose results/ the runs wrote")
+    args = parser.parse_args()
+    run(args) if args.command == "run" else collect(args.source)
+
+
+if __name__ == "__main__":
+    main()

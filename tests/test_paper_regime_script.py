@@ -1,0 +1,63 @@
+"""scripts/paper_regime.py: its queue holds every run the paper-regime issue asks for, each once, and
+`collect` copies finished run records (and nothing else) into a checkout without overwriting any."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from hlora.aggregation import registry
+
+REPO = Path(__file__).resolve().parents[1]
+A5 = "configs/experiments/mrpc-paper-a5.toml"
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("paper_regime", REPO / "scripts/paper_regime.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_queue_holds_every_rule_at_three_seeds_and_the_references_controls_and_qqp(script):
+    entries = script.queue()
+    assert len(set(entries)) == len(entries)  # nothing twice
+    for entry in entries:
+        assert (REPO / entry[0]).is_file() and entry[1] == "--methods" and entry[3] == "--seeds"
+    on_a5 = Counter((e[2], e[4]) for e in entries if e[0] == A5)
+    heterogeneous = [m for m in registry.ordered() if not registry.get(m).equal_ranks]
+    assert {(m, s) for m in heterogeneous for s in "012"} <= set(on_a5)  # every rule of mixed ranks
+    references = [e for e in entries if e[0] == A5 and "--no-references" not in e]
+    assert [(e[2], e[4]) for e in references] == [("fedit", "0")]
+    others = {(Path(e[0]).stem, e[2]) for e in entries if e[0] != A5}
+    for config in ("mrpc-paper-iid", "mrpc-paper-datasize", "qqp-paper"):
+        assert {(config, "hlora"), (config, "zeropad")} <= others
+    # what the verdicts need first comes first: seed 0 of every rule before any seed 1
+    assert [(e[0], e[4]) for e in entries[: len(heterogeneous)]] == [(A5, "0")] * len(heterogeneous)
+
+
+def test_collect_copies_the_records_of_finished_runs_once_and_rebuilds_the_report(script, tmp_path):
+    committed = REPO / "results/mrpc-paper-a5/runs/ffa-s0"
+    source, into = tmp_path / "worktree", tmp_path / "checkout"
+    done = source / "results/mrpc-paper-a5/runs/ffa-s0"
+    shutil.copytree(committed, done)
+    (done / "checkpoint").mkdir()
+    (done / "checkpoint" / "state.json").write_text("{}")  # never committed
+    running = source / "results/mrpc-paper-a5/runs/hlora-s1"
+    running.mkdir()
+    (running / "metrics.jsonl").write_text("")  # no summary.json: not finished
+    assert script.collect(source, into) == [into / "results/mrpc-paper-a5/runs/ffa-s0"]
+    target = into / "results/mrpc-paper-a5/runs/ffa-s0"
+    assert sorted(p.name for p in target.iterdir()) == sorted(script.RECORD)
+    assert (target / "metrics.jsonl").read_bytes() == (committed / "metrics.jsonl").read_bytes()
+    assert (into / "results/mrpc-paper-a5/summary.md").is_file()  # the report rebuilt
+    assert not (into / "results/mrpc-paper-a5/runs/hlora-s1").exists()
+    # a run already in the checkout is left as it is
+    (target / "summary.json").write_text('{"kept": true}')
+    assert script.collect(source, into) == []
+    assert (target / "summary.json").read_text() == '{"kept": true}'
