@@ -3,12 +3,13 @@ that is narrowed afterwards), and nothing existing is overwritten."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import stat
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 PRIVATE = ["ca.key", "server.key", "node0", "node1"]
@@ -17,10 +18,7 @@ PUBLIC = ["ca.crt", "server.crt", "node0.pub", "node1.pub"]
 
 @pytest.fixture(scope="module")
 def certs_module():
-    spec = importlib.util.spec_from_file_location("make_test_certs", REPO / "scripts/make_test_certs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("make_test_certs")
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from hlora.aggregation import registry
+from tests.conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 A5 = "configs/experiments/mrpc-paper-a5.toml"
@@ -18,10 +18,7 @@ A5 = "configs/experiments/mrpc-paper-a5.toml"
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("paper_regime", REPO / "scripts/paper_regime.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("paper_regime")
 
 
 def test_the_queue_holds_every_rule_at_three_seeds_and_the_references_controls_and_qqp(script):
