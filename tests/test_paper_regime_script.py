@@ -34,6 +34,7 @@ def test_the_queue_holds_every_rule_at_three_seeds_and_the_references_controls_a
     others = {(Path(e[0]).stem, e[2]) for e in entries if e[0] != A5}
     for config in ("mrpc-paper-iid", "mrpc-paper-datasize", "qqp-paper"):
         assert {(config, "hlora"), (config, "zeropad")} <= others
+    assert script.QQP_RULE in script.NEW_RULES and ("qqp-paper", script.QQP_RULE) in others
     # what the verdicts need first comes first: seed 0 of every rule before any seed 1
     assert [(e[0], e[4]) for e in entries[: len(heterogeneous)]] == [(A5, "0")] * len(heterogeneous)
 
