@@ -432,9 +432,9 @@ def paired_table(
         both_reached_target=("subject_to_target", "count"),
         rounds_to_target_subject=("subject_to_target", _mean),
         rounds_to_target_other=("other_to_target", _mean),
-        traffic_ratio=("traffic_ratio", _mean),
+        traffic_ratio=("traffic_ratio", _mean_of_all),
         traffic_ratio_p=("traffic_ratio", _log_p),
-        aggregate_ratio=("aggregate_ratio", _mean),
+        aggregate_ratio=("aggregate_ratio", _mean_of_all),
         aggregate_ratio_p=("aggregate_ratio", _log_p),
     )
     if target is None:
@@ -496,6 +496,11 @@ def paired_p(diffs: Sequence[float]) -> float | None:
     if len(diffs) < 2 or np.ptp(diffs) == 0:
         return None
     return float(ttest_1samp(diffs, 0.0).pvalue)
+
+
+def _mean_of_all(values: pd.Series) -> float:
+    """The mean, missing (NaN) where a seed's value is: a cost ratio of some seeds is no figure of all."""
+    return values.mean(skipna=False)
 
 
 def _log_p(ratios: pd.Series) -> float | None:
