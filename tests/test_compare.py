@@ -13,10 +13,12 @@ import shutil
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock, Timeout
 from scipy import stats
 
 from hlora import simulation
@@ -633,6 +635,32 @@ def test_report_regenerates_tables_and_charts(results_copy, no_training):
         assert code == 0, stderr
         text = (results_copy / "summary.md").read_text()
         assert ("at or below the majority class" in text) is flagged, text[:600]
+
+
+def test_reports_of_one_folder_are_written_one_at_a_time(results_copy, monkeypatch):
+    """Two comparisons of one results folder that end together (one method or seed each, side by side,
+    as scripts/paper_regime.py runs them) both write the report: each file is written while the report
+    lock is held, so the second waits instead of renaming the first's files away mid-write (before the
+    lock: FileNotFoundError on `.summary.md.tmp`)."""
+    real = report.write_text_atomic
+    written_unlocked = []
+
+    def probing(path, data, durable=False):
+        probe = FileLock(results_copy / report.REPORT_LOCK, timeout=0)  # its own descriptor: flock refuses
+        try:
+            probe.acquire()
+            probe.release()
+            written_unlocked.append(path.name)
+        except Timeout:
+            pass
+        real(path, data, durable)
+
+    monkeypatch.setattr(report, "write_text_atomic", probing)
+    before = (results_copy / "summary.md").read_text()
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(report.write_report, [results_copy] * 2)
+    assert written_unlocked == [] and first == second and (results_copy / report.SUMMARY_CSV) in first
+    assert (results_copy / "summary.md").read_text() == before
 
 
 def test_the_report_shows_the_epsilon_of_private_runs_and_no_column_without(results_copy):

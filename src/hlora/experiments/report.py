@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from filelock import FileLock
 
 from hlora.aggregation import registry
 from hlora.experiments import verdicts
@@ -37,6 +38,7 @@ SUMMARY_CSV = "summary.csv"
 PAIRED_CSV = "paired.csv"
 PAIRED_TIERS_CSV = "paired_tiers.csv"
 VERDICTS_CSV = "verdicts.csv"
+REPORT_LOCK = ".report.lock"  # held while a report is written (`write_report`)
 PLOT_ROUNDS = "accuracy_by_round.png"
 PLOT_TRAFFIC = "accuracy_by_traffic.png"
 PLOT_TIERS = "tier_accuracy.png"
@@ -531,7 +533,20 @@ def write_report(results_dir: Path, target: float | None = None) -> list[Path]:
     """Read every complete run of `results_dir` and write `summary.md`, `summary.csv` and three charts
     beside them (and `paired.csv` and `paired_tiers.csv` when the subject has runs); `target` (default:
     `TARGET_SHARE` of the centralised final accuracy). Returns the paths written. RunDirError when there
-    is no complete run."""
+    is no complete run.
+
+    One writer at a time (`REPORT_LOCK`, an OS lock that goes with the process): `hlora compare`s of one
+    method or seed each, side by side on one results folder (`scripts/paper_regime.py`), each write the
+    report as they end, and two writing at once would rename each other's files away mid-write. Under the
+    lock a report is read and written whole, so the last one holds every run complete by then."""
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():  # nothing to lock; `_write_report` says there is no run
+        return _write_report(results_dir, target)
+    with FileLock(results_dir / REPORT_LOCK):
+        return _write_report(results_dir, target)
+
+
+def _write_report(results_dir: Path, target: float | None) -> list[Path]:
     from hlora.errors import RunDirError
 
     loaded = load_results(results_dir)
@@ -549,7 +564,6 @@ def write_report(results_dir: Path, target: float | None = None) -> list[Path]:
     paired_tiers = paired_tier_table(loaded.runs, subject)
     rivals = [group for group in dict.fromkeys(r.group for r in loaded.runs) if group != subject]
     found = verdicts.verdicts(paired, paired_tiers, subject, [g for g in rivals if not is_reference(g)])
-    results_dir = Path(results_dir)
     paths = [results_dir / SUMMARY_MD, results_dir / SUMMARY_CSV]
     write_text_atomic(
         paths[0], markdown(table, tiers, loaded, target, target_note, paired, subject, paired_tiers, found)
