@@ -27,3 +27,15 @@ def test_the_subject_is_the_first_method_present_in_registry_order() -> None:
     assert report.subject_of(["central", *reversed(ordered)]) == ordered[0]
     assert report.subject_of(["central", ordered[2], ordered[1]]) == ordered[1]
     assert report.subject_of(["central", "local"]) is None
+
+
+def test_legends_name_the_seeds_only_where_the_groups_differ_in_them() -> None:
+    def runs(**seeds: int) -> list[report.SeedRun]:
+        return [report.SeedRun(group, seed, []) for group, n in seeds.items() for seed in range(n)]
+
+    assert report.seed_labels(runs(hlora=3, zeropad=3)) == {"hlora": "hlora", "zeropad": "zeropad"}
+    assert report.seed_labels(runs(hlora=2, flexlora=1, central=1)) == {
+        "hlora": "hlora (2 seeds)",
+        "flexlora": "flexlora (1 seed)",
+        "central": "centralised (upper ref.) (1 seed)",
+    }

@@ -102,6 +102,16 @@ def label(group: str) -> str:
     return group
 
 
+def seed_labels(runs: Sequence[SeedRun]) -> dict[str, str]:
+    """Legend labels of the groups of `runs`: `label(group)`, and its number of seeds where the groups
+    differ in it (while a comparison's seeds are still landing, a mean over two seeds and one seed's
+    curve are not alike: the paired tables compare on common seeds, a chart cannot)."""
+    counts = Counter(run.group for run in runs)
+    if len(set(counts.values())) <= 1:
+        return {group: label(group) for group in counts}
+    return {group: f"{label(group)} ({n} seed{'s' if n > 1 else ''})" for group, n in counts.items()}
+
+
 def _reference_title() -> str:
     return registry.get(registry.reference()).__name__
 
@@ -973,12 +983,13 @@ def plot_all(runs: Sequence[SeedRun], folder: Path, settings: dict[str, Any]) ->
     colours = {g: i for i, g in enumerate(sorted({r.group for r in runs}, key=group_order))}
     seeds = len(_seeds(runs))
     band = "mean; band: min-max over seeds" if seeds > 1 else "one seed"
+    names = seed_labels(runs)
     paths = []
 
     def draw(ax, curves: dict[str, Curve]) -> None:
         for group, (x, mean, low, high) in curves.items():
             style = _style(group, colours[group])
-            ax.plot(x, mean, label=label(group), **style)
+            ax.plot(x, mean, label=names[group], **style)
             if seeds > 1 and not is_reference(group):  # references: the mean alone, not to crowd the chart
                 ax.fill_between(x, low, high, color=style["color"], alpha=0.12)
 
@@ -1013,7 +1024,7 @@ def plot_all(runs: Sequence[SeedRun], folder: Path, settings: dict[str, Any]) ->
     draw(ax, curves)
     silent = _curves([r for r in runs if not r.communicates], lambda rows: [0] * len(rows))
     for group, (_, mean, _, _) in silent.items():
-        ax.axhline(mean[-1], label=f"{label(group)}, final (no traffic)", **_style(group, colours[group]))
+        ax.axhline(mean[-1], label=f"{names[group]}, final (no traffic)", **_style(group, colours[group]))
     spans = [x for x, *_ in curves.values() if len(x) and x[0] > 0]
     if spans and max(float(x[-1]) for x in spans) / min(float(x[0]) for x in spans) > 50:
         ax.set_xscale("log")
@@ -1090,6 +1101,7 @@ def plot_mechanism(runs: Sequence[SeedRun], folder: Path, settings: dict[str, An
     groups = sorted(frame["group"].unique(), key=group_order)
     seeds = frame["seed"].nunique()
     band = "mean; band: min-max over seeds" if seeds > 1 else "one seed"
+    names = seed_labels([run for run in runs if run.group in set(groups)])
     paths = []
 
     fig, ax = plt.subplots(figsize=(10, 4.5), dpi=120)
@@ -1097,7 +1109,7 @@ def plot_mechanism(runs: Sequence[SeedRun], folder: Path, settings: dict[str, An
         error = frame[frame["group"] == group].groupby("round")["rel_error"]
         error = error.agg(["mean", "min", "max"]).dropna()
         style = _style(group, i)
-        ax.plot(error.index, error["mean"], label=label(group), **style)
+        ax.plot(error.index, error["mean"], label=names[group], **style)
         if seeds > 1:
             ax.fill_between(error.index, error["min"], error["max"], color=style["color"], alpha=0.12)
     if (frame["rel_error"].dropna() > 0).all() and frame["rel_error"].max() > 20 * frame["rel_error"].min():
@@ -1125,7 +1137,7 @@ def plot_mechanism(runs: Sequence[SeedRun], folder: Path, settings: dict[str, An
     for ax, group in zip(axes.flat, groups, strict=False):
         shares = frame[frame["group"] == group].groupby("round")[blocks].mean().fillna(0.0)
         ax.stackplot(shares.index, shares.T.to_numpy(), colors=colours, labels=[b[6:] for b in blocks])
-        ax.set_title(label(group), fontsize=9)
+        ax.set_title(names[group], fontsize=9)
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(groups) :]:
