@@ -23,7 +23,7 @@ from hlora.client.client import apply_plan
 from hlora.config import DEFAULT_MODEL, LoraSettings, validate_settings
 from hlora.data.glue import load_split
 from hlora.errors import ExportError
-from hlora.evaluation import evaluate, predict_logits, task_metrics
+from hlora.evaluation import evaluate, predict_logits, prediction_spread, spread_line, task_metrics
 from hlora.export import EXPORT_INFO_FILE, export_model, flatten_plan, load_model_folder
 from hlora.federation.prepared import PreparedRun, prepare
 from hlora.models.lora_model import PACKAGED_MODEL_ID, LoraModel, portable_model_name, resolve_model_path
@@ -211,7 +211,20 @@ def test_hlora_eval_scores_an_export_as_hlora_does(runs, tmp_path, glue_dir, cap
     assert info.value.code == 0
     written = json.loads((tmp_path / "scores.json").read_text())
     assert (written["accuracy"], written["f1"], written["rows"]) == (scores["accuracy"], scores["f1"], 32)
-    assert f"accuracy {scores['accuracy']:.4f}, f1 {scores['f1']:.4f}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"accuracy {scores['accuracy']:.4f}, f1 {scores['f1']:.4f}" in out
+    assert sum(written["predicted_share"].values()) == pytest.approx(1.0) and written["logit_std"] > 0
+    assert out.splitlines()[-1].startswith("predicted 0: ") and "no longer sees" not in out
+
+
+def test_prediction_spread_names_a_model_that_answers_every_row_alike():
+    varied = prediction_spread(np.array([[0.0, 1.0], [2.0, -1.0], [0.5, 0.5], [0.0, 3.0]]))
+    # centred logits per class: -0.5, 1.5, 0, -1.5 (and their negatives): variance 1.1875 - 0.125^2
+    assert varied == {"predicted_share": {"0": 0.5, "1": 0.5}, "logit_std": pytest.approx(1.171875**0.5)}
+    constant = prediction_spread(np.tile([0.2, 3.778], (5, 1)))  # seed 1's HLoRA model at round 100
+    assert constant == {"predicted_share": {"0": 0.0, "1": 1.0}, "logit_std": pytest.approx(0.0, abs=1e-12)}
+    assert "no longer sees its input" in spread_line(constant)
+    assert spread_line(varied) == "predicted 0: 50.0%, 1: 50.0%; logit spread 1.0825"
 
 
 def test_hlora_eval_reads_a_labelled_tsv_by_path(tiny_settings, tmp_path, glue_dir, capsys):

@@ -21,6 +21,34 @@ def task_metrics(task: TaskSpec, labels: np.ndarray, predictions: np.ndarray) ->
     return metrics
 
 
+CONSTANT_LOGITS = 1e-4  # logits that vary less than this over the rows: one answer whatever the input
+
+
+def prediction_spread(logits: np.ndarray) -> dict[str, object]:
+    """How a model's answers spread over the rows: `predicted_share`, the share of rows given each class
+    (by index), and `logit_std`, the standard deviation over the rows of each row's logits centred on
+    their own mean, averaged over the classes. A `logit_std` near 0 (below `CONSTANT_LOGITS`) is a model
+    that no longer sees its input: every row gets the same logits, as the global model of a federation
+    that fell into the majority class can (BENCHMARKS.md, the paper regime's seed 1)."""
+    n, classes = logits.shape
+    counts = np.bincount(logits.argmax(axis=1), minlength=classes) if n else np.zeros(classes, dtype=int)
+    centred = logits - logits.mean(axis=1, keepdims=True)
+    return {
+        "predicted_share": {str(c): float(counts[c] / n) if n else 0.0 for c in range(classes)},
+        "logit_std": float(centred.std(axis=0).mean()) if n else 0.0,
+    }
+
+
+def spread_line(spread: dict[str, object]) -> str:
+    """`prediction_spread` in one line: `predicted 0: 29.2%, 1: 70.8%; logit spread 1.6200`, and a
+    warning where the logits do not vary."""
+    shares = ", ".join(f"{c}: {100 * share:.1f}%" for c, share in spread["predicted_share"].items())
+    line = f"predicted {shares}; logit spread {spread['logit_std']:.4f}"
+    if spread["logit_std"] < CONSTANT_LOGITS:
+        line += " (every row gets the same logits: the model no longer sees its input)"
+    return line
+
+
 @torch.no_grad()
 def predict_logits(module: nn.Module, data: EncodedSplit, batch_size: int, collate, device) -> np.ndarray:
     """Logits (`n x num_labels`, float32) of `module` for every row of `data`, in the rows' order. Rows

@@ -237,11 +237,12 @@ def eval_(
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No info lines.")] = False,
 ) -> None:
-    """Score an exported adapter (or a merged model) on a labelled GLUE split or TSV file."""
+    """Score an exported adapter (or a merged model) on a labelled GLUE split or TSV file, and say how its
+    answers spread: the share of rows given each class, and whether the logits vary with the input."""
     from hlora.data.glue import get_task, load_split, read_glue_tsv
     from hlora.data.tokenize import encode, make_collator
     from hlora.errors import DataError, ExportError
-    from hlora.evaluation import predict_logits, task_metrics
+    from hlora.evaluation import predict_logits, prediction_spread, spread_line, task_metrics
     from hlora.export import load_model_folder, read_export_info
     from hlora.models.lora_model import check_max_length, ensure_pad_token
     from hlora.rundir import write_json
@@ -266,14 +267,17 @@ def eval_(
     data = encode(rows, loaded.tokenizer, max_length or int(info.get("max_length", 128)))
     logits = predict_logits(loaded.module, data, batch_size, make_collator(loaded.tokenizer), torch_device)
     scores = task_metrics(spec, data.labels, logits.argmax(axis=1))
+    spread = prediction_spread(logits)
     shown = ", ".join(f"{name} {value:.4f}" for name, value in scores.items())
     typer.echo(f"{spec.name} {rows.source} ({len(rows)} rows, {loaded.kind} {adapter}): {shown}")
+    typer.echo(spread_line(spread))
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         write_json(
             json_out,
-            {"task": spec.name, "data": rows.source, "rows": len(rows), "model": str(adapter), **scores},
-        )
+            {"task": spec.name, "data": rows.source, "rows": len(rows), "model": str(adapter), **scores,
+             **spread},
+        )  # fmt: skip
 
 
 @app.command("export")
