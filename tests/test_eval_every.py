@@ -19,7 +19,7 @@ from hlora.federation.prepared import prepare
 from hlora.rundir import create_run_dir, read_metrics
 from tests.test_checkpoint import assert_same_state
 
-SCORES = ("accuracy", "f1", "tier_accuracy", "tier_f1", "eval_s", "tier_eval_s")
+SCORES = ("accuracy", "f1", "tier_accuracy", "tier_f1", "eval_s", "tier_eval_s", "prediction_spread")
 
 
 def with_eval(settings, method: str = "hlora", rounds: int = 3, **eval_):
@@ -59,6 +59,9 @@ def test_scores_come_every_n_rounds_and_in_the_last(tiny_settings, tmp_path):
         present = {key for key in SCORES if key in row}
         assert present == (set(SCORES) if row["evaluated"] else set()), row["round"]
         assert {"train_loss", "uplink_bytes", "wall_s", "aggregated_clients"} <= row.keys()
+        if row["evaluated"]:  # the global model's answers: a share per class, and the logits' spread
+            spread = row["prediction_spread"]
+            assert sum(spread["predicted_share"].values()) == pytest.approx(1.0) and spread["logit_std"] >= 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["final_accuracy"] == rows[-1]["accuracy"]
     assert summary["rounds"] == 5 and (tmp_path / "run" / "accuracy.png").is_file()

@@ -9,7 +9,7 @@ import torch
 from hlora import simulation
 from hlora.aggregation import registry
 from hlora.config import validate_settings
-from hlora.evaluation import evaluate
+from hlora.evaluation import evaluate, evaluate_with_spread
 from hlora.federation import round as engine
 from hlora.federation.prepared import prepare
 from hlora.federation.server import FederatedServer
@@ -79,11 +79,15 @@ def test_tier_scoring_can_be_turned_off(tiny_settings, tmp_path):
 def test_equal_ranks_reuse_the_global_score_without_another_pass(tiny_settings, tmp_path, monkeypatch):
     passes = []
 
-    def counting_evaluate(*args, **kwargs):
-        passes.append(1)
-        return evaluate(*args, **kwargs)
+    def counting(score):
+        def counted(*args, **kwargs):
+            passes.append(1)
+            return score(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "evaluate", counting_evaluate)
+        return counted
+
+    monkeypatch.setattr(engine, "evaluate", counting(evaluate))  # the tiers' passes
+    monkeypatch.setattr(engine, "evaluate_with_spread", counting(evaluate_with_spread))  # the global one's
     exp = prepare(tiny_settings)  # every client at rank 4, FedIT
     simulation.run(exp, create_run_dir(tmp_path / "run"), progress=False)
     rows = read_metrics(tmp_path / "run")

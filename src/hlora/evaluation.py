@@ -81,3 +81,12 @@ def evaluate(
 ) -> dict[str, float]:
     """Accuracy (and F1 where the task has it) of `weights` on `data`."""
     return task_metrics(task, data.labels, predict(model, weights, data, batch_size, collate))
+
+
+def evaluate_with_spread(
+    model: LoraModel, weights: AdapterWeights, data: EncodedSplit, task: TaskSpec, batch_size: int, collate
+) -> tuple[dict[str, float], dict[str, object]]:
+    """`evaluate`'s scores and, from the same logits, `prediction_spread`."""
+    model.load(weights)
+    logits = predict_logits(model.module, data, batch_size, collate, model.device)
+    return task_metrics(task, data.labels, logits.argmax(axis=1)), prediction_spread(logits)

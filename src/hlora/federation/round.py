@@ -31,7 +31,7 @@ from hlora.client.client import merge_base
 from hlora.config import Settings, settings_to_toml
 from hlora.data.partition import format_partition_table, write_partition_csv
 from hlora.errors import ConfigError
-from hlora.evaluation import evaluate
+from hlora.evaluation import evaluate, evaluate_with_spread
 from hlora.federation.metrics import (
     plot_accuracy,
     reliability_fields,
@@ -94,6 +94,7 @@ def check_runtime(settings: Settings, carries_secure: bool) -> None:
 class _TierScores:
     scores: dict[int, dict[str, float]]  # rank -> the dev scores of the model that tier holds
     seconds: float  # what scoring them cost
+    spread: dict[str, object] | None = None  # the global model's `prediction_spread`, where it was scored
 
 
 class RoundLoop:
@@ -193,6 +194,8 @@ class RoundLoop:
             "wall_s": t3 - self._t0,
         }
         row = self._row(rnd, plans, replies, outcome, scores, tiers.scores, timings)
+        if tiers.spread is not None:  # a model that answers every input alike shows here (logit_std ~0)
+            row["prediction_spread"] = tiers.spread
         # The checkpoint first, so that the row can say what it cost (the checkpoint's copy of the row
         # lacks `checkpoint_s`); a crash between the two loses nothing: a resumed run rewrites
         # metrics.jsonl from the checkpoint's rows.
@@ -216,7 +219,8 @@ class RoundLoop:
 
     def _evaluate(self, rnd: int) -> tuple[dict[str, float], _TierScores]:
         """Step 2: the dev scores of the global model, as a client would hold it, on the rounds
-        `eval.every` picks (and always the last); each rank tier's where `eval.tiers` asks. A round not
+        `eval.every` picks (and always the last), with how its answers spread over the rows (the row's
+        `prediction_spread`); each rank tier's scores where `eval.tiers` asks. A round not
         evaluated merges nothing: FLoRA's deltas wait for the next client, in the same order."""
         exp, s = self.exp, self.exp.settings
         # the run's last round: the configured last, or the last its privacy budget allows
@@ -225,12 +229,14 @@ class RoundLoop:
             return {}, _TierScores({}, 0.0)
         global_model = exp.server.model_plan()  # FLoRA: with the merged stacks
         merge_base(exp.model, global_model)
-        scores = evaluate(exp.model, global_model.adapter, exp.dev, exp.task, s.eval.batch_size, exp.collate)
+        scores, spread = evaluate_with_spread(
+            exp.model, global_model.adapter, exp.dev, exp.task, s.eval.batch_size, exp.collate
+        )
         if not (s.eval.tiers is True or (s.eval.tiers == "final" and last)):
-            return scores, _TierScores({}, 0.0)
+            return scores, _TierScores({}, 0.0, spread)
         t0 = time.perf_counter()
         tiers = evaluate_tiers(exp, global_model, scores)
-        return scores, _TierScores(tiers, time.perf_counter() - t0)
+        return scores, _TierScores(tiers, time.perf_counter() - t0, spread)
 
     def _row(
         self,
