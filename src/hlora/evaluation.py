@@ -68,25 +68,18 @@ def predict_logits(module: nn.Module, data: EncodedSplit, batch_size: int, colla
     return logits if logits is not None else np.empty((0, 1), dtype=np.float32)  # no rows
 
 
-def predict(
-    model: LoraModel, weights: AdapterWeights, data: EncodedSplit, batch_size: int, collate
-) -> np.ndarray:
-    """Predicted label per row of `data`."""
+def evaluate_with_spread(
+    model: LoraModel, weights: AdapterWeights, data: EncodedSplit, task: TaskSpec, batch_size: int, collate
+) -> tuple[dict[str, float], dict[str, object]]:
+    """Accuracy (and F1 where the task has it) of `weights` on `data` and, from the same logits,
+    `prediction_spread`."""
     model.load(weights)
-    return predict_logits(model.module, data, batch_size, collate, model.device).argmax(axis=1)
+    logits = predict_logits(model.module, data, batch_size, collate, model.device)
+    return task_metrics(task, data.labels, logits.argmax(axis=1)), prediction_spread(logits)
 
 
 def evaluate(
     model: LoraModel, weights: AdapterWeights, data: EncodedSplit, task: TaskSpec, batch_size: int, collate
 ) -> dict[str, float]:
     """Accuracy (and F1 where the task has it) of `weights` on `data`."""
-    return task_metrics(task, data.labels, predict(model, weights, data, batch_size, collate))
-
-
-def evaluate_with_spread(
-    model: LoraModel, weights: AdapterWeights, data: EncodedSplit, task: TaskSpec, batch_size: int, collate
-) -> tuple[dict[str, float], dict[str, object]]:
-    """`evaluate`'s scores and, from the same logits, `prediction_spread`."""
-    model.load(weights)
-    logits = predict_logits(model.module, data, batch_size, collate, model.device)
-    return task_metrics(task, data.labels, logits.argmax(axis=1)), prediction_spread(logits)
+    return evaluate_with_spread(model, weights, data, task, batch_size, collate)[0]

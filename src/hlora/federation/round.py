@@ -91,10 +91,13 @@ def check_runtime(settings: Settings, carries_secure: bool) -> None:
 
 
 @dataclass(frozen=True)
-class _TierScores:
-    scores: dict[int, dict[str, float]]  # rank -> the dev scores of the model that tier holds
-    seconds: float  # what scoring them cost
-    spread: dict[str, object] | None = None  # the global model's `prediction_spread`, where it was scored
+class _Evaluation:
+    """A round's dev scores: none on a round `eval.every` skips."""
+
+    scores: dict[str, float] = field(default_factory=dict)  # the global model's
+    spread: dict[str, object] | None = None  # its `prediction_spread` (logit_std ~0: one answer for all)
+    tiers: dict[int, dict[str, float]] = field(default_factory=dict)  # rank -> the model that tier holds
+    tier_seconds: float = 0.0  # what scoring the tiers cost
 
 
 class RoundLoop:
@@ -182,20 +185,18 @@ class RoundLoop:
         t1 = time.perf_counter()
         outcome = self._aggregate(rnd, replies)
         t2 = time.perf_counter()
-        scores, tiers = self._evaluate(rnd)
+        scored = self._evaluate(rnd)
         t3 = time.perf_counter()
         timings = {
             "train_s": t1 - self._t0 - replies.secure_s,
             **({"secure_s": replies.secure_s} if replies.secure is not None else {}),
             "aggregate_s": t2 - t1 - outcome.instruments_s,
             "instruments_s": outcome.instruments_s,
-            **({"eval_s": t3 - t2 - tiers.seconds} if scores else {}),
-            **({"tier_eval_s": tiers.seconds} if tiers.scores else {}),
+            **({"eval_s": t3 - t2 - scored.tier_seconds} if scored.scores else {}),
+            **({"tier_eval_s": scored.tier_seconds} if scored.tiers else {}),
             "wall_s": t3 - self._t0,
         }
-        row = self._row(rnd, plans, replies, outcome, scores, tiers.scores, timings)
-        if tiers.spread is not None:  # a model that answers every input alike shows here (logit_std ~0)
-            row["prediction_spread"] = tiers.spread
+        row = self._row(rnd, plans, replies, outcome, scored, timings)
         # The checkpoint first, so that the row can say what it cost (the checkpoint's copy of the row
         # lacks `checkpoint_s`); a crash between the two loses nothing: a resumed run rewrites
         # metrics.jsonl from the checkpoint's rows.
@@ -217,7 +218,7 @@ class RoundLoop:
             outcome = replace(outcome, rejected={**outcome.rejected, **replies.unreadable})
         return outcome
 
-    def _evaluate(self, rnd: int) -> tuple[dict[str, float], _TierScores]:
+    def _evaluate(self, rnd: int) -> _Evaluation:
         """Step 2: the dev scores of the global model, as a client would hold it, on the rounds
         `eval.every` picks (and always the last), with how its answers spread over the rows (the row's
         `prediction_spread`); each rank tier's scores where `eval.tiers` asks. A round not
@@ -226,17 +227,17 @@ class RoundLoop:
         # the run's last round: the configured last, or the last its privacy budget allows
         last = rnd == s.federation.rounds or self._over_budget(rnd + 1) is not None
         if not (rnd % s.eval.every == 0 or last):
-            return {}, _TierScores({}, 0.0)
+            return _Evaluation()
         global_model = exp.server.model_plan()  # FLoRA: with the merged stacks
         merge_base(exp.model, global_model)
         scores, spread = evaluate_with_spread(
             exp.model, global_model.adapter, exp.dev, exp.task, s.eval.batch_size, exp.collate
         )
         if not (s.eval.tiers is True or (s.eval.tiers == "final" and last)):
-            return scores, _TierScores({}, 0.0, spread)
+            return _Evaluation(scores, spread)
         t0 = time.perf_counter()
         tiers = evaluate_tiers(exp, global_model, scores)
-        return scores, _TierScores(tiers, time.perf_counter() - t0, spread)
+        return _Evaluation(scores, spread, tiers, time.perf_counter() - t0)
 
     def _row(
         self,
@@ -244,8 +245,7 @@ class RoundLoop:
         plans: dict[int, ClientPlan],
         replies: Replies,
         outcome: RoundOutcome,
-        scores: dict[str, float],
-        tiers: dict[int, dict[str, float]],
+        scored: _Evaluation,
         timings: dict[str, float],
     ) -> dict[str, Any]:
         """Step 3: the round's metrics row. The clients' own figures are claims: those out of bounds are
@@ -260,8 +260,10 @@ class RoundLoop:
                 rnd,
                 "; ".join(f"client {cid}: {', '.join(names)}" for cid, names in sorted(invalid.items())),
             )
-        row = round_row(rnd, scores, tiers, results, sent, exp.client_ranks, timings)
-        row["evaluated"] = bool(scores)
+        row = round_row(rnd, scored.scores, scored.tiers, results, sent, exp.client_ranks, timings)
+        row["evaluated"] = bool(scored.scores)
+        if scored.spread is not None:  # a model that answers every input alike shows here (logit_std ~0)
+            row["prediction_spread"] = scored.spread
         row.update(reliability_fields(outcome, replies.lost, replies.corrupted))
         row["invalid_reports"] = {str(cid): names for cid, names in sorted(invalid.items())}
         if replies.secure is not None:
