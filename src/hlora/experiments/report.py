@@ -28,7 +28,7 @@ import pandas as pd
 from filelock import FileLock
 
 from hlora.aggregation import registry
-from hlora.experiments import verdicts
+from hlora.experiments import answers, verdicts
 from hlora.experiments.compare import CENTRAL, LOCAL, RUNS_DIR
 from hlora.federation.metrics import evaluated_rows
 from hlora.rundir import CONFIG_FILE, SUMMARY_FILE, read_metrics, write_text_atomic
@@ -725,6 +725,7 @@ def markdown(
         lines += paired_tier_lines(paired_tiers, subject)
     if found:
         lines += verdict_lines(found, subject)
+    lines += one_class_lines(answers.one_class_runs(loaded.runs))
     times = time_table(loaded.runs)
     if not times.empty:
         lines += time_lines(times)
@@ -835,6 +836,37 @@ def verdict_lines(found: Sequence[verdicts.Verdict], subject: str) -> list[str]:
         *_table(("against", "seeds", *header),
                 [(label(g), max(v.seeds for v in found if v.group == g), *(cell(g, c) for c in claims))
                  for g in rivals]),
+    ]  # fmt: skip
+
+
+def one_class_lines(found: Sequence[answers.OneClassRun]) -> list[str]:
+    """The runs with a round whose global model gave every dev row one class (`answers`), or a line
+    saying no round that could be read was one; nothing where no round could be read."""
+    if all(run.undecided == run.evaluated for run in found):
+        return []
+    title = ["", "## Rounds whose global model gives every dev row one class", ""]
+    hit = [run for run in found if run.one_class]
+    if not hit:
+        return [*title, "None: in every evaluated round that could be read, the global model's answers "
+                        "depend on its input."]  # fmt: skip
+    undecided = sum(run.undecided for run in found)
+    return [
+        *title,
+        "A model that answers every input alike scores the majority class's share: dead, not weak. Each "
+        "evaluated round is read from its recorded prediction spread (the share of rows given each class, "
+        "the spread of the logits over the rows) or, in runs made before rounds recorded it, from its "
+        "accuracy and F1: on a two-class task, accuracy equal to the majority share with F1 of 0 or "
+        "2m/(1+m) (m that share) happens only when every row gets the majority class. Runs with no such "
+        "round are not listed.",
+        "",
+        *_table(("method", "seed", "one-class rounds", "one class from round to the end",
+                 "same logits on every row", "read from"),
+                [(label(run.group), run.seed, f"{run.one_class} of {run.evaluated}",
+                  "-" if run.since is None else run.since,
+                  "-" if run.same_logits is None else f"{run.same_logits} of {run.evaluated}", run.read_from)
+                 for run in hit]),
+        *(["", f"{undecided} evaluated rounds scored the minority class's share with an F1 a one-class "
+               "model has, which a mixed model can score too: not counted."] if undecided else []),
     ]  # fmt: skip
 
 
