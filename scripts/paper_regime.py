@@ -10,6 +10,8 @@ entries in order, each taking the next as it finishes (on 2 cores: 2 workers, ~1
     .venv/bin/python scripts/paper_regime.py run --logs ../runs-logs &     # or --dry-run: the queue
     # later, from the checkout that commits them (copies each finished run's record, then hlora report):
     .venv/bin/python scripts/paper_regime.py collect ../runs
+    # BENCHMARKS.md's per-rule rows (accuracy by round, tiers, instruments) of committed runs:
+    .venv/bin/python scripts/paper_regime.py rows results/mrpc-paper-a5/runs/*-s1
 
 The order puts first what the verdicts need most: seed 0 of every rule, seeds 1 and 2 of HLoRA and the
 four rules it is compared with, then of the rules published since, then the references (seed 0), the IID
@@ -20,12 +22,18 @@ best new rule on MRPC, `QQP_RULE`).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
+
+from hlora.experiments.answers import one_class_runs
+from hlora.experiments.report import SeedRun, group_order
+from hlora.rundir import SUMMARY_FILE, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 A5 = "configs/experiments/mrpc-paper-a5.toml"
@@ -110,6 +118,57 @@ def collect(source: Path, into: Path = ROOT) -> list[Path]:
     return collected
 
 
+# how BENCHMARKS.md names each rule in its tables
+NAMES = {"hlora": "HLoRA", "zeropad": "zero-padding", "flexlora": "FlexLoRA", "ffa": "FFA-LoRA",
+         "flora": "FLoRA", "hlora_ef": "HLoRA-EF", "rablock": "raBlock", "fedplora": "FedPLoRA",
+         "fedit": "FedIT"}  # fmt: skip
+ROWS_HEADER = (
+    "| rule | dev accuracy at rounds 10, 20, ..., 100 | F1 at 100 | best | tiers r2 / r4 / r8 / r16 at 100 | "
+    "`0-2` energy at 1, 10, 50, 100 | effective rank at 1, 10, 100 | rel. error at 1, 10, 100 |"
+)
+
+
+def _figures(values: list[Any], digits: int = 3) -> str:
+    return ", ".join("-" if v is None else f"{v:.{digits}f}" for v in values)
+
+
+def row(run_dir: Path) -> tuple[str, str | None]:
+    """BENCHMARKS.md's row of one run of the paper regime: its dev accuracy at every evaluated round, F1
+    at the last and the best accuracy, the tiers' accuracy at the last, then the instruments at the rounds
+    the table reads (the lowest rank block's share of the update's energy, the effective rank, the
+    relative error against the exact product mean), and, where its global model gave every dev row one
+    class in some evaluated round, a note of how often and from when (`hlora.experiments.answers`)."""
+    rows = read_metrics(run_dir)
+    scored = [r for r in rows if "accuracy" in r]
+    last = scored[-1]
+    instruments = {r["round"]: r.get("instruments") or {} for r in rows}
+
+    def at(rounds: tuple[int, ...], read) -> list[Any]:
+        return [read(instruments.get(n, {})) for n in rounds]
+
+    tiers = last.get("tier_accuracy") or {}
+    name = run_dir.name.rsplit("-s", 1)[0]
+    cells = [
+        NAMES.get(name, name),
+        _figures([r["accuracy"] for r in scored]),
+        _figures([last.get("f1")]),
+        _figures([max(r["accuracy"] for r in scored)]),
+        " / ".join(f"{tiers[k]:.3f}" for k in sorted(tiers, key=int)) or "-",
+        _figures(at((1, 10, 50, 100), lambda i: (i.get("block_energy") or {}).get("0-2"))),
+        _figures(at((1, 10, 100), lambda i: i.get("effective_rank")), 1),
+        _figures(at((1, 10, 100), lambda i: i.get("rel_error"))),
+    ]
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+    seed = int(run_dir.name.rsplit("-s", 1)[1])
+    (dead,) = one_class_runs([SeedRun(name, seed, rows, summary.get("majority_baseline"))])
+    note = None
+    if dead.one_class:
+        since = f", from round {dead.since} to the end" if dead.since is not None else ""
+        note = (f"{cells[0]}, seed {seed}: every dev row one class in {dead.one_class} of {dead.evaluated} "
+                f"evaluated rounds{since}")  # fmt: skip
+    return "| " + " | ".join(cells) + " |", note
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,8 +178,18 @@ def main() -> None:
     go.add_argument("--dry-run", action="store_true", help="print the queue and stop")
     take = sub.add_parser("collect", help="copy finished run records from a worktree and rebuild reports")
     take.add_argument("source", type=Path, help="the worktree (or checkout) whose results/ the runs wrote")
+    show = sub.add_parser("rows", help="print BENCHMARKS.md's per-rule rows of complete run directories")
+    show.add_argument("runs", type=Path, nargs="+", help="results/<comparison>/runs/<rule>-s<n>")
     args = parser.parse_args()
-    run(args) if args.command == "run" else collect(args.source)
+    if args.command == "run":
+        run(args)
+    elif args.command == "collect":
+        collect(args.source)
+    else:
+        order = sorted(args.runs, key=lambda d: (group_order(d.name.rsplit("-s", 1)[0]), d.name))
+        lines, notes = zip(*(row(run_dir) for run_dir in order), strict=True)
+        notes = ["", *filter(None, notes)] if any(notes) else []
+        print(ROWS_HEADER, "|---" * 8 + "|", *lines, *notes, sep="\n")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """scripts/paper_regime.py: its queue holds every run the paper-regime issue asks for, each once, and
-`collect` copies finished run records (and nothing else) into a checkout without overwriting any."""
+`collect` copies finished run records (and nothing else) into a checkout without overwriting any, and
+`rows` prints BENCHMARKS.md's rows from the committed records."""
 
 from __future__ import annotations
 
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -59,3 +61,20 @@ def test_collect_copies_the_records_of_finished_runs_once_and_rebuilds_the_repor
     (target / "summary.json").write_text('{"kept": true}')
     assert script.collect(source, into) == []
     assert (target / "summary.json").read_text() == '{"kept": true}'
+
+
+def test_rows_regenerate_the_benchmarks_tables_from_the_committed_runs(script, capsys, monkeypatch):
+    benchmarks = (REPO / "BENCHMARKS.md").read_text(encoding="utf-8")
+    runs = sorted((REPO / "results/mrpc-paper-a5/runs").glob("*-s1"))
+    monkeypatch.setattr(sys, "argv", ["paper_regime.py", "rows", *map(str, runs)])
+    script.main()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == script.ROWS_HEADER and out[0] in benchmarks
+    table = [line for line in out[2:] if line.startswith("| ")]
+    names = [line.split(" | ")[0].lstrip("| ") for line in table]
+    assert names == ["HLoRA", "FlexLoRA", "zero-padding", "FFA-LoRA"]  # in the registry's order
+    for line in table:  # the rows BENCHMARKS.md gives for seed 1, figure for figure
+        assert line in benchmarks.splitlines(), line
+    dead = "every dev row one class in"
+    assert f"HLoRA, seed 1: {dead} 9 of 10 evaluated rounds, from round 20 to the end" in out
+    assert f"zero-padding, seed 1: {dead} 2 of 10 evaluated rounds" in out  # not to the end
