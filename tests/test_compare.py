@@ -518,11 +518,19 @@ def test_the_time_table_splits_each_methods_rounds_into_their_parts(compared):
         / sum(r["wall_s"] + r["checkpoint_s"] for r in rows)
         for rows in (read_metrics(out / "runs" / f"hlora-s{seed}") for seed in (0, 1))
     ]
-    assert times.drop(columns="round_s").loc["hlora"].sum() == pytest.approx(statistics.mean(covered))
+    assert times.drop(columns=["round_s", report.BUSY]).loc["hlora"].sum() == pytest.approx(
+        statistics.mean(covered)
+    )
+    # the CPU the process spent per wall second of its rounds: one process, every thread
+    busy = [sum(r["cpu_s"] for r in rows) / sum(r["wall_s"] for r in rows)
+            for rows in (read_metrics(out / "runs" / f"hlora-s{seed}") for seed in (0, 1))]  # fmt: skip
+    assert times.at["hlora", report.BUSY] == pytest.approx(statistics.mean(busy))
+    assert 0 < times.at["hlora", report.BUSY] <= os.cpu_count() + 0.5
     text = (out / "summary.md").read_text(encoding="utf-8")
     assert "## Where a round's time goes" in text
     hlora = times.loc["hlora"]
-    assert f"| hlora | {hlora['round_s']:.1f} | {100 * hlora['training']:.1f}% |" in text
+    row = f"| hlora | {hlora['round_s']:.1f} | {hlora[report.BUSY]:.2f} | {100 * hlora['training']:.1f}% |"
+    assert row in text
 
 
 CHARTS = (report.PLOT_ROUNDS, report.PLOT_TRAFFIC, report.PLOT_TIERS, report.PLOT_BIAS, report.PLOT_BLOCKS)

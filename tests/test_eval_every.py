@@ -4,6 +4,7 @@ between have no scores, the global adapter is the same bit for bit, and every re
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,26 @@ def test_scores_come_every_n_rounds_and_in_the_last(tiny_settings, tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["final_accuracy"] == rows[-1]["accuracy"]
     assert summary["rounds"] == 5 and (tmp_path / "run" / "accuracy.png").is_file()
+
+
+def test_a_round_records_the_cpu_it_spent_apart_from_the_time_it_waited(tiny_settings, tmp_path, monkeypatch):
+    exp = prepare(with_eval(tiny_settings, rounds=2, every=2))
+    aggregate = type(exp.server).aggregate
+
+    def waiting(server, rnd, updates):  # a round held up for 0.4 s: cores held elsewhere, or a pause
+        time.sleep(0.4)
+        return aggregate(server, rnd, updates)
+
+    monkeypatch.setattr(type(exp.server), "aggregate", waiting)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one busy thread: the CPU time is at most the wall time it did not wait
+    try:
+        simulation.run(exp, create_run_dir(tmp_path / "run"), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    for row in read_metrics(tmp_path / "run"):
+        assert row["cpu_s"] > 0 and row["wall_s"] >= 0.4
+        assert row["cpu_s"] <= row["wall_s"] - 0.3, row  # the wall time would count the wait
 
 
 def test_final_tiers_stay_on_the_last_round_and_every_one_scores_every_round(tiny_settings, tmp_path):

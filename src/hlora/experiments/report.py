@@ -370,10 +370,14 @@ TIME_PARTS = {
 }
 
 
+BUSY = "cpu_per_wall"  # time_table's column of CPU seconds per wall second
+
+
 def time_table(runs: Sequence[SeedRun]) -> pd.DataFrame:
     """Per group of the runs that federate (the index, in `group_order`): the mean over its seeds of the
-    seconds per round (`round_s`: the round's wall time plus its checkpoint) and of each part's share of
-    it (`TIME_PARTS`), summed over the rounds. Parts a group never spent are left out."""
+    seconds per round (`round_s`: the round's wall time plus its checkpoint), of the CPU seconds the
+    process spent per wall second of its rounds (`BUSY`, where rows record `cpu_s`) and of each part's
+    share of the round (`TIME_PARTS`), summed over the rounds. Parts a group never spent are left out."""
     records = []
     for run in runs:
         if not run.communicates:
@@ -383,7 +387,11 @@ def time_table(runs: Sequence[SeedRun]) -> pd.DataFrame:
         # NaN for a part no row times (a run made before `checkpoint_s`), zero for one it did not spend
         timed = {part: any(k in r for r in run.rows for k in ks) for part, ks in TIME_PARTS.items()}
         shares = {part: seconds / total if timed[part] else np.nan for part, seconds in parts.items()}
-        records.append({"group": run.group, "round_s": total / len(run.rows), **shares})
+        # CPU seconds per wall second over the rounds that record both: below the threads the run was
+        # given, the rounds waited for cores something else held (or for a pause)
+        cpu = [(r["cpu_s"], r["wall_s"]) for r in run.rows if "cpu_s" in r]
+        busy = sum(c for c, _ in cpu) / sum(w for _, w in cpu) if cpu and sum(w for _, w in cpu) else np.nan
+        records.append({"group": run.group, "round_s": total / len(run.rows), BUSY: busy, **shares})
     if not records:
         return pd.DataFrame()
     table = pd.DataFrame.from_records(records).groupby("group", sort=False).mean()
@@ -871,8 +879,13 @@ def one_class_lines(found: Sequence[answers.OneClassRun]) -> list[str]:
 
 
 def time_lines(times: pd.DataFrame) -> list[str]:
-    """The `time_table`: seconds a round, each part's share of them."""
-    parts = [c for c in times.columns if c != "round_s"]
+    """The `time_table`: seconds a round, the CPU seconds per wall second where recorded, each part's
+    share of the round."""
+    parts = [c for c in times.columns if c not in ("round_s", BUSY)]
+    busy = BUSY in times.columns
+
+    def cpu(value: float) -> str:
+        return "-" if pd.isna(value) else f"{value:.2f}"  # `-`: a run made before rows recorded it
     return [
         "",
         "## Where a round's time goes",
@@ -882,11 +895,15 @@ def time_lines(times: pd.DataFrame) -> list[str]:
         "before aggregating: in the simulation the clients train one after another), the server's "
         "aggregation, its instruments, the evaluation of the global adapter and the tiers (on the rounds "
         "`eval.every` picks), the checkpoint. A round's wall time is the sum of the parts before the "
-        "checkpoint.",
+        "checkpoint." + (" CPU s per wall s: the CPU time the run's process spent in its rounds (every "
+                         "thread) over their wall time, for the runs that record it; below the threads "
+                         "a run was given, its rounds waited for cores that other work held, and their "
+                         "wall times count that wait." if busy else ""),
         "",
         *_table(
-            ("method", "s a round", *parts),
-            [(label(group), _num(row["round_s"]), *(_share(row[p]) for p in parts))
+            ("method", "s a round", *(("CPU s per wall s",) if busy else ()), *parts),
+            [(label(group), _num(row["round_s"]), *((cpu(row[BUSY]),) if busy else ()),
+              *(_share(row[p]) for p in parts))
              for group, row in times.iterrows()],
         ),
     ]  # fmt: skip

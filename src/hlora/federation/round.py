@@ -175,7 +175,7 @@ class RoundLoop:
 
     def configure(self, rnd: int) -> dict[int, ClientPlan]:
         """The round's plans, by client id (`FederatedServer.configure`); the round's clock starts."""
-        self._t0 = time.perf_counter()
+        self._t0, self._cpu0 = time.perf_counter(), time.process_time()
         return self.exp.server.configure(rnd)
 
     def finish(self, rnd: int, plans: dict[int, ClientPlan], replies: Replies) -> dict[str, Any]:
@@ -195,6 +195,9 @@ class RoundLoop:
             **({"eval_s": t3 - t2 - scored.tier_seconds} if scored.scores else {}),
             **({"tier_eval_s": scored.tier_seconds} if scored.tiers else {}),
             "wall_s": t3 - self._t0,
+            # the CPU this process spent on it, every thread: unlike the wall time, not inflated by work
+            # that shares the cores or by a pause (under Flower: the server's own work alone)
+            "cpu_s": time.process_time() - self._cpu0,
         }
         row = self._row(rnd, plans, replies, outcome, scored, timings)
         # The checkpoint first, so that the row can say what it cost (the checkpoint's copy of the row
