@@ -150,6 +150,16 @@ def test_round_line_of_a_round_without_scores():
     assert "acc -" in line and "\n" not in line and "loss 0.5000" in line
 
 
+def test_round_line_names_a_model_that_gives_every_row_one_class():
+    row = gap_rows({2: 0.6838}, 2)[1]
+    row["prediction_spread"] = {"predicted_share": {"0": 0.3, "1": 0.7}, "logit_std": 0.8}
+    assert "one class" not in round_line(row, 2)
+    row["prediction_spread"] = {"predicted_share": {"0": 0.0, "1": 1.0}, "logit_std": 0.02}
+    assert round_line(row, 2).endswith("every dev row one class")
+    row["prediction_spread"]["logit_std"] = 0.0
+    assert round_line(row, 2).endswith("every dev row one class (the same logits: blind to the input)")
+
+
 def test_plot_draws_the_evaluated_rounds(tmp_path, monkeypatch):
     import matplotlib.axes
 

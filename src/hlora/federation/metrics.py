@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from hlora.evaluation import CONSTANT_LOGITS
 from hlora.federation.server import RoundOutcome, RoundTraffic
 from hlora.protocol import TrainResult
 
@@ -111,6 +112,10 @@ def round_line(row: dict[str, Any], rounds: int) -> str:
         )
     if row.get("round_failed"):
         trouble += "  round failed: global model kept"
+    spread = row.get("prediction_spread")
+    if spread and max(spread["predicted_share"].values()) >= 1.0:  # scores the majority share, and dead
+        same = spread["logit_std"] < CONSTANT_LOGITS
+        trouble += "  every dev row one class" + (" (the same logits: blind to the input)" if same else "")
     privacy = row.get("privacy")
     if privacy:  # [privacy]: the epsilon spent so far (null: no noise, unbounded)
         eps = privacy["epsilon"]
