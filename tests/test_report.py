@@ -39,3 +39,22 @@ def test_legends_name_the_seeds_only_where_the_groups_differ_in_them() -> None:
         "flexlora": "flexlora (1 seed)",
         "central": "centralised (upper ref.) (1 seed)",
     }
+
+
+def _rows(aggregate_s: float, aggregate_cpu_s: float | None) -> list[dict]:
+    row = {"round": 1, "accuracy": 0.7, "uplink_bytes": 10, "downlink_bytes": 10, "wall_s": 5.0,
+           "aggregate_s": aggregate_s}  # fmt: skip
+    if aggregate_cpu_s is not None:
+        row["aggregate_cpu_s"] = aggregate_cpu_s
+    return [row]
+
+
+def test_aggregation_pairs_in_cpu_seconds_where_both_runs_record_them_else_in_wall_seconds() -> None:
+    runs = [
+        # seed 0: both record CPU time; zero-padding's wall time holds a pause (600 s stopped)
+        report.SeedRun("hlora", 0, _rows(2.0, 2.0)), report.SeedRun("zeropad", 0, _rows(600.5, 0.5)),
+        # seed 1: one run predates the CPU figure: both in wall seconds
+        report.SeedRun("hlora", 1, _rows(4.0, 3.0)), report.SeedRun("zeropad", 1, _rows(1.0, None)),
+    ]  # fmt: skip
+    (row,) = report.paired_table(runs, None, "hlora")
+    assert row["aggregate_ratio"] == (0.5 / 2.0 + 1.0 / 4.0) / 2

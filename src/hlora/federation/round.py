@@ -182,15 +182,17 @@ class RoundLoop:
         """The rest of the round, the same for every runtime: aggregate what came back, evaluate the
         global model (and each tier's) if the round is one `eval.every` picks, build the metrics row,
         commit the checkpoint and append the row. Returns the row."""
-        t1 = time.perf_counter()
+        t1, cpu1 = time.perf_counter(), time.process_time()
         outcome = self._aggregate(rnd, replies)
-        t2 = time.perf_counter()
+        t2, cpu2 = time.perf_counter(), time.process_time()
         scored = self._evaluate(rnd)
         t3 = time.perf_counter()
         timings = {
             "train_s": t1 - self._t0 - replies.secure_s,
             **({"secure_s": replies.secure_s} if replies.secure is not None else {}),
             "aggregate_s": t2 - t1 - outcome.instruments_s,
+            # its CPU time: the cost a pause or cores held elsewhere do not inflate (the report's ratios)
+            "aggregate_cpu_s": max(cpu2 - cpu1 - outcome.instruments_cpu_s, 0.0),
             "instruments_s": outcome.instruments_s,
             **({"eval_s": t3 - t2 - scored.tier_seconds} if scored.scores else {}),
             **({"tier_eval_s": scored.tier_seconds} if scored.tiers else {}),

@@ -62,9 +62,11 @@ class RoundOutcome:
     # knows for that client (which is what it was weighted by)
     misreported: dict[int, float] = field(default_factory=dict)
     # What the method made of the accepted updates, in product space (`aggregation.instruments`); None
-    # for a failed round, or where the figures could not be computed. `instruments_s`: their cost.
+    # for a failed round, or where the figures could not be computed. `instruments_s`: their cost, in
+    # wall and in this process's CPU seconds (`instruments_cpu_s`).
     instruments: dict[str, Any] | None = None
     instruments_s: float = 0.0
+    instruments_cpu_s: float = 0.0
     # With [privacy]: what the DP mechanism did (`PrivateRound.record()`: sigma, clipped, aggregated);
     # None without privacy or for a failed round
     privacy: dict[str, Any] | None = None
@@ -226,7 +228,7 @@ class FederatedServer:
             reason = f"{len(accepted)} valid update(s), min_clients is {self.min_clients}"
         else:
             reason, private = self._fold(rnd, accepted)
-        instruments, t0 = None, time.perf_counter()
+        instruments, t0, cpu0 = None, time.perf_counter(), time.process_time()
         if reason:
             log.warning("round %d failed (%s): the global model is unchanged", rnd, reason)
         else:
@@ -241,6 +243,7 @@ class FederatedServer:
             misreported=misreported,
             instruments=instruments,
             instruments_s=time.perf_counter() - t0,
+            instruments_cpu_s=time.process_time() - cpu0,
             privacy=None if reason else private,
         )
 
