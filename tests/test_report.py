@@ -49,12 +49,14 @@ def _rows(aggregate_s: float, aggregate_cpu_s: float | None) -> list[dict]:
     return [row]
 
 
-def test_aggregation_pairs_in_cpu_seconds_where_both_runs_record_them_else_in_wall_seconds() -> None:
+def test_aggregation_pairs_the_median_rounds_in_cpu_seconds_where_both_runs_record_them() -> None:
     runs = [
         # seed 0: both record CPU time; zero-padding's wall time holds a pause (600 s stopped)
         report.SeedRun("hlora", 0, _rows(2.0, 2.0)), report.SeedRun("zeropad", 0, _rows(600.5, 0.5)),
-        # seed 1: one run predates the CPU figure: both in wall seconds
-        report.SeedRun("hlora", 1, _rows(4.0, 3.0)), report.SeedRun("zeropad", 1, _rows(1.0, None)),
+        # seed 1: one run predates the CPU figure: both in wall seconds, and one paused round of three
+        # does not move the median
+        report.SeedRun("hlora", 1, _rows(4.0, 3.0) * 3),
+        report.SeedRun("zeropad", 1, _rows(1.0, None) * 2 + _rows(900.0, None)),
     ]  # fmt: skip
     (row,) = report.paired_table(runs, None, "hlora")
     assert row["aggregate_ratio"] == (0.5 / 2.0 + 1.0 / 4.0) / 2

@@ -257,6 +257,9 @@ def seed_figures(run: SeedRun, target: float | None) -> dict[str, Any]:
     def total(key: str) -> float | None:
         return sum(r.get(key, 0) for r in rows) if run.communicates else None
 
+    def median(key: str) -> float | None:
+        return float(np.median([r.get(key, 0) for r in rows])) if run.communicates else None
+
     def per_round(key: str, rank: str) -> list[Any]:
         return [r[key][rank] for r in rows if rank in r.get(key, {})]
 
@@ -272,8 +275,11 @@ def seed_figures(run: SeedRun, target: float | None) -> dict[str, Any]:
         "downlink_mb": total("downlink_bytes") / 1e6 if run.communicates else None,
         "wall_s": sum(r["wall_s"] for r in rows),
         "aggregate_s": total("aggregate_s"),
-        # its CPU time, where every round records it (runs made before it was recorded: None)
-        "aggregate_cpu_s": total("aggregate_cpu_s") if all("aggregate_cpu_s" in r for r in rows) else None,
+        # the median round's aggregation, in wall and, where every round records it, in CPU seconds (the
+        # paired multiples: one paused or starved round does not move a median)
+        "aggregate_round_s": median("aggregate_s"),
+        "aggregate_cpu_round_s": median("aggregate_cpu_s") if all("aggregate_cpu_s" in r for r in rows)
+        else None,
         # [privacy]: the epsilon the run spent (None without privacy, or without noise: unbounded)
         "epsilon": (rows[-1].get("privacy") or {}).get("epsilon"),
         "tiers": {
@@ -297,7 +303,8 @@ _TIER_COLUMNS = ("final_accuracy_mean", "final_accuracy_std", "step_ms", "peak_m
 def seed_frame(runs: Sequence[SeedRun], target: float | None) -> pd.DataFrame:
     """One row per run: `group`, `seed`, `clients` and its `seed_figures` but the tiers (None as NaN)."""
     figures = [dict(group=r.group, seed=r.seed, clients=r.clients, **seed_figures(r, target)) for r in runs]
-    numbers = (*_SCALARS, "aggregate_cpu_s", "rounds_to_target", "wall_to_target_s", "epsilon")
+    numbers = (*_SCALARS, "aggregate_round_s", "aggregate_cpu_round_s", "rounds_to_target",
+               "wall_to_target_s", "epsilon")  # fmt: skip
     return pd.DataFrame(figures).drop(columns="tiers").astype(dict.fromkeys(numbers, float))
 
 
@@ -417,8 +424,9 @@ def paired_table(
     seeds) and in how many seeds `subject` ends ahead; the difference of the mean dev accuracy over the
     rounds both ran (the area under the accuracy curve per round: a convergence figure that needs no
     target); rounds to the target of each (mean over the seeds where both reach it); and the other's
-    total traffic and aggregation time as multiples of `subject`'s, with the p of the paired t-test on
-    their logs. Empty without `subject` runs; None for a figure with nothing to show."""
+    total traffic and median round's aggregation time (CPU seconds where both record them) as multiples
+    of `subject`'s, with the p of the paired t-test on their logs. Empty without `subject` runs; None
+    for a figure with nothing to show."""
     subject = subject or subject_of(r.group for r in runs)
     seeds = seed_frame(runs, target)
     mine = seeds[seeds["group"] == subject].set_index("seed")
@@ -429,11 +437,12 @@ def paired_table(
     final = pair["final_accuracy_s"] - pair["final_accuracy"]
     both_reached = pair["rounds_to_target"].notna() & pair["rounds_to_target_s"].notna()
     traffic = (pair["uplink_mb"] + pair["downlink_mb"]) / (pair["uplink_mb_s"] + pair["downlink_mb_s"])
-    # aggregation: CPU seconds where both runs record them (a pause or cores held by other work inflate
-    # the wall time: FLoRA's seed 1 of the paper regime spent 859 s of one round's aggregation stopped)
-    cpu = pair["aggregate_cpu_s"].notna() & pair["aggregate_cpu_s_s"].notna()
-    mine_agg = pair["aggregate_cpu_s_s"].where(cpu, pair["aggregate_s_s"])
-    other_agg = pair["aggregate_cpu_s"].where(cpu, pair["aggregate_s"])
+    # aggregation: the median round's, in CPU seconds where both runs record them (a pause or cores held
+    # by other work inflate the wall time: FLoRA's seed 1 of the paper regime spent 859 s of one round's
+    # aggregation stopped, 24x HLoRA's whole run's aggregation)
+    cpu = pair["aggregate_cpu_round_s"].notna() & pair["aggregate_cpu_round_s_s"].notna()
+    mine_agg = pair["aggregate_cpu_round_s_s"].where(cpu, pair["aggregate_round_s_s"])
+    other_agg = pair["aggregate_cpu_round_s"].where(cpu, pair["aggregate_round_s"])
     figures = pair[["group"]].assign(
         final_accuracy_diff=final,
         best_accuracy_diff=pair["best_accuracy_s"] - pair["best_accuracy"],
@@ -766,9 +775,10 @@ def paired_lines(
         "(with 3 seeds only a large, steady difference gets p below 0.05; the dev set is the same for "
         "both, so its sampling noise is not in p). Mean accuracy: the dev accuracy averaged over the "
         f"rounds {both} (a convergence figure that needs no target). Traffic and aggregation: the "
-        f"other's totals as multiples of {subject}'s (above 1: {subject} spends less); aggregation in "
-        "CPU seconds where both runs of a seed record them, which a pause or cores held by other work "
-        "do not inflate, else in wall seconds.",
+        f"other's as multiples of {subject}'s (above 1: {subject} spends less): the bytes of the whole "
+        "run, and the median round's aggregation time, in CPU seconds where both runs of a seed record "
+        "them, else in wall seconds (a median, and CPU time, that a paused or starved round does not "
+        "move).",
         "",
     ]
 
@@ -847,8 +857,8 @@ def verdict_lines(found: Sequence[verdicts.Verdict], subject: str) -> list[str]:
         "minus it, whichever leads): the final one, the mean over the rounds both evaluated (converges "
         "faster) and the final one of the smallest rank tier both have. Cost effects are the larger "
         f"side's total as a multiple of the smaller's: the bytes sent both ways and the server's "
-        "aggregation time (CPU seconds where both runs record them; wall times of runs that shared the "
-        "cores: a large multiple only). With 3 seeds "
+        "median round's aggregation time (CPU seconds where both runs record them; wall times of runs "
+        "that shared the cores: a large multiple only). With 3 seeds "
         "only a large, steady effect is separated.",
         "",
         *_table(("against", "seeds", *header),
