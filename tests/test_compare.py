@@ -539,7 +539,8 @@ def test_the_time_table_splits_each_methods_rounds_into_their_parts(compared):
     assert row in text
 
 
-CHARTS = (report.PLOT_ROUNDS, report.PLOT_TRAFFIC, report.PLOT_TIERS, report.PLOT_BIAS, report.PLOT_BLOCKS)
+CHARTS = (report.PLOT_ROUNDS, report.PLOT_SEEDS, report.PLOT_TRAFFIC, report.PLOT_TIERS, report.PLOT_BIAS,
+          report.PLOT_BLOCKS)  # fmt: skip
 
 
 def test_summary_md_and_charts_are_written(compared):

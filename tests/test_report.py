@@ -60,3 +60,32 @@ def test_aggregation_pairs_the_median_rounds_in_cpu_seconds_where_both_runs_reco
     ]  # fmt: skip
     (row,) = report.paired_table(runs, None, "hlora")
     assert row["aggregate_ratio"] == (0.5 / 2.0 + 1.0 / 4.0) / 2
+
+
+def test_the_seed_chart_has_a_panel_per_seed_and_crosses_rounds_that_give_one_class(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    drawn = []
+    original = matplotlib.axes.Axes.plot
+
+    def plot(self, x, y, *args, **kwargs):
+        drawn.append((self, kwargs.get("marker"), list(x)))
+        return original(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    majority = 279 / 408  # MRPC dev: every pair called a paraphrase scores this, with F1 2m/(1+m)
+    dead = {"accuracy": majority, "f1": 2 * majority / (1 + majority)}
+
+    def rows(*scores: dict) -> list[dict]:
+        return [{"round": n, **score} for n, score in enumerate(scores, start=1)]
+
+    alive = {"accuracy": 0.75, "f1": 0.83}
+    runs = [report.SeedRun("hlora", 0, rows(alive, alive), majority),
+            report.SeedRun("hlora", 1, rows(alive, dead), majority),
+            report.SeedRun("local", 1, rows(dead, dead), majority)]  # fmt: skip
+    path = report._plot_by_seed(runs, tmp_path, {"hlora": 0, "local": 1}, majority, "MRPC")
+    assert path.read_bytes().startswith(b"\x89PNG")
+    panels = list(dict.fromkeys(ax for ax, _, _ in drawn))
+    assert [ax.get_title() for ax in panels] == ["seed 0", "seed 1"]
+    crosses = [(panels.index(ax), x) for ax, marker, x in drawn if marker == "x"]
+    assert crosses == [(1, [2])]  # seed 1's dead round, and not the local reference's mean rows

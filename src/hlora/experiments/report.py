@@ -42,6 +42,7 @@ REPORT_LOCK = ".report.lock"  # held while a report is written (`write_report`)
 PLOT_ROUNDS = "accuracy_by_round.png"
 PLOT_TRAFFIC = "accuracy_by_traffic.png"
 PLOT_TIERS = "tier_accuracy.png"
+PLOT_SEEDS = "accuracy_by_seed.png"  # with two seeds or more: a panel per seed
 PLOT_BIAS = "bias_by_round.png"  # the instruments: written where the runs logged them
 PLOT_BLOCKS = "block_energy_by_round.png"
 TARGET_SHARE = 0.95  # default target: this share of the centralised reference's mean final accuracy
@@ -1084,6 +1085,11 @@ def plot_all(runs: Sequence[SeedRun], folder: Path, settings: dict[str, Any]) ->
     ax.set_ylabel("dev accuracy")
     finish(fig, ax, PLOT_ROUNDS, f"{task} dev accuracy per round ({band})")
 
+    # 1b. accuracy per round, a panel per seed: a seed's runs share the partition, tiers and sampled
+    # clients, and a mean over a seed where a rule died and one where it learned reads as a weak rule
+    if seeds > 1:
+        paths.append(_plot_by_seed(runs, folder, colours, baseline, task))
+
     # 2. accuracy against traffic; the runs that exchange nothing as their final accuracy
     fig, ax = plt.subplots(figsize=(10, 5), dpi=120)
     curves = _curves(
@@ -1130,6 +1136,51 @@ def plot_all(runs: Sequence[SeedRun], folder: Path, settings: dict[str, Any]) ->
     error_note = " (mean; ticks: ± std over seeds)" if seeds > 1 else ""
     finish(fig, ax, PLOT_TIERS, f"{task} final dev accuracy of the adapter each rank tier holds{error_note}")
     return paths
+
+
+def _plot_by_seed(
+    runs: Sequence[SeedRun], folder: Path, colours: dict[str, int], baseline: float | None, task: str
+) -> Path:
+    """`PLOT_SEEDS`: dev accuracy per evaluated round, a panel per seed and a line per group, with a
+    cross on each round whose global model gave every dev row one class (`answers.one_class`; not for
+    the local reference, whose rows are means over clients)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    seeds = _seeds(runs)
+    fig, axes = plt.subplots(
+        1, len(seeds), figsize=(4.5 * len(seeds) + 2.5, 4.5), dpi=120, sharey=True, squeeze=False
+    )
+    for ax, seed in zip(axes[0], seeds, strict=True):
+        for run in sorted((r for r in runs if r.seed == seed), key=lambda r: group_order(r.group)):
+            scored = evaluated_rows(run.rows)
+            ax.plot([r["round"] for r in scored], [r["accuracy"] for r in scored], label=label(run.group),
+                    **_style(run.group, colours[run.group]))  # fmt: skip
+            majority = run.majority_baseline
+            dead = [r for r in scored if run.group != LOCAL and answers.one_class(r, majority)[0]]
+            if dead:
+                ax.plot([r["round"] for r in dead], [r["accuracy"] for r in dead], linestyle="none",
+                        marker="x", markersize=8, color="black", label="every dev row one class")  # fmt: skip
+        if baseline is not None:
+            ax.axhline(baseline, color="grey", linestyle=":", linewidth=1,
+                       label=f"majority class ({baseline:.3f})")  # fmt: skip
+        ax.set_title(f"seed {seed}", fontsize=10)
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("dev accuracy")
+    legend: dict[str, Any] = {}  # each label once, in the order first drawn
+    for ax in axes[0]:
+        for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(name, handle)
+    fig.legend(legend.values(), legend.keys(), loc="upper left", bbox_to_anchor=(0.995, 0.92), fontsize=8)
+    fig.suptitle(f"{task} dev accuracy per round, seed by seed (the same partition and clients a panel)",
+                 fontsize=10)  # fmt: skip
+    fig.tight_layout(rect=(0, 0, 0.995, 1))
+    path = folder / PLOT_SEEDS
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def instrument_frame(runs: Sequence[SeedRun]) -> pd.DataFrame:
