@@ -857,10 +857,10 @@ def verdict_lines(found: Sequence[verdicts.Verdict], subject: str) -> list[str]:
         f"test. Accuracy effects are points of dev accuracy ({subject} minus the other or the other "
         "minus it, whichever leads): the final one, the mean over the rounds both evaluated (converges "
         "faster) and the final one of the smallest rank tier both have. Cost effects are the larger "
-        f"side's total as a multiple of the smaller's: the bytes sent both ways and the server's "
-        "median round's aggregation time (CPU seconds where both runs record them; wall times of runs "
-        "that shared the cores: a large multiple only). With 3 seeds "
-        "only a large, steady effect is separated.",
+        f"side's figure as a multiple of the smaller's: the bytes sent both ways over the run and the "
+        "server's median round's aggregation time (CPU seconds where both runs record them; wall times "
+        "of runs that shared the cores: a large multiple only). With 3 seeds only a large, steady effect "
+        "is separated.",
         "",
         *_table(("against", "seeds", *header),
                 [(label(g), max(v.seeds for v in found if v.group == g), *(cell(g, c) for c in claims))
