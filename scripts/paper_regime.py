@@ -10,6 +10,8 @@ entries in order, each taking the next as it finishes (on 2 cores: 2 workers, ~1
     .venv/bin/python scripts/paper_regime.py run --logs ../runs-logs &     # or --dry-run: the queue
     # later, from the checkout that commits them (copies each finished run's record, then hlora report):
     .venv/bin/python scripts/paper_regime.py collect ../runs
+    # where each entry stands (done, rounds checkpointed so far, or to run):
+    .venv/bin/python scripts/paper_regime.py status ../runs
     # BENCHMARKS.md's per-rule rows (accuracy by round, tiers, instruments) of committed runs:
     .venv/bin/python scripts/paper_regime.py rows results/mrpc-paper-a5/runs/*-s1
 
@@ -62,6 +64,41 @@ def queue() -> list[tuple[str, ...]]:
     ):
         one += [(config, "--methods", m, "--seeds", "0", "--no-references") for m in methods]
     return one
+
+
+def entry_runs(entry: tuple[str, ...], root: Path = ROOT) -> list[str]:
+    """The run directories (glob patterns under `results/<config name>/runs/`) one entry writes."""
+    method, seed = entry[2], entry[4]
+    if "--no-references" in entry:
+        return [f"{method}-s{seed}"]
+    return [f"{method}-r*-s{seed}", f"central-s{seed}", f"local-c*-s{seed}"]  # the rule at both ends, refs
+
+
+def expected_runs(entry: tuple[str, ...]) -> int:
+    """How many run directories a complete entry has: one, or for the references the rule at its two
+    ranks, the centralised run and each local client's."""
+    if "--no-references" in entry:
+        return 1
+    return 3 + int(entry[entry.index("--local-clients") + 1])
+
+
+def status(root: Path = ROOT) -> list[tuple[str, str]]:
+    """Each entry of the queue, in order, with where its runs stand under `root`: `done`, `N rounds`
+    (checkpointed so far, summed over its runs), or `to run`."""
+    found = []
+    for entry in queue():
+        folder = root / "results" / Path(entry[0]).stem / "runs"
+        dirs = [d for pattern in entry_runs(entry) for d in sorted(folder.glob(pattern)) if d.is_dir()]
+        complete = [d for d in dirs if (d / "summary.json").is_file()]
+        if len(complete) == expected_runs(entry):
+            state = "done"
+        elif dirs:
+            rounds = sum(len(read_metrics(d)) for d in dirs if (d / "metrics.jsonl").is_file())
+            state = f"{rounds} rounds"
+        else:
+            state = "to run"
+        found.append((f"{Path(entry[0]).stem} {entry[2]} seed {entry[4]}", state))
+    return found
 
 
 def run(args: argparse.Namespace) -> None:
@@ -178,6 +215,8 @@ def main() -> None:
     go.add_argument("--dry-run", action="store_true", help="print the queue and stop")
     take = sub.add_parser("collect", help="copy finished run records from a worktree and rebuild reports")
     take.add_argument("source", type=Path, help="the worktree (or checkout) whose results/ the runs wrote")
+    look = sub.add_parser("status", help="where each entry of the queue stands in a worktree")
+    look.add_argument("root", type=Path, nargs="?", default=ROOT, help="the worktree the runs write")
     show = sub.add_parser("rows", help="print BENCHMARKS.md's per-rule rows of complete run directories")
     show.add_argument("runs", type=Path, nargs="+", help="results/<comparison>/runs/<rule>-s<n>")
     args = parser.parse_args()
@@ -185,6 +224,9 @@ def main() -> None:
         run(args)
     elif args.command == "collect":
         collect(args.source)
+    elif args.command == "status":
+        for name, state in status(args.root):
+            print(f"{name:<40} {state}")
     else:
         order = sorted(args.runs, key=lambda d: (group_order(d.name.rsplit("-s", 1)[0]), d.name))
         lines, notes = zip(*(row(run_dir) for run_dir in order), strict=True)

@@ -1,6 +1,6 @@
 """scripts/paper_regime.py: its queue holds every run the paper-regime issue asks for, each once, and
 `collect` copies finished run records (and nothing else) into a checkout without overwriting any, and
-`rows` prints BENCHMARKS.md's rows from the committed records."""
+`rows` prints BENCHMARKS.md's rows from the committed records, and `status` says where each entry stands."""
 
 from __future__ import annotations
 
@@ -79,3 +79,19 @@ def test_rows_regenerate_the_benchmarks_tables_from_the_committed_runs(script, c
     dead = "every dev row one class in"
     assert f"HLoRA, seed 1: {dead} 9 of 10 evaluated rounds, from round 20 to the end" in out
     assert f"zero-padding, seed 1: {dead} 2 of 10 evaluated rounds" in out  # not to the end
+
+
+def test_status_says_which_entries_are_done_under_way_or_to_run(script, tmp_path):
+    here = dict(script.status(REPO))
+    assert here["mrpc-paper-a5 hlora seed 0"] == "done"  # committed
+    assert here["qqp-paper zeropad seed 0"] == "to run"
+    runs = tmp_path / "results/mrpc-paper-a5/runs"
+    shutil.copytree(REPO / "results/mrpc-paper-a5/runs/ffa-s0", runs / "ffa-s0")
+    (runs / "zeropad-s2").mkdir(parents=True)  # stopped after three rounds
+    (runs / "zeropad-s2/metrics.jsonl").write_text('{"round": 1}\n{"round": 2}\n{"round": 3}\n')
+    for name in ("fedit-r2-s0", "fedit-r16-s0"):  # the references: two of their eight runs done
+        shutil.copytree(REPO / "results/mrpc-paper-a5/runs/ffa-s0", runs / name)
+    there = dict(script.status(tmp_path))
+    assert there["mrpc-paper-a5 ffa seed 0"] == "done" and there["mrpc-paper-a5 zeropad seed 2"] == "3 rounds"
+    assert there["mrpc-paper-a5 fedit seed 0"] == "200 rounds"  # not done while the rest are to run
+    assert there["mrpc-paper-a5 hlora seed 0"] == "to run"
