@@ -646,7 +646,7 @@ def _pm(mean: float | None, std: float | None, digits: int = 4, signed: bool = F
 
 
 def _num(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+    return "-" if value is None or pd.isna(value) else f"{value:.{digits}f}"  # NaN: a figure not recorded
 
 
 def _mb(value: float | None) -> str:
@@ -904,9 +904,6 @@ def time_lines(times: pd.DataFrame) -> list[str]:
     share of the round."""
     parts = [c for c in times.columns if c not in ("round_s", BUSY)]
     busy = BUSY in times.columns
-
-    def cpu(value: float) -> str:
-        return "-" if pd.isna(value) else f"{value:.2f}"  # `-`: a run made before rows recorded it
     return [
         "",
         "## Where a round's time goes",
@@ -923,7 +920,7 @@ def time_lines(times: pd.DataFrame) -> list[str]:
         "",
         *_table(
             ("method", "s a round", *(("CPU s per wall s",) if busy else ()), *parts),
-            [(label(group), _num(row["round_s"]), *((cpu(row[BUSY]),) if busy else ()),
+            [(label(group), _num(row["round_s"]), *((_num(row[BUSY], 2),) if busy else ()),
               *(_share(row[p]) for p in parts))
              for group, row in times.iterrows()],
         ),
