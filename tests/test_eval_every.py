@@ -63,6 +63,8 @@ def test_scores_come_every_n_rounds_and_in_the_last(tiny_settings, tmp_path):
         if row["evaluated"]:  # the global model's answers: a share per class, and the logits' spread
             spread = row["prediction_spread"]
             assert sum(spread["predicted_share"].values()) == pytest.approx(1.0) and spread["logit_std"] >= 0
+            assert len(spread["feature_variation"]) == 3  # embeddings and the tiny BERT's 2 layers
+            assert all(0 < v <= 1 for v in spread["feature_variation"])
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["final_accuracy"] == rows[-1]["accuracy"]
     assert summary["rounds"] == 5 and (tmp_path / "run" / "accuracy.png").is_file()
@@ -158,6 +160,11 @@ def test_round_line_names_a_model_that_gives_every_row_one_class():
     assert round_line(row, 2).endswith("every dev row one class")
     row["prediction_spread"]["logit_std"] = 0.0
     assert round_line(row, 2).endswith("every dev row one class (the same logits: blind to the input)")
+    row["prediction_spread"]["feature_variation"] = [0.5, 0.02, 4e-07]
+    assert round_line(row, 2).endswith("(the same logits: blind to the input)  last layer's features flat "
+                                       "(vary 4.0e-07)")  # fmt: skip
+    row["prediction_spread"]["feature_variation"] = [0.5, 0.02, 0.3]
+    assert "flat" not in round_line(row, 2)
 
 
 def test_plot_draws_the_evaluated_rounds(tmp_path, monkeypatch):

@@ -214,7 +214,10 @@ def test_hlora_eval_scores_an_export_as_hlora_does(runs, tmp_path, glue_dir, cap
     out = capsys.readouterr().out
     assert f"accuracy {scores['accuracy']:.4f}, f1 {scores['f1']:.4f}" in out
     assert sum(written["predicted_share"].values()) == pytest.approx(1.0) and written["logit_std"] > 0
-    assert out.splitlines()[-1].startswith("predicted 0: ") and "no longer sees" not in out
+    assert out.splitlines()[-2].startswith("predicted 0: ") and "no longer sees" not in out
+    # and where the input fades, layer by layer: the tiny BERT's embeddings and 2 layers, none flat
+    assert out.splitlines()[-1].startswith("features vary by layer, embeddings first: ") and "flat" not in out
+    assert len(written["feature_variation"]) == 3 and min(written["feature_variation"]) > 1e-3
 
 
 def test_prediction_spread_names_a_model_that_answers_every_row_alike():

@@ -238,11 +238,12 @@ def eval_(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No info lines.")] = False,
 ) -> None:
     """Score an exported adapter (or a merged model) on a labelled GLUE split or TSV file, and say how its
-    answers spread: the share of rows given each class, and whether the logits vary with the input."""
+    answers spread: the share of rows given each class, whether the logits vary with the input, and how
+    much each layer's features vary over the rows (near 0: the input no longer reaches the head)."""
     from hlora.data.glue import get_task, load_split, read_glue_tsv
     from hlora.data.tokenize import encode, make_collator
     from hlora.errors import DataError, ExportError
-    from hlora.evaluation import predict_logits, prediction_spread, spread_line, task_metrics
+    from hlora.evaluation import features_line, predict, prediction_spread, spread_line, task_metrics
     from hlora.export import load_model_folder, read_export_info
     from hlora.models.lora_model import check_max_length, ensure_pad_token
     from hlora.rundir import write_json
@@ -265,12 +266,15 @@ def eval_(
         check_max_length(model_config, max_length, "--max-length")
     ensure_pad_token(loaded.tokenizer, loaded.module, str(adapter))
     data = encode(rows, loaded.tokenizer, max_length or int(info.get("max_length", 128)))
-    logits = predict_logits(loaded.module, data, batch_size, make_collator(loaded.tokenizer), torch_device)
-    scores = task_metrics(spec, data.labels, logits.argmax(axis=1))
-    spread = prediction_spread(logits)
+    seen = predict(loaded.module, data, batch_size, make_collator(loaded.tokenizer), torch_device, features=True)
+    scores = task_metrics(spec, data.labels, seen.logits.argmax(axis=1))
+    spread = prediction_spread(seen.logits)
     shown = ", ".join(f"{name} {value:.4f}" for name, value in scores.items())
     typer.echo(f"{spec.name} {rows.source} ({len(rows)} rows, {loaded.kind} {adapter}): {shown}")
     typer.echo(spread_line(spread))
+    if seen.feature_variation is not None:
+        typer.echo(features_line(seen.feature_variation))
+        spread["feature_variation"] = seen.feature_variation
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         write_json(

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from hlora.evaluation import CONSTANT_LOGITS
+from hlora.evaluation import CONSTANT_LOGITS, FLAT_FEATURES
 from hlora.federation.server import RoundOutcome, RoundTraffic
 from hlora.protocol import TrainResult
 
@@ -116,6 +116,9 @@ def round_line(row: dict[str, Any], rounds: int) -> str:
     if spread and max(spread["predicted_share"].values()) >= 1.0:  # scores the majority share, and dead
         same = spread["logit_std"] < CONSTANT_LOGITS
         trouble += "  every dev row one class" + (" (the same logits: blind to the input)" if same else "")
+    features = (spread or {}).get("feature_variation")
+    if features and features[-1] < FLAT_FEATURES:  # the encoder maps every row to one vector
+        trouble += f"  last layer's features flat (vary {features[-1]:.1e})"
     privacy = row.get("privacy")
     if privacy:  # [privacy]: the epsilon spent so far (null: no noise, unbounded)
         eps = privacy["epsilon"]
