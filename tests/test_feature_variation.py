@@ -29,7 +29,9 @@ def direct_variation(hidden: np.ndarray, mask: np.ndarray) -> float:
     offset=st.floats(-3, 3),
     seed=st.integers(0, 2**16),
 )
-def test_moments_over_batches_give_the_variation_of_all_rows_at_once(rows, tokens, width, batch, offset, seed):
+def test_moments_over_batches_give_the_variation_of_all_rows_at_once(
+    rows, tokens, width, batch, offset, seed
+):
     rng = np.random.default_rng(seed)
     hidden = rng.normal(size=(rows, tokens, width)) + offset
     lengths = rng.integers(1, tokens + 1, size=rows)
@@ -37,7 +39,8 @@ def test_moments_over_batches_give_the_variation_of_all_rows_at_once(rows, token
     moments = _FeatureMoments()
     for start in range(0, rows, batch):  # what predict sees: batches of rows, each layer's states
         part = slice(start, start + batch)
-        layers = (torch.tensor(hidden[part]), torch.tensor(2 * hidden[part]), torch.ones(len(hidden[part]), tokens, width))
+        states = torch.tensor(hidden[part])
+        layers = (states, 2 * states, torch.ones(len(states), tokens, width))
         moments.add(layers, torch.tensor(mask[part]))
     got = moments.variation()
     want = direct_variation(hidden, mask)
