@@ -540,7 +540,7 @@ def test_the_time_table_splits_each_methods_rounds_into_their_parts(compared):
 
 
 CHARTS = (report.PLOT_ROUNDS, report.PLOT_SEEDS, report.PLOT_TRAFFIC, report.PLOT_TIERS, report.PLOT_BIAS,
-          report.PLOT_BLOCKS)  # fmt: skip
+          report.PLOT_BLOCKS, report.PLOT_FEATURES)  # fmt: skip
 
 
 def test_summary_md_and_charts_are_written(compared):

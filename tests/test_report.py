@@ -89,3 +89,38 @@ def test_the_seed_chart_has_a_panel_per_seed_and_crosses_rounds_that_give_one_cl
     assert [ax.get_title() for ax in panels] == ["seed 0", "seed 1"]
     crosses = [(panels.index(ax), x) for ax, marker, x in drawn if marker == "x"]
     assert crosses == [(1, [2])]  # seed 1's dead round, and not the local reference's mean rows
+
+
+def test_the_feature_chart_draws_the_last_layer_of_the_rounds_that_recorded_it(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    drawn = []
+    original = matplotlib.axes.Axes.plot
+
+    def plot(self, x, y, *args, **kwargs):
+        drawn.append((self, list(x), list(y)))
+        return original(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+
+    def row(n: int, variation: list[float] | None) -> dict:
+        spread = {"predicted_share": {"0": 0.3, "1": 0.7}, "logit_std": 0.5}
+        if variation is not None:
+            spread["feature_variation"] = variation
+        return {"round": n, "accuracy": 0.7, "prediction_spread": spread}
+
+    older = report.SeedRun("zeropad", 0, [row(1, None), row(2, None)])  # made before rounds recorded it
+    assert report.plot_features([older], tmp_path, {"task": "mrpc"}) == []
+    runs = [
+        older,
+        report.SeedRun("hlora", 0, [row(1, [0.5, 0.3]), {"round": 2, "evaluated": False},
+                                    row(3, [0.5, 2e-7])]),  # fmt: skip
+        report.SeedRun("hlora", 2, [row(1, [0.5, 0.4])]),
+        report.SeedRun("local", 2, [row(1, [0.5, 0.9])]),  # means over clients: not drawn
+    ]
+    (path,) = report.plot_features(runs, tmp_path, {"task": "mrpc"})
+    assert path.name == report.PLOT_FEATURES and path.read_bytes().startswith(b"\x89PNG")
+    lines = [(ax.get_title(), x, [float(v) for v in y]) for ax, x, y in drawn]
+    assert lines == [("seed 0", [1, 3], [0.3, 2e-7]), ("seed 2", [1], [0.4])]  # the older run has none
+    assert report.last_layer_variation(row(1, [0.5, 0.25])) == 0.25
+    assert report.last_layer_variation(row(1, None)) is None

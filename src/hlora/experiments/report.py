@@ -45,6 +45,7 @@ PLOT_TIERS = "tier_accuracy.png"
 PLOT_SEEDS = "accuracy_by_seed.png"  # with two seeds or more: a panel per seed
 PLOT_BIAS = "bias_by_round.png"  # the instruments: written where the runs logged them
 PLOT_BLOCKS = "block_energy_by_round.png"
+PLOT_FEATURES = "feature_variation_by_round.png"  # where rounds recorded `feature_variation`
 TARGET_SHARE = 0.95  # default target: this share of the centralised reference's mean final accuracy
 _DIR = re.compile(r"(?P<name>.+)-s(?P<seed>-?\d+)")
 _FIXED_RANK = re.compile(r"(?P<method>.+)-r(?P<rank>\d+)")  # compare.fixed_rank_runs: `fedit-r2`
@@ -612,6 +613,7 @@ def _write_report(results_dir: Path, target: float | None) -> list[Path]:
             _to_csv(pd.DataFrame(rows).convert_dtypes(convert_floating=False), paths[-1])  # ranks as ints
     paths += plot_all(loaded.runs, results_dir, loaded.settings)
     paths += plot_mechanism(loaded.runs, results_dir, loaded.settings)
+    paths += plot_features(loaded.runs, results_dir, loaded.settings)
     return paths
 
 
@@ -1274,3 +1276,66 @@ def plot_mechanism(runs: Sequence[SeedRun], folder: Path, settings: dict[str, An
     paths.append(folder / PLOT_BLOCKS)
     return paths
 
+
+
+def last_layer_variation(row: dict[str, Any]) -> float | None:
+    """How much the last layer's features vary over the dev rows in an evaluated row
+    (`prediction_spread.feature_variation`, `hlora.evaluation.Prediction`); None where not recorded."""
+    variation = (row.get("prediction_spread") or {}).get("feature_variation")
+    return float(variation[-1]) if variation else None
+
+
+def plot_features(runs: Sequence[SeedRun], folder: Path, settings: dict[str, Any]) -> list[Path]:
+    """`PLOT_FEATURES`, where any run recorded it: by evaluated round, how much the last layer's features
+    vary over the dev rows, a panel per seed and a line per group (log scale; the local reference, whose
+    rows are means over clients, left out). A rule whose encoder maps every row to one vector falls
+    under `FLAT_FEATURES`, the dotted line, before or as its answers become one class."""
+    from hlora.evaluation import FLAT_FEATURES
+
+    curves: list[tuple[SeedRun, list[tuple[int, float]]]] = []
+    for run in runs:
+        if run.group == LOCAL:
+            continue
+        points = [(r["round"], last_layer_variation(r)) for r in evaluated_rows(run.rows)]
+        points = [(x, y) for x, y in points if y is not None]
+        if points:
+            curves.append((run, points))
+    if not curves:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    task = str(settings.get("task", "")).upper()
+    colours = {g: i for i, g in enumerate(sorted({r.group for r in runs}, key=group_order))}
+    seeds = sorted({run.seed for run, _ in curves})
+    fig, axes = plt.subplots(
+        1, len(seeds), figsize=(4.5 * len(seeds) + 2.5, 4.5), dpi=120, sharey=True, squeeze=False
+    )
+    for ax, seed in zip(axes[0], seeds, strict=True):
+        shown = sorted((c for c in curves if c[0].seed == seed), key=lambda c: group_order(c[0].group))
+        for run, points in shown:
+            x, y = zip(*points, strict=True)
+            ax.plot(x, np.maximum(y, 1e-12), label=label(run.group), **_style(run.group, colours[run.group]))
+        ax.axhline(FLAT_FEATURES, color="grey", linestyle=":", linewidth=1,
+                   label=f"flat: every row one vector (< {FLAT_FEATURES:g})")  # fmt: skip
+        ax.set_yscale("log")
+        ax.set_title(f"seed {seed}", fontsize=10)
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("share of the last layer's features that varies over the rows")
+    legend: dict[str, Any] = {}
+    for ax in axes[0]:
+        for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(name, handle)
+    fig.legend(legend.values(), legend.keys(), loc="upper left", bbox_to_anchor=(0.995, 0.92), fontsize=8)
+    fig.suptitle(f"{task}: does the global model's encoder still tell the dev rows apart? Seed by seed",
+                 fontsize=10)  # fmt: skip
+    fig.tight_layout(rect=(0, 0, 0.995, 1))
+    path = folder / PLOT_FEATURES
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return [path]
