@@ -87,8 +87,18 @@ def test_each_run_counts_its_one_class_rounds_and_where_the_last_stretch_began()
     assert [(r.group, r.evaluated, r.one_class, r.since, r.same_logits) for r in found] == [
         ("hlora", 5, 3, 4, 2), ("zeropad", 3, 1, None, 0)]  # the local reference's rows are client means
     lines = "\n".join(report.one_class_lines(found))
-    assert "| hlora | 1 | 3 of 5 | 4 | 2 of 5 | recorded |" in lines
-    assert "| zeropad | 1 | 1 of 3 | - | 0 of 3 | recorded |" in lines
+    assert "| hlora | 1 | 3 of 5 | 4 | 2 of 5 | - | recorded |" in lines
+    assert "| zeropad | 1 | 1 of 3 | - | 0 of 3 | - | recorded |" in lines
+
+
+def test_rounds_whose_last_layer_is_flat_are_counted_where_recorded():
+    rows = [_row(1, 0.6), _row(2, 1.0, 0.0), _row(3, 1.0, 0.0)]
+    rows[1]["prediction_spread"]["feature_variation"] = [0.5, 0.1, 0.02]
+    rows[2]["prediction_spread"]["feature_variation"] = [0.5, 1e-3, 4e-7]  # round 1 predates the record
+    (found,) = one_class_runs([report.SeedRun("hlora", 2, rows, 0.6838)])
+    assert found.flat_features == (1, 2)
+    lines = "\n".join(report.one_class_lines([found]))
+    assert "| hlora | 2 | 2 of 3 | 2 | 2 of 3 | 1 of 2 | recorded |" in lines
 
 
 def test_the_section_says_none_where_no_round_is_one_class_and_is_absent_where_none_can_be_read():

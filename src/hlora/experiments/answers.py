@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hlora.evaluation import CONSTANT_LOGITS
+from hlora.evaluation import CONSTANT_LOGITS, FLAT_FEATURES
 from hlora.experiments.compare import LOCAL
 from hlora.federation.metrics import evaluated_rows
 
@@ -69,6 +69,9 @@ class OneClassRun:
     since: int | None  # the first round of the one-class rounds that run to the last evaluated one
     same_logits: int | None  # rounds whose logits did not vary over the rows; None: not recorded
     read_from: str  # RECORDED, FROM_SCORES or both, "; "-joined
+    # (rounds whose last layer's features did not vary over the rows, rounds that recorded them); None:
+    # none did (`feature_variation`, recorded from commit c083ed6)
+    flat_features: tuple[int, int] | None = None
 
 
 def one_class_runs(runs: Sequence[Any]) -> list[OneClassRun]:
@@ -86,6 +89,7 @@ def one_class_runs(runs: Sequence[Any]) -> list[OneClassRun]:
                 break
             since = row["round"]
         spreads = [row["prediction_spread"] for row in rows if row.get("prediction_spread")]
+        last = [s["feature_variation"][-1] for s in spreads if s.get("feature_variation")]
         found.append(OneClassRun(
             run.group, run.seed, len(rows),
             one_class=sum(verdict is True for verdict, _ in read),
@@ -93,5 +97,6 @@ def one_class_runs(runs: Sequence[Any]) -> list[OneClassRun]:
             since=since,
             same_logits=sum(s["logit_std"] < CONSTANT_LOGITS for s in spreads) if spreads else None,
             read_from="; ".join(dict.fromkeys(source for _, source in read)),
+            flat_features=(sum(v < FLAT_FEATURES for v in last), len(last)) if last else None,
         ))  # fmt: skip
     return found

@@ -888,13 +888,16 @@ def one_class_lines(found: Sequence[answers.OneClassRun]) -> list[str]:
         "the spread of the logits over the rows) or, in runs made before rounds recorded it, from its "
         "accuracy and F1: on a two-class task, accuracy equal to the majority share with F1 of 0 or "
         "2m/(1+m) (m that share) happens only when every row gets the majority class. Runs with no such "
-        "round are not listed.",
+        "round are not listed. \"Last layer's features flat\": the rounds, of those that recorded it, whose "
+        "encoder gave every dev row nearly the same last-layer vector (the share of the features that "
+        "varies over the rows under 1e-3: `feature_variation_by_round.png`).",
         "",
         *_table(("method", "seed", "one-class rounds", "one class from round to the end",
-                 "same logits on every row", "read from"),
+                 "same logits on every row", "last layer's features flat", "read from"),
                 [(label(run.group), run.seed, f"{run.one_class} of {run.evaluated}",
                   "-" if run.since is None else run.since,
-                  "-" if run.same_logits is None else f"{run.same_logits} of {run.evaluated}", run.read_from)
+                  "-" if run.same_logits is None else f"{run.same_logits} of {run.evaluated}",
+                  "-" if run.flat_features is None else "{} of {}".format(*run.flat_features), run.read_from)
                  for run in hit]),
         *(["", f"{undecided} evaluated rounds scored the minority class's share with an F1 a one-class "
                "model has, which a mixed model can score too: not counted."] if undecided else []),
