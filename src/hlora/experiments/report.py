@@ -1147,7 +1147,6 @@ def _plot_by_seed(
     cross on each round whose global model gave every dev row one class (`answers.one_class`; not for
     the local reference, whose rows are means over clients)."""
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     seeds = _seeds(runs)
     fig, axes = plt.subplots(
@@ -1166,20 +1165,28 @@ def _plot_by_seed(
         if baseline is not None:
             ax.axhline(baseline, color="grey", linestyle=":", linewidth=1,
                        label=f"majority class ({baseline:.3f})")  # fmt: skip
+    title = f"{task} dev accuracy per round, seed by seed (the same partition and clients a panel)"
+    return _save_seed_panels(fig, axes[0], seeds, "dev accuracy", title, folder / PLOT_SEEDS)
+
+
+def _save_seed_panels(fig, axes, seeds: Sequence[int], ylabel: str, title: str, path: Path) -> Path:
+    """Finish a row of per-seed panels (titles, round axes, one legend beside them, each label once in
+    the order first drawn) and save it to `path`."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    legend: dict[str, Any] = {}
+    for ax, seed in zip(axes, seeds, strict=True):
         ax.set_title(f"seed {seed}", fontsize=10)
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("dev accuracy")
-    legend: dict[str, Any] = {}  # each label once, in the order first drawn
-    for ax in axes[0]:
         for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
             legend.setdefault(name, handle)
+    axes[0].set_ylabel(ylabel)
     fig.legend(legend.values(), legend.keys(), loc="upper left", bbox_to_anchor=(0.995, 0.92), fontsize=8)
-    fig.suptitle(f"{task} dev accuracy per round, seed by seed (the same partition and clients a panel)",
-                 fontsize=10)  # fmt: skip
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 0.995, 1))
-    path = folder / PLOT_SEEDS
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -1309,7 +1316,6 @@ def plot_features(runs: Sequence[SeedRun], folder: Path, settings: dict[str, Any
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     task = str(settings.get("task", "")).upper()
     colours = {g: i for i, g in enumerate(sorted({r.group for r in runs}, key=group_order))}
@@ -1325,20 +1331,6 @@ def plot_features(runs: Sequence[SeedRun], folder: Path, settings: dict[str, Any
         ax.axhline(FLAT_FEATURES, color="grey", linestyle=":", linewidth=1,
                    label=f"flat: every row one vector (< {FLAT_FEATURES:g})")  # fmt: skip
         ax.set_yscale("log")
-        ax.set_title(f"seed {seed}", fontsize=10)
-        ax.set_xlabel("round")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("share of the last layer's features that varies over the rows")
-    legend: dict[str, Any] = {}
-    for ax in axes[0]:
-        for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
-            legend.setdefault(name, handle)
-    fig.legend(legend.values(), legend.keys(), loc="upper left", bbox_to_anchor=(0.995, 0.92), fontsize=8)
-    fig.suptitle(f"{task}: does the global model's encoder still tell the dev rows apart? Seed by seed",
-                 fontsize=10)  # fmt: skip
-    fig.tight_layout(rect=(0, 0, 0.995, 1))
-    path = folder / PLOT_FEATURES
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return [path]
+    ylabel = "share of the last layer's features that varies over the rows"
+    title = f"{task}: does the global model's encoder still tell the dev rows apart? Seed by seed"
+    return [_save_seed_panels(fig, axes[0], seeds, ylabel, title, folder / PLOT_FEATURES)]
