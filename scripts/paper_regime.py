@@ -14,6 +14,8 @@ entries in order, each taking the next as it finishes (on 2 cores: 2 workers, ~1
     .venv/bin/python scripts/paper_regime.py status ../runs
     # BENCHMARKS.md's per-rule rows (accuracy by round, tiers, instruments) of committed runs:
     .venv/bin/python scripts/paper_regime.py rows results/mrpc-paper-a5/runs/*-s1
+    # which client weighed most in rounds 15-17, and what the round did (the seed-1 shock, BENCHMARKS.md):
+    .venv/bin/python scripts/paper_regime.py clients results/mrpc-paper-a5/runs/*-s1 --rounds 15-17
 
 The order puts first what the verdicts need most: seed 0 of every rule, seeds 1 and 2 of HLoRA and the
 four rules it is compared with, then of the rules published since, then the references (seed 0), the IID
@@ -24,9 +26,11 @@ best new rule on MRPC, `QQP_RULE`).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -206,6 +210,40 @@ def row(run_dir: Path) -> tuple[str, str | None]:
     return "| " + " | ".join(cells) + " |", note
 
 
+CLIENTS_HEADER = (
+    "| run | round | clients' loss | global update norm | heaviest client: id, rows, label mix, rank | "
+    "its share of the round's weight | its change norm / the round's lower median |"
+)
+
+
+def heaviest_clients(run_dir: Path, first: int, last: int) -> list[str]:
+    """One table row per round from `first` to `last` of a run: the mean training loss of the round's
+    clients (what the global model they were sent cost them), the norm of the global update after the
+    round (`instruments.norm`) and the client with the largest share of the round's aggregation weight
+    (its rows over the rows of every aggregated client): its id, rows, rows per class, rank, that share,
+    and how many times the round's lower median its change norm was (`client_update_norm`)."""
+    with (run_dir / "partition.csv").open(encoding="utf-8", newline="") as f:
+        partition = {r["client"]: r for r in csv.DictReader(f)}
+    classes = [c for c in next(iter(partition.values())) if c not in ("client", "size", "rank")]
+    lines = []
+    for row in read_metrics(run_dir):
+        if not first <= row["round"] <= last:
+            continue
+        counted = [str(c) for c in row.get("aggregated_clients") or row["clients"]]
+        rows_of = {c: int(partition[c]["size"]) for c in counted}
+        heavy = max(counted, key=lambda c: (rows_of[c], -int(c)))
+        norms = row.get("client_update_norm") or {}
+        ratio = norms[heavy] / statistics.median_low(norms.values()) if heavy in norms else None
+        mix = "/".join(partition[heavy][c] for c in classes)
+        norm = (row.get("instruments") or {}).get("norm")
+        lines.append("| " + " | ".join([
+            run_dir.name, str(row["round"]), _figures([row.get("train_loss")], 2), _figures([norm], 2),
+            f"{heavy}, {rows_of[heavy]} rows, {mix} ({'/'.join(classes)}), rank {partition[heavy]['rank']}",
+            _figures([rows_of[heavy] / sum(rows_of.values())], 2), _figures([ratio], 1),
+        ]) + " |")  # fmt: skip
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -219,11 +257,18 @@ def main() -> None:
     look.add_argument("root", type=Path, nargs="?", default=ROOT, help="the worktree the runs write")
     show = sub.add_parser("rows", help="print BENCHMARKS.md's per-rule rows of complete run directories")
     show.add_argument("runs", type=Path, nargs="+", help="results/<comparison>/runs/<rule>-s<n>")
+    heavy = sub.add_parser("clients", help="per round: clients' loss, update norm, heaviest client")
+    heavy.add_argument("runs", type=Path, nargs="+", help="run directories")
+    heavy.add_argument("--rounds", default="1-100", help="first-last round (default 1-100)")
     args = parser.parse_args()
     if args.command == "run":
         run(args)
     elif args.command == "collect":
         collect(args.source)
+    elif args.command == "clients":
+        first, _, last = args.rounds.partition("-")
+        table = [heaviest_clients(d, int(first), int(last or first)) for d in args.runs]
+        print(CLIENTS_HEADER, "|---" * 7 + "|", *(line for lines in table for line in lines), sep="\n")
     elif args.command == "status":
         for name, state in status(args.root):
             print(f"{name:<40} {state}")

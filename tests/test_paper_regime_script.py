@@ -95,3 +95,18 @@ def test_status_says_which_entries_are_done_under_way_or_to_run(script, tmp_path
     assert there["mrpc-paper-a5 ffa seed 0"] == "done" and there["mrpc-paper-a5 zeropad seed 2"] == "3 rounds"
     assert there["mrpc-paper-a5 fedit seed 0"] == "200 rounds"  # not done while the rest are to run
     assert there["mrpc-paper-a5 hlora seed 0"] == "to run"
+
+
+def test_clients_names_the_heaviest_client_of_each_round_from_the_records(script, capsys, monkeypatch):
+    """Seed 1's shock (BENCHMARKS.md): in round 16 the round's heaviest client holds one class only and a
+    third of the weight, its change 4 times the round's median, and the next round's clients pay for it."""
+    run = REPO / "results/mrpc-paper-a5/runs/hlora-s1"
+    lines = script.heaviest_clients(run, 15, 17)
+    assert [line.split(" | ")[1] for line in lines] == ["15", "16", "17"]
+    assert lines[1] == ("| hlora-s1 | 16 | 0.38 | 0.80 | 30, 233 rows, 0/233 (not_equivalent/equivalent), "
+                        "rank 16 | 0.29 | 4.1 |")  # fmt: skip
+    assert float(lines[2].split(" | ")[2]) > 1.5  # round 17's clients' loss: the shock
+    monkeypatch.setattr(sys, "argv", ["paper_regime.py", "clients", str(run), "--rounds", "16"])
+    script.main()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == script.CLIENTS_HEADER and out[2:] == [lines[1]]
