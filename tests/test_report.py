@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from hlora.aggregation import registry
 from hlora.experiments import report
+from hlora.federation import metrics
 
 
 def test_groups_follow_the_registry_order_then_the_references() -> None:
@@ -122,5 +123,5 @@ def test_the_feature_chart_draws_the_last_layer_of_the_rounds_that_recorded_it(t
     assert path.name == report.PLOT_FEATURES and path.read_bytes().startswith(b"\x89PNG")
     lines = [(ax.get_title(), x, [float(v) for v in y]) for ax, x, y in drawn]
     assert lines == [("seed 0", [1, 3], [0.3, 2e-7]), ("seed 2", [1], [0.4])]  # the older run has none
-    assert report.last_layer_variation(row(1, [0.5, 0.25])) == 0.25
-    assert report.last_layer_variation(row(1, None)) is None
+    assert metrics.last_layer_variation(row(1, [0.5, 0.25])) == 0.25
+    assert metrics.last_layer_variation(row(1, None)) is None

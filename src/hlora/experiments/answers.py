@@ -17,7 +17,7 @@ from typing import Any
 
 from hlora.evaluation import CONSTANT_LOGITS, FLAT_FEATURES
 from hlora.experiments.compare import LOCAL
-from hlora.federation.metrics import evaluated_rows
+from hlora.federation.metrics import evaluated_rows, last_layer_variation
 
 RECORDED = "recorded"
 FROM_SCORES = "accuracy and F1"
@@ -89,7 +89,7 @@ def one_class_runs(runs: Sequence[Any]) -> list[OneClassRun]:
                 break
             since = row["round"]
         spreads = [row["prediction_spread"] for row in rows if row.get("prediction_spread")]
-        last = [s["feature_variation"][-1] for s in spreads if s.get("feature_variation")]
+        last = [v for v in map(last_layer_variation, rows) if v is not None]
         found.append(OneClassRun(
             run.group, run.seed, len(rows),
             one_class=sum(verdict is True for verdict, _ in read),

@@ -30,7 +30,7 @@ from filelock import FileLock
 from hlora.aggregation import registry
 from hlora.experiments import answers, verdicts
 from hlora.experiments.compare import CENTRAL, LOCAL, RUNS_DIR
-from hlora.federation.metrics import evaluated_rows
+from hlora.federation.metrics import evaluated_rows, last_layer_variation
 from hlora.rundir import CONFIG_FILE, SUMMARY_FILE, read_metrics, write_text_atomic
 
 SUMMARY_MD = "summary.md"
@@ -1286,13 +1286,6 @@ def plot_mechanism(runs: Sequence[SeedRun], folder: Path, settings: dict[str, An
     paths.append(folder / PLOT_BLOCKS)
     return paths
 
-
-
-def last_layer_variation(row: dict[str, Any]) -> float | None:
-    """How much the last layer's features vary over the dev rows in an evaluated row
-    (`prediction_spread.feature_variation`, `hlora.evaluation.Prediction`); None where not recorded."""
-    variation = (row.get("prediction_spread") or {}).get("feature_variation")
-    return float(variation[-1]) if variation else None
 
 
 def plot_features(runs: Sequence[SeedRun], folder: Path, settings: dict[str, Any]) -> list[Path]:

@@ -116,9 +116,9 @@ def round_line(row: dict[str, Any], rounds: int) -> str:
     if spread and max(spread["predicted_share"].values()) >= 1.0:  # scores the majority share, and dead
         same = spread["logit_std"] < CONSTANT_LOGITS
         trouble += "  every dev row one class" + (" (the same logits: blind to the input)" if same else "")
-    features = (spread or {}).get("feature_variation")
-    if features and features[-1] < FLAT_FEATURES:  # the encoder maps every row to one vector
-        trouble += f"  last layer's features flat (vary {features[-1]:.1e})"
+    last = last_layer_variation(row)
+    if last is not None and last < FLAT_FEATURES:  # the encoder maps every row to one vector
+        trouble += f"  last layer's features flat (vary {last:.1e})"
     privacy = row.get("privacy")
     if privacy:  # [privacy]: the epsilon spent so far (null: no noise, unbounded)
         eps = privacy["epsilon"]
@@ -189,6 +189,13 @@ def evaluated_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows of the rounds whose global adapter was scored (`eval.every`): those with an accuracy.
     Rows written before `evaluated` existed were all scored, and all have one."""
     return [row for row in rows if "accuracy" in row]
+
+
+def last_layer_variation(row: dict[str, Any]) -> float | None:
+    """How much the last layer's features vary over the dev rows in an evaluated row
+    (`prediction_spread.feature_variation`, `hlora.evaluation.Prediction`); None where not recorded."""
+    variation = (row.get("prediction_spread") or {}).get("feature_variation")
+    return float(variation[-1]) if variation else None
 
 
 def failures_line(summary: dict[str, Any]) -> str | None:
