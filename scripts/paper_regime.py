@@ -88,7 +88,8 @@ def expected_runs(entry: tuple[str, ...]) -> int:
 
 def status(root: Path = ROOT) -> list[tuple[str, str]]:
     """Each entry of the queue, in order, with where its runs stand under `root`: `done`, `N rounds`
-    (checkpointed so far, summed over its runs), or `to run`."""
+    (checkpointed so far, summed over its runs; for the references, how many of their runs are done
+    first), or `to run`."""
     found = []
     for entry in queue():
         folder = root / "results" / Path(entry[0]).stem / "runs"
@@ -99,6 +100,8 @@ def status(root: Path = ROOT) -> list[tuple[str, str]]:
         elif dirs:
             rounds = sum(len(read_metrics(d)) for d in dirs if (d / "metrics.jsonl").is_file())
             state = f"{rounds} rounds"
+            if expected_runs(entry) > 1:
+                state = f"{len(complete)} of {expected_runs(entry)} runs done, {state}"
         else:
             state = "to run"
         found.append((f"{Path(entry[0]).stem} {entry[2]} seed {entry[4]}", state))

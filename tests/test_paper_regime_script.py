@@ -93,7 +93,7 @@ def test_status_says_which_entries_are_done_under_way_or_to_run(script, tmp_path
         shutil.copytree(REPO / "results/mrpc-paper-a5/runs/ffa-s0", runs / name)
     there = dict(script.status(tmp_path))
     assert there["mrpc-paper-a5 ffa seed 0"] == "done" and there["mrpc-paper-a5 zeropad seed 2"] == "3 rounds"
-    assert there["mrpc-paper-a5 fedit seed 0"] == "200 rounds"  # not done while the rest are to run
+    assert there["mrpc-paper-a5 fedit seed 0"] == "2 of 8 runs done, 200 rounds"  # not done while the rest are to run
     assert there["mrpc-paper-a5 hlora seed 0"] == "to run"
 
 
