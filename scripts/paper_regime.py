@@ -16,6 +16,8 @@ entries in order, each taking the next as it finishes (on 2 cores: 2 workers, ~1
     .venv/bin/python scripts/paper_regime.py rows results/mrpc-paper-a5/runs/*-s1
     # which client weighed most in rounds 15-17, and what the round did (the seed-1 shock, BENCHMARKS.md):
     .venv/bin/python scripts/paper_regime.py clients results/mrpc-paper-a5/runs/*-s1 --rounds 15-17
+    # per seed, without training: the rounds a single client weighs most in (seed 1's client 30, elsewhere)
+    .venv/bin/python scripts/paper_regime.py weights configs/experiments/mrpc-paper-a5.toml --seeds 0-9
 
 The order puts first what the verdicts need most: seed 0 of every rule, seeds 1 and 2 of HLoRA and the
 four rules it is compared with, then of the rules published since, then the references (seed 0), the IID
@@ -36,6 +38,8 @@ import sys
 import threading
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from hlora.experiments.answers import one_class_runs
 from hlora.experiments.report import SeedRun, group_order
@@ -247,6 +251,49 @@ def heaviest_clients(run_dir: Path, first: int, last: int) -> list[str]:
     return lines
 
 
+WEIGHTS_HEADER = (
+    "| seed | largest client: id, rows, label mix, rank | rounds that sample it | rounds in which one client "
+    "holds {share:.0%} of the weight or more | a single-class client's largest share: share, id, rows, "
+    "rank, round |"
+)
+
+
+def heavy_rounds(config: Path, seed: int, share: float) -> str:
+    """One table row (`WEIGHTS_HEADER`) for `config` at `seed`, read from the partition, the ranks and the
+    rounds' samples that a run of it gets (`prepared.split_clients`, `server.sample_clients`) without
+    training: its largest client, how many rounds sample it, how many rounds give one client `share` of
+    the aggregation weight (its rows over the round's) or more, and the largest share a client whose rows
+    are all one class takes in any round (seed 1's client 30 took 0.29 in round 16, BENCHMARKS.md)."""
+    from hlora.config import load_settings
+    from hlora.data.glue import get_task, load_split
+    from hlora.federation.prepared import split_clients
+    from hlora.federation.server import sample_clients
+
+    settings = load_settings(config, [f"run.seed={seed}"])
+    task = get_task(settings.data.task)
+    labels = load_split(task, "train", settings.data.data_dir).head(settings.data.max_train_samples).labels
+    parts, ranks = split_clients(settings, labels)
+    counts = [np.bincount(np.asarray(labels)[idx], minlength=len(task.label_names)) for idx in parts]
+    fed = settings.federation
+    rounds = [sample_clients(ranks, fed.clients_per_round, seed, rnd) for rnd in range(1, fed.rounds + 1)]
+
+    def client(c: int) -> str:
+        return f"{c}, {len(parts[c])} rows, {'/'.join(map(str, counts[c]))}, rank {ranks[c]}"
+
+    largest = max(range(len(parts)), key=lambda c: (len(parts[c]), -c))
+    heavy, pure = 0, (0.0, "-")
+    for rnd, clients in enumerate(rounds, start=1):
+        total = sum(len(parts[c]) for c in clients)
+        heavy += any(len(parts[c]) >= share * total for c in clients)
+        for c in clients:
+            if np.count_nonzero(counts[c]) == 1 and len(parts[c]) / total > pure[0]:
+                pure = (len(parts[c]) / total, f"{len(parts[c]) / total:.2f}: {client(c)}, round {rnd}")
+    return (
+        f"| {seed} | {client(largest)} ({'/'.join(task.label_names)}) | "
+        f"{sum(largest in clients for clients in rounds)} of {len(rounds)} | {heavy} | {pure[1]} |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -263,6 +310,10 @@ def main() -> None:
     heavy = sub.add_parser("clients", help="per round: clients' loss, update norm, heaviest client")
     heavy.add_argument("runs", type=Path, nargs="+", help="run directories")
     heavy.add_argument("--rounds", default="1-100", help="first-last round (default 1-100)")
+    weigh = sub.add_parser("weights", help="per seed, without training: the clients that weigh most")
+    weigh.add_argument("config", type=Path, help="a federated config (configs/experiments/...)")
+    weigh.add_argument("--seeds", default="0-2", help="first-last seed (default 0-2)")
+    weigh.add_argument("--share", type=float, default=0.25, help="a heavy round's client share (0.25)")
     args = parser.parse_args()
     if args.command == "run":
         run(args)
@@ -272,6 +323,11 @@ def main() -> None:
         first, _, last = args.rounds.partition("-")
         table = [heaviest_clients(d, int(first), int(last or first)) for d in args.runs]
         print(CLIENTS_HEADER, "|---" * 7 + "|", *(line for lines in table for line in lines), sep="\n")
+    elif args.command == "weights":
+        first, _, last = args.seeds.partition("-")
+        print(WEIGHTS_HEADER.format(share=args.share), "|---" * 5 + "|", sep="\n")
+        for seed in range(int(first), int(last or first) + 1):
+            print(heavy_rounds(args.config, seed, args.share))
     elif args.command == "status":
         for name, state in status(args.root):
             print(f"{name:<40} {state}")

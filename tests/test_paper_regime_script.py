@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import shutil
 import sys
 from collections import Counter
@@ -93,7 +95,8 @@ def test_status_says_which_entries_are_done_under_way_or_to_run(script, tmp_path
         shutil.copytree(REPO / "results/mrpc-paper-a5/runs/ffa-s0", runs / name)
     there = dict(script.status(tmp_path))
     assert there["mrpc-paper-a5 ffa seed 0"] == "done" and there["mrpc-paper-a5 zeropad seed 2"] == "3 rounds"
-    assert there["mrpc-paper-a5 fedit seed 0"] == "2 of 8 runs done, 200 rounds"  # not done while the rest are to run
+    # not done while the rest are to run
+    assert there["mrpc-paper-a5 fedit seed 0"] == "2 of 8 runs done, 200 rounds"
     assert there["mrpc-paper-a5 hlora seed 0"] == "to run"
 
 
@@ -110,3 +113,26 @@ def test_clients_names_the_heaviest_client_of_each_round_from_the_records(script
     script.main()
     out = capsys.readouterr().out.splitlines()
     assert out[0] == script.CLIENTS_HEADER and out[2:] == [lines[1]]
+
+
+def test_weights_reads_the_runs_partition_and_samples_without_training(script, glue_dir, capsys, monkeypatch):
+    """`weights` draws the partition, ranks and rounds' samples a run gets: at seed 1 they are those that
+    hlora-s1 recorded (client 30, all rows of one class, in 26 of its 100 rounds, 0.36 of round 47's
+    weight), and seed 0 has no single-class client that weighs as much."""
+    run = REPO / "results/mrpc-paper-a5/runs/hlora-s1"
+    rounds = [json.loads(line)["clients"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    with (run / "partition.csv").open() as f:
+        size = {int(r["client"]): int(r["size"]) for r in csv.DictReader(f)}
+    assert sum(30 in clients for clients in rounds) == 26
+    assert round(size[30] / sum(size[c] for c in rounds[46]), 2) == 0.36
+    row = script.heavy_rounds(REPO / A5, 1, 0.25)
+    assert row.startswith("| 1 | 30, 233 rows, 0/233, rank 16 (not_equivalent/equivalent) | 26 of 100 | ")
+    assert row.endswith(" | 0.36: 30, 233 rows, 0/233, rank 16, round 47 |")
+    heavy = sum(max(size[c] for c in r) >= 0.25 * sum(size[c] for c in r) for r in rounds)
+    assert int(row.split(" | ")[3]) == heavy
+    monkeypatch.setattr(sys, "argv", ["paper_regime.py", "weights", A5, "--seeds", "0"])
+    monkeypatch.chdir(REPO)
+    script.main()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == script.WEIGHTS_HEADER.format(share=0.25) and len(out) == 3
+    assert float(out[2].split(" | ")[4].split(":")[0]) < 0.1  # seed 0: no single-class client weighs much

@@ -72,6 +72,17 @@ class RoundOutcome:
     privacy: dict[str, Any] | None = None
 
 
+def sample_clients(clients: Iterable[int], per_round: int, seed: int, rnd: int) -> list[int]:
+    """Round `rnd`'s clients out of `clients`: a draw of `per_round` without replacement from the run's
+    `sampling_seed(seed, rnd)`, in ascending id order (all of them where `per_round` covers them); a
+    function of its arguments alone, so that a round's sample can be read without a server."""
+    ids = sorted(clients)
+    if per_round >= len(ids):
+        return ids
+    rng = np.random.default_rng(sampling_seed(seed, rnd))
+    return sorted(int(i) for i in rng.choice(ids, size=per_round, replace=False))
+
+
 class FederatedServer:
     """Holds the global adapter and runs the aggregation method each round.
 
@@ -140,12 +151,8 @@ class FederatedServer:
         self._plans: dict[int, tuple[ClientPlan, int]] = {}  # client id -> (plan, `version` it was made at)
 
     def sample(self, rnd: int) -> list[int]:
-        """The round's clients: a seeded draw without replacement, in ascending id order."""
-        ids = sorted(self.client_ranks)
-        if self.clients_per_round >= len(ids):
-            return ids
-        rng = np.random.default_rng(sampling_seed(self.seed, rnd))
-        return sorted(int(i) for i in rng.choice(ids, size=self.clients_per_round, replace=False))
+        """The round's clients (`sample_clients`)."""
+        return sample_clients(self.client_ranks, self.clients_per_round, self.seed, rnd)
 
     def configure(self, rnd: int) -> dict[int, ClientPlan]:
         """What each of the round's clients is asked to do, at its rank."""
