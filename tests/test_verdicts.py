@@ -58,7 +58,9 @@ def test_a_large_steady_lead_over_three_seeds_is_separated_and_a_noisy_one_is_no
     assert zeropad["sends less"].favours is None and zeropad["sends less"].text == "equal"
     lean = flexlora["ends more accurate"]
     assert lean.favours == "flexlora" and not lean.separated and lean.p > 0.05
-    assert lean.text == f"not separated: flexlora +1.3 (p {lean.p:.2g})"
+    # mean -1.33 points, sd 2.08: t(0.975, 11) x 2.08 / sqrt(12) = 1.32 is the first bound under it
+    assert lean.seeds_needed == 12
+    assert lean.text == f"not separated: flexlora +1.3 (p {lean.p:.2g}; ~12 seeds to separate)"
     assert flexlora["aggregates faster"].favours == "hlora" and flexlora["aggregates faster"].separated
     assert list(found) == sorted(found, key=lambda v: ["zeropad", "flexlora"].index(v.group))  # rivals' order
 
@@ -98,6 +100,11 @@ def test_a_claim_the_runs_cannot_answer_is_left_out():
     assert verdicts.records(verdicts.verdicts([row], [], "hlora", ["zeropad"]))[0]["text"].startswith(
         "not separated: hlora +1.5 (p "
     )
+    record = verdicts.records(verdicts.verdicts([row], [], "hlora", ["zeropad"]))[0]
+    assert record["seeds_needed"] is None  # two seeds: a spread of one degree of freedom is not read
+    three = paired_row("zeropad", [0.01, 0.03, -0.005])  # +1.17 points at a spread of 1.76 (p 0.37)
+    record = verdicts.records(verdicts.verdicts([three], [], "hlora", ["zeropad"]))[0]
+    assert record["seeds_needed"] == 12 and record["text"].endswith("; ~12 seeds to separate)")
 
 
 @settings(deadline=None, derandomize=True, max_examples=60)
@@ -115,3 +122,19 @@ def test_separated_exactly_when_the_paired_test_rejects_or_nothing_varies(diffs)
         p = stats.ttest_1samp(diffs, 0.0).pvalue
         assert verdict.separated == (p < verdicts.ALPHA) or math.isclose(p, verdicts.ALPHA)
     assert verdict.effect == pytest.approx(100 * mean)
+
+
+@settings(deadline=None, derandomize=True, max_examples=60)
+@given(st.floats(1e-3, 0.1), st.floats(1e-3, 0.2))
+def test_seeds_to_separate_is_the_first_count_whose_bound_the_effect_reaches(effect, spread):
+    n = verdicts.seeds_to_separate(effect, spread)
+
+    def bound(k: int) -> float:
+        return stats.t.ppf(1 - verdicts.ALPHA / 2, k - 1) * spread / math.sqrt(k)
+
+    assert n is not None and n >= 2
+    if n <= verdicts.MAX_SEEDS:
+        assert bound(n) <= effect and (n == 2 or bound(n - 1) > effect)
+    else:
+        assert bound(verdicts.MAX_SEEDS) > effect
+    assert verdicts.seeds_to_separate(effect, 0.0) is None  # nothing varies: no test to wait for

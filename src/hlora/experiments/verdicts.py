@@ -17,7 +17,10 @@ The rule, over the seeds both ran (the same partitions, tiers and sampled client
 - one seed: a leaning, no test;
 - a zero effect: level.
 With three seeds a paired t-test separates only a large, steady effect (t above 4.3), and the dev set
-is shared, so its sampling noise is not in p: a verdict says what these runs show, no more.
+is shared, so its sampling noise is not in p: a verdict says what these runs show, no more. Where an
+accuracy claim over three or more seeds is not separated, `seeds_to_separate` says how many seeds an
+effect of the size seen, at the spread of the per-seed differences seen, would take for its expected t
+to reach the bound: a reading of these runs that tells a near miss from a far one, not a power analysis.
 """
 
 from __future__ import annotations
@@ -37,12 +40,15 @@ class Claim:
     p: str  # and of its p
     cost: bool = False  # an effect that is a ratio of costs (above 1: the subject spends less)
     tier: bool = False  # read from the tier table, at the rival's smallest rank
+    spread: str | None = None  # the column of the per-seed differences' standard deviation
 
 
 CLAIMS = (
-    Claim("ends more accurate", "final_accuracy_diff_mean", "final_accuracy_p"),
-    Claim("converges faster", "mean_accuracy_diff_mean", "mean_accuracy_p"),
-    Claim("lowest tier ends more accurate", "final_diff_mean", "final_diff_p", tier=True),
+    Claim("ends more accurate", "final_accuracy_diff_mean", "final_accuracy_p",
+          spread="final_accuracy_diff_std"),
+    Claim("converges faster", "mean_accuracy_diff_mean", "mean_accuracy_p", spread="mean_accuracy_diff_std"),
+    Claim("lowest tier ends more accurate", "final_diff_mean", "final_diff_p", tier=True,
+          spread="final_diff_std"),
     Claim("sends less", "traffic_ratio", "traffic_ratio_p", cost=True),
     Claim("aggregates faster", "aggregate_ratio", "aggregate_ratio_p", cost=True),
 )
@@ -58,6 +64,8 @@ class Verdict:
     p: float | None
     effect: float  # accuracy: subject minus rival, in points; cost: the rival's over the subject's
     rank: int | None = None  # the tier of the tier claim
+    # an accuracy claim of 3+ seeds not separated: the seeds its effect would take (`seeds_to_separate`)
+    seeds_needed: int | None = None
 
     @property
     def text(self) -> str:
@@ -75,9 +83,15 @@ class Verdict:
         if self.seeds < 2:
             return f"leaning {what} (1 seed)"
         how = "every seed" if self.p is None else f"p {_p(self.p)}"
-        return f"{what} ({how})" if self.separated else f"not separated: {what} ({how})"
+        if self.separated:
+            return f"{what} ({how})"
+        if self.seeds_needed is not None:
+            how += f"; ~{self.seeds_needed} seeds to separate" if self.seeds_needed <= MAX_SEEDS else (
+                f"; over {MAX_SEEDS} seeds to separate")
+        return f"not separated: {what} ({how})"
 
 
+MAX_SEEDS = 1000  # `seeds_to_separate` looks no further
 _LEVEL = 1e-9  # an effect this small is none: equal accuracies, or traffic equal up to float rounding
 _COSTS = {claim.name for claim in CLAIMS if claim.cost}
 
@@ -119,7 +133,26 @@ def _verdict(claim: Claim, row: dict[str, Any], subject: str, group: str) -> Ver
     # `report.paired_p` gives no p for two or more seeds only where the differences do not vary
     separated = favours is not None and seeds >= 2 and (p is None or p < ALPHA)
     rank = int(row["rank"]) if "rank" in row else None
-    return Verdict(group, claim.name, seeds, favours, separated, p, float(effect), rank)
+    spread = row.get(claim.spread) if claim.spread else None
+    needed = None
+    # from three seeds: two give a spread of one degree of freedom (any p 0.5 reads as 11 seeds)
+    if favours is not None and seeds >= 3 and not separated and spread is not None and not _missing(spread):
+        needed = seeds_to_separate(abs(value), float(spread))
+    return Verdict(group, claim.name, seeds, favours, separated, p, float(effect), rank, needed)
+
+
+def seeds_to_separate(effect: float, spread: float) -> int | None:
+    """The fewest seeds n (2 or more) at which a mean paired difference `effect` with standard deviation
+    `spread` over the seeds gives the paired t-test's bound: `t(1 - ALPHA/2, n - 1) x spread / sqrt(n)`
+    at or below `effect`; `MAX_SEEDS + 1` where even that many do not, None where there is no spread."""
+    from scipy.stats import t
+
+    if spread <= 0 or effect <= 0:
+        return None
+    for n in range(2, MAX_SEEDS + 1):
+        if t.ppf(1 - ALPHA / 2, n - 1) * spread / math.sqrt(n) <= effect:
+            return n
+    return MAX_SEEDS + 1
 
 
 def _p(p: float) -> str:
