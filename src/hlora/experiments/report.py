@@ -863,9 +863,9 @@ def verdict_lines(found: Sequence[verdicts.Verdict], subject: str) -> list[str]:
         "server's median round's aggregation time (CPU seconds where both runs record them; wall times "
         "of runs that shared the cores: a large multiple only). With 3 seeds only a large, steady effect "
         "is separated; where an accuracy claim over three or more seeds is not, \"~N seeds to separate\" "
-        "is how many seeds an "
-        "effect of the size seen, at the spread of the per-seed differences seen, would take for the test "
-        "to reach the bound (`verdicts.seeds_to_separate`): a near miss told from a far one.",
+        "is how many seeds an effect of the size seen, at the spread of the per-seed differences seen, "
+        "would take for the test to reach the bound (`verdicts.seeds_to_separate`): a near miss told from "
+        "a far one.",
         "",
         *_table(("against", "seeds", *header),
                 [(label(g), max(v.seeds for v in found if v.group == g), *(cell(g, c) for c in claims))
