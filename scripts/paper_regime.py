@@ -260,36 +260,36 @@ WEIGHTS_HEADER = (
 
 def heavy_rounds(config: Path, seed: int, share: float) -> str:
     """One table row (`WEIGHTS_HEADER`) for `config` at `seed`, read from the partition, the ranks and the
-    rounds' samples that a run of it gets (`prepared.split_clients`, `server.sample_clients`) without
+    rounds' samples that a run of it gets (`compare.client_plan`, `server.sample_clients`) without
     training: its largest client, how many rounds sample it, how many rounds give one client `share` of
     the aggregation weight (its rows over the round's) or more, and the largest share a client whose rows
     are all one class takes in any round (seed 1's client 30 took 0.29 in round 16, BENCHMARKS.md)."""
     from hlora.config import load_settings
-    from hlora.data.glue import get_task, load_split
-    from hlora.federation.prepared import split_clients
+    from hlora.data.glue import get_task
+    from hlora.experiments.compare import client_plan
     from hlora.federation.server import sample_clients
 
     settings = load_settings(config, [f"run.seed={seed}"])
-    task = get_task(settings.data.task)
-    labels = load_split(task, "train", settings.data.data_dir).head(settings.data.max_train_samples).labels
-    parts, ranks = split_clients(settings, labels)
-    counts = [np.bincount(np.asarray(labels)[idx], minlength=len(task.label_names)) for idx in parts]
+    names = get_task(settings.data.task).label_names
+    table, ranks = client_plan(settings)
+    sizes = [row["size"] for row in table]
+    counts = [[row[name] for name in names] for row in table]
     fed = settings.federation
     rounds = [sample_clients(ranks, fed.clients_per_round, seed, rnd) for rnd in range(1, fed.rounds + 1)]
 
     def client(c: int) -> str:
-        return f"{c}, {len(parts[c])} rows, {'/'.join(map(str, counts[c]))}, rank {ranks[c]}"
+        return f"{c}, {sizes[c]} rows, {'/'.join(map(str, counts[c]))}, rank {ranks[c]}"
 
-    largest = max(range(len(parts)), key=lambda c: (len(parts[c]), -c))
+    largest = max(range(len(sizes)), key=lambda c: (sizes[c], -c))
     heavy, pure = 0, (0.0, "-")
     for rnd, clients in enumerate(rounds, start=1):
-        total = sum(len(parts[c]) for c in clients)
-        heavy += any(len(parts[c]) >= share * total for c in clients)
+        total = sum(sizes[c] for c in clients)
+        heavy += any(sizes[c] >= share * total for c in clients)
         for c in clients:
-            if np.count_nonzero(counts[c]) == 1 and len(parts[c]) / total > pure[0]:
-                pure = (len(parts[c]) / total, f"{len(parts[c]) / total:.2f}: {client(c)}, round {rnd}")
+            if np.count_nonzero(counts[c]) == 1 and sizes[c] / total > pure[0]:
+                pure = (sizes[c] / total, f"{sizes[c] / total:.2f}: {client(c)}, round {rnd}")
     return (
-        f"| {seed} | {client(largest)} ({'/'.join(task.label_names)}) | "
+        f"| {seed} | {client(largest)} ({'/'.join(names)}) | "
         f"{sum(largest in clients for clients in rounds)} of {len(rounds)} | {heavy} | {pure[1]} |"
     )
 

@@ -203,14 +203,19 @@ def test_local_mode_needs_a_client_id(tiny_settings):
 @pytest.mark.parametrize(
     "lora", [{"rank_policy": "tiers", "tiers": [1, 2, 4]}, {"rank_policy": "data_size", "rank": 4}]
 )
-def test_client_ranks_are_the_ones_prepare_gives(tiny_settings, lora):
+def test_client_plan_is_the_one_prepare_gives(tiny_settings, lora):
+    """The ranks and the partition rows (sizes, label counts) read without the model are the run's."""
     raw = tiny_settings.model_dump()
     raw["lora"].update(lora)
     raw["federation"].update(method="hlora", alpha=0.5)
     for seed in (0, 1):
         raw["run"]["seed"] = seed
         settings = validate_settings(raw)
-        assert cmp.client_ranks(settings) == prepare(settings).client_ranks
+        exp = prepare(settings)
+        table, ranks = cmp.client_plan(settings)
+        assert ranks == cmp.client_ranks(settings) == exp.client_ranks
+        assert [{**row, "rank": ranks[row["client"]]} for row in table] == exp.partition_rows
+        assert len({row["size"] for row in table}) > 1  # a skewed split, not a trivially equal one
 
 
 def test_a_folder_left_holding_only_a_dead_runs_lock_is_trained_into(tiny_settings, tmp_path, monkeypatch):

@@ -171,15 +171,26 @@ def spec_settings(base: Settings, spec: RunSpec) -> Settings:
     return validate_settings(raw)
 
 
-def client_ranks(settings: Settings) -> dict[int, int]:
-    """The clients' ranks that `prepared.prepare(settings)` will give, without loading the model: the
-    same partition of the same rows, the same rank policy (`prepared.split_clients`)."""
+def client_plan(settings: Settings) -> tuple[list[dict[str, Any]], dict[int, int]]:
+    """The clients' rows and ranks that `prepared.prepare(settings)` will give, without loading the model:
+    the same partition of the same rows, the same rank policy (`prepared.split_clients`). The rows are
+    `partition_table`'s (each client's size and count of each label, a column per label name), as the
+    run's `partition.csv` has them."""
+    import numpy as np
+
     from hlora.data.glue import get_task, load_split
+    from hlora.data.partition import partition_table
     from hlora.federation.prepared import split_clients
 
     task = get_task(settings.data.task)
     rows = load_split(task, "train", settings.data.data_dir).head(settings.data.max_train_samples)
-    return split_clients(settings, rows.labels)[1]
+    parts, ranks = split_clients(settings, rows.labels)
+    return partition_table(parts, np.asarray(rows.labels), list(task.label_names)), ranks
+
+
+def client_ranks(settings: Settings) -> dict[int, int]:
+    """The clients' ranks that `prepared.prepare(settings)` will give (`client_plan`'s)."""
+    return client_plan(settings)[1]
 
 
 RunState = Literal["new", "complete", "resume"]
