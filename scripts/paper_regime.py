@@ -14,6 +14,8 @@ entries in order, each taking the next as it finishes (on 2 cores: 2 workers, ~1
     .venv/bin/python scripts/paper_regime.py status ../runs
     # BENCHMARKS.md's per-rule rows (accuracy by round, tiers, instruments) of committed runs:
     .venv/bin/python scripts/paper_regime.py rows results/mrpc-paper-a5/runs/*-s1
+    # the same of runs still under way in the worktree (each marked with the last round it recorded):
+    .venv/bin/python scripts/paper_regime.py rows ../runs/results/qqp-paper/runs/*-s0
     # which client weighed most in rounds 15-17, and what the round did (the seed-1 shock, BENCHMARKS.md):
     .venv/bin/python scripts/paper_regime.py clients results/mrpc-paper-a5/runs/*-s1 --rounds 15-17
     # per seed, without training: the rounds a single client weighs most in (seed 1's client 30, elsewhere)
@@ -43,7 +45,7 @@ import numpy as np
 
 from hlora.experiments.answers import one_class_runs
 from hlora.experiments.report import SeedRun, group_order
-from hlora.rundir import SUMMARY_FILE, read_metrics
+from hlora.rundir import METRICS_FILE, SUMMARY_FILE, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 A5 = "configs/experiments/mrpc-paper-a5.toml"
@@ -186,9 +188,14 @@ def row(run_dir: Path) -> tuple[str, str | None]:
     at the last and the best accuracy, the tiers' accuracy at the last, then the instruments at the rounds
     the table reads (the lowest rank block's share of the update's energy, the effective rank, the
     relative error against the exact product mean), and, where its global model gave every dev row one
-    class in some evaluated round, a note of how often and from when (`hlora.experiments.answers`)."""
-    rows = read_metrics(run_dir)
+    class in some evaluated round, a note of how often and from when (`hlora.experiments.answers`).
+
+    A run still under way (no `summary.json` yet) gets its row so far, its name marked with the last round
+    it recorded; a run that has evaluated no round yet is a `ValueError` that says so."""
+    rows = read_metrics(run_dir) if (run_dir / METRICS_FILE).is_file() else []
     scored = [r for r in rows if "accuracy" in r]
+    if not scored:
+        raise ValueError(f"{run_dir}: no evaluated round recorded yet (in {METRICS_FILE})")
     last = scored[-1]
     instruments = {r["round"]: r.get("instruments") or {} for r in rows}
 
@@ -197,8 +204,9 @@ def row(run_dir: Path) -> tuple[str, str | None]:
 
     tiers = last.get("tier_accuracy") or {}
     name = run_dir.name.rsplit("-s", 1)[0]
+    finished = (run_dir / SUMMARY_FILE).is_file()
     cells = [
-        NAMES.get(name, name),
+        NAMES.get(name, name) + ("" if finished else f" (under way: round {rows[-1]['round']})"),
         _figures([r["accuracy"] for r in scored]),
         _figures([last.get("f1")]),
         _figures([max(r["accuracy"] for r in scored)]),
@@ -207,7 +215,7 @@ def row(run_dir: Path) -> tuple[str, str | None]:
         _figures(at((1, 10, 100), lambda i: i.get("effective_rank")), 1),
         _figures(at((1, 10, 100), lambda i: i.get("rel_error"))),
     ]
-    summary = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8")) if finished else {}
     seed = int(run_dir.name.rsplit("-s", 1)[1])
     (dead,) = one_class_runs([SeedRun(name, seed, rows, summary.get("majority_baseline"))])
     note = None
@@ -306,7 +314,7 @@ def main() -> None:
     take.add_argument("source", type=Path, help="the worktree (or checkout) whose results/ the runs wrote")
     look = sub.add_parser("status", help="where each entry of the queue stands in a worktree")
     look.add_argument("root", type=Path, nargs="?", default=ROOT, help="the worktree the runs write")
-    show = sub.add_parser("rows", help="print BENCHMARKS.md's per-rule rows of complete run directories")
+    show = sub.add_parser("rows", help="print BENCHMARKS.md's per-rule rows of run directories (so far)")
     show.add_argument("runs", type=Path, nargs="+", help="results/<comparison>/runs/<rule>-s<n>")
     heavy = sub.add_parser("clients", help="per round: clients' loss, update norm, heaviest client")
     heavy.add_argument("runs", type=Path, nargs="+", help="run directories")
@@ -334,7 +342,10 @@ def main() -> None:
             print(f"{name:<40} {state}")
     else:
         order = sorted(args.runs, key=lambda d: (group_order(d.name.rsplit("-s", 1)[0]), d.name))
-        lines, notes = zip(*(row(run_dir) for run_dir in order), strict=True)
+        try:
+            lines, notes = zip(*(row(run_dir) for run_dir in order), strict=True)
+        except ValueError as error:
+            parser.error(str(error))
         notes = ["", *filter(None, notes)] if any(notes) else []
         print(ROWS_HEADER, "|---" * 8 + "|", *lines, *notes, sep="\n")
 

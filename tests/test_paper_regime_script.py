@@ -91,7 +91,6 @@ def test_rows_regenerate_the_benchmarks_tables_from_the_committed_runs(script, c
 def test_status_says_which_entries_are_done_under_way_or_to_run(script, tmp_path):
     here = dict(script.status(REPO))
     assert here["mrpc-paper-a5 hlora seed 0"] == "done"  # committed
-    assert here["qqp-paper zeropad seed 0"] == "to run"
     runs = tmp_path / "results/mrpc-paper-a5/runs"
     shutil.copytree(REPO / "results/mrpc-paper-a5/runs/ffa-s0", runs / "ffa-s0")
     (runs / "zeropad-s2").mkdir(parents=True)  # stopped after three rounds
@@ -102,7 +101,28 @@ def test_status_says_which_entries_are_done_under_way_or_to_run(script, tmp_path
     assert there["mrpc-paper-a5 ffa seed 0"] == "done" and there["mrpc-paper-a5 zeropad seed 2"] == "3 rounds"
     # not done while the rest are to run
     assert there["mrpc-paper-a5 fedit seed 0"] == "2 of 8 runs done, 200 rounds"
-    assert there["mrpc-paper-a5 hlora seed 0"] == "to run"
+    assert there["mrpc-paper-a5 hlora seed 0"] == "to run" and there["qqp-paper zeropad seed 0"] == "to run"
+
+
+def test_rows_of_a_run_under_way_read_its_rounds_so_far(script, tmp_path, capsys, monkeypatch):
+    """A run still training (no summary.json) gets its row to the last round it recorded, marked so; one
+    that has scored no round yet is a one-line error, not a traceback."""
+    committed = REPO / "results/mrpc-paper-a5/runs/ffa-s0"
+    run = tmp_path / "ffa-s0"
+    run.mkdir()
+    lines = (committed / "metrics.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text("".join(lines[:35]), encoding="utf-8")  # rounds 1-35
+    done, _ = script.row(committed)
+    so_far, note = script.row(run)
+    assert so_far.startswith("| FFA-LoRA (under way: round 35) | ") and note is None
+    accuracy = [cells.split(" | ")[1].split(", ") for cells in (done, so_far)]
+    assert accuracy[1] == accuracy[0][:3]  # rounds 10, 20 and 30, as the finished run recorded them
+    empty = tmp_path / "hlora-s0"
+    empty.mkdir()
+    monkeypatch.setattr(sys, "argv", ["paper_regime.py", "rows", str(run), str(empty)])
+    with pytest.raises(SystemExit):
+        script.main()
+    assert f"{empty}: no evaluated round recorded yet (in metrics.jsonl)" in capsys.readouterr().err
 
 
 def test_clients_names_the_heaviest_client_of_each_round_from_the_records(script, capsys, monkeypatch):
