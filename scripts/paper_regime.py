@@ -191,7 +191,8 @@ def row(run_dir: Path) -> tuple[str, str | None]:
     class in some evaluated round, a note of how often and from when (`hlora.experiments.answers`).
 
     A run still under way (no `summary.json` yet) gets its row so far, its name marked with the last round
-    it recorded; a run that has evaluated no round yet is a `ValueError` that says so."""
+    it recorded; a run that has evaluated no round yet is a `ValueError` that says so (`rows` names it on
+    stderr and prints the others' rows)."""
     rows = read_metrics(run_dir) if (run_dir / METRICS_FILE).is_file() else []
     scored = [r for r in rows if "accuracy" in r]
     if not scored:
@@ -342,10 +343,17 @@ def main() -> None:
             print(f"{name:<40} {state}")
     else:
         order = sorted(args.runs, key=lambda d: (group_order(d.name.rsplit("-s", 1)[0]), d.name))
-        try:
-            lines, notes = zip(*(row(run_dir) for run_dir in order), strict=True)
-        except ValueError as error:
-            parser.error(str(error))
+        built, empty = [], []
+        for run_dir in order:  # a run that has scored nothing yet is named on stderr, the rest printed
+            try:
+                built.append(row(run_dir))
+            except ValueError as error:
+                empty.append(str(error))
+        if not built:
+            parser.error("; ".join(empty))
+        for why in empty:
+            print(f"skipped {why}", file=sys.stderr)
+        lines, notes = zip(*built, strict=True)
         notes = ["", *filter(None, notes)] if any(notes) else []
         print(ROWS_HEADER, "|---" * 8 + "|", *lines, *notes, sep="\n")
 

@@ -106,7 +106,8 @@ def test_status_says_which_entries_are_done_under_way_or_to_run(script, tmp_path
 
 def test_rows_of_a_run_under_way_read_its_rounds_so_far(script, tmp_path, capsys, monkeypatch):
     """A run still training (no summary.json) gets its row to the last round it recorded, marked so; one
-    that has scored no round yet is a one-line error, not a traceback."""
+    that has scored no round yet is named on stderr beside the others' rows, and alone a one-line error,
+    not a traceback."""
     committed = REPO / "results/mrpc-paper-a5/runs/ffa-s0"
     run = tmp_path / "ffa-s0"
     run.mkdir()
@@ -120,6 +121,11 @@ def test_rows_of_a_run_under_way_read_its_rounds_so_far(script, tmp_path, capsys
     empty = tmp_path / "hlora-s0"
     empty.mkdir()
     monkeypatch.setattr(sys, "argv", ["paper_regime.py", "rows", str(run), str(empty)])
+    script.main()
+    out, err = capsys.readouterr()
+    assert out.splitlines()[2:] == [so_far]
+    assert err == f"skipped {empty}: no evaluated round recorded yet (in metrics.jsonl)\n"
+    monkeypatch.setattr(sys, "argv", ["paper_regime.py", "rows", str(empty)])
     with pytest.raises(SystemExit):
         script.main()
     assert f"{empty}: no evaluated round recorded yet (in metrics.jsonl)" in capsys.readouterr().err
